@@ -30,7 +30,7 @@ class ModelConfig:  # arguments of plwlab.module.load_model
     add_pad_token: bool = False
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
-    lora: Optional[dict[str, Any]] = None
+    lora: Any = None  # peft.LoraConfig kwargs, e.g. {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}
 
 
 @dataclass

@@ -79,7 +79,7 @@ def prompt_weighted_loss(
 
     ``denominator`` overrides D: pass 1 to get the plain weighted sum (the caller then divides by the
     denominator of the whole optimizer step, summed over micro-batches and ranks; see
-    :class:`plwlab.module.PLWModule`). Cross-entropy is computed in float32.
+    :class:`plwlab.module.PLWModule`). Cross-entropy is computed in at least float32.
     """
     if plw < 0:
         raise ValueError(f"plw must be >= 0, got {plw}")
@@ -89,7 +89,8 @@ def prompt_weighted_loss(
     completion = completion_mask[:, 1:].bool() & real
     prompt = real & ~completion
 
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32, fp64 stays
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     nll = nll * real  # padding targets may hold any id; zero them explicitly
     weights = completion.to(nll.dtype) + plw * prompt.to(nll.dtype)
     weighted_sum = (weights * nll).sum()

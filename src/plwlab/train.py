@@ -20,6 +20,10 @@ from plwlab.module import PLWModule, load_model
 log = logging.getLogger(__name__)
 
 
+def _plain(node: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with prompt loss weight ``cfg.plw``; return the final metrics.
 
@@ -31,11 +35,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
-    loaded = load_model(**cfg.model)
+    loaded = load_model(**_plain(cfg.model))
     module = PLWModule(
-        loaded.model, plw=cfg.plw, pretrained_vocab_size=loaded.pretrained_vocab_size, **cfg.loss, **cfg.optim
-    )
-    datamodule = AlpacaDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, **cfg.data)
+        loaded.model, plw=cfg.plw, pretrained_vocab_size=loaded.pretrained_vocab_size,
+        **_plain(cfg.loss), **_plain(cfg.optim),
+    )  # fmt: skip
+    datamodule = AlpacaDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, **_plain(cfg.data))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else "auto"

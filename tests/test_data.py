@@ -1,0 +1,147 @@
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from plwlab.data import AlpacaDataModule, DataError, alpaca_prompt, collate, load_records, tokenize_examples
+
+from conftest import SAMPLE
+
+
+def test_alpaca_templates_are_stanfords():
+    assert alpaca_prompt("Do X.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nDo X.\n\n### Response:"
+    )
+    with_input = alpaca_prompt("Do X.", "on Y")
+    assert with_input.startswith("Below is an instruction that describes a task, paired with an input")
+    assert with_input.endswith("### Instruction:\nDo X.\n\n### Input:\non Y\n\n### Response:")
+
+
+def test_tokenize_masks_prompt_and_completion(tiny):
+    tok = tiny.tokenizer
+    records = [{"instruction": "Say hi.", "input": "", "output": "Hi there!"}]
+    [ex], n_empty = tokenize_examples(records, tok, max_length=512)
+    assert n_empty == 0
+    assert ex.input_ids[0] == tok.bos_token_id and ex.input_ids[-1] == tok.eos_token_id
+    n_prompt = ex.completion_mask.index(1)
+    assert all(ex.completion_mask[n_prompt:]) and not any(ex.completion_mask[:n_prompt])
+    assert tok.decode(ex.input_ids[1:n_prompt]) == alpaca_prompt("Say hi.")
+    assert tok.decode(ex.input_ids[n_prompt:-1]) == "Hi there!"
+
+
+def test_truncation_counts_examples_without_completion(tiny):
+    records = load_records(str(SAMPLE))[:20]
+    full, n_full = tokenize_examples(records, tiny.tokenizer, max_length=4096)
+    assert n_full == 0
+    prompt_lens = [e.completion_mask.index(1) for e in full]
+    cut = sorted(prompt_lens)[10]  # about half the prompts are at least this long
+    short, n_empty = tokenize_examples(records, tiny.tokenizer, max_length=cut)
+    assert n_empty == sum(p >= cut for p in prompt_lens) > 0
+    for e, f in zip(short, full):
+        assert e.input_ids == f.input_ids[:cut] and e.completion_mask == f.completion_mask[:cut]
+
+
+def test_load_json_and_jsonl(tmp_path):
+    recs = [{"instruction": "a", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}]
+    (tmp_path / "x.json").write_text(json.dumps(recs))
+    (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    expected = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}]
+    assert load_records(str(tmp_path / "x.json")) == expected
+    assert load_records(str(tmp_path / "x.jsonl")) == expected
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[{", "invalid JSON"),
+        ('{"instruction": "a"}', "expected a JSON list"),
+        ('[{"instruction": "a", "output": "b"}, {"instruction": "a"}]', "record 1 has no 'output'"),
+        ('[{"instruction": "a", "input": 3, "output": "b"}]', "record 0 field 'input' is int"),
+        ('["just a string"]', "record 0 is a str"),
+    ],
+)
+def test_malformed_data_names_the_record(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_records(str(path))
+
+
+def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_records(str(tmp_path / "nope.json"))
+
+
+def test_collate_pads_right(tiny):
+    examples, _ = tokenize_examples(load_records(str(SAMPLE))[:3], tiny.tokenizer, 512)
+    batch = collate(examples, pad_token_id=tiny.tokenizer.pad_token_id)
+    lengths = [len(e.input_ids) for e in examples]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    for row, e in enumerate(examples):
+        assert batch["input_ids"][row, : lengths[row]].tolist() == e.input_ids
+        assert (batch["input_ids"][row, lengths[row] :] == tiny.tokenizer.pad_token_id).all()
+        assert batch["completion_mask"][row].sum() == sum(e.completion_mask)
+
+
+def _datamodule(tiny, world=1, rank=0, **kwargs):
+    dm = AlpacaDataModule(tiny.tokenizer, path=str(SAMPLE), batch_size=2, val_size=10, **kwargs)
+    dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+    dm.setup("fit")
+    return dm
+
+
+def test_datamodule_split_stats_and_determinism(tiny):
+    a, b = _datamodule(tiny, limit=100), _datamodule(tiny, limit=100)
+    assert a.stats["n_train"] == 90 and a.stats["n_val"] == 10 and a.stats["n_empty_completion"] == 0
+    assert 0.3 < a.stats["rg"] < 3
+    assert [e.input_ids for e in a.train_set] == [e.input_ids for e in b.train_set]
+    first = next(iter(a.train_dataloader()))["input_ids"]
+    assert torch.equal(first, next(iter(b.train_dataloader()))["input_ids"])
+
+
+def test_global_batch_is_identical_for_one_or_two_ranks(tiny):
+    single = AlpacaDataModule(tiny.tokenizer, path=str(SAMPLE), batch_size=4, val_size=10, limit=40)
+    single.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    single.setup("fit")
+    one = next(iter(single.train_dataloader()))
+    two = [next(iter(_datamodule(tiny, world=2, rank=r, limit=40).train_dataloader())) for r in (0, 1)]
+
+    def rows(batch):
+        return sorted(tuple(ids[m.bool()].tolist()) for ids, m in zip(batch["input_ids"], batch["attention_mask"]))
+
+    assert rows(one) == sorted(rows(two[0]) + rows(two[1]))
+    val = [list(_datamodule(tiny, world=2, rank=r, limit=40).val_dataloader().sampler) for r in (0, 1)]
+    assert sorted(val[0] + val[1]) == list(range(10))  # every val example exactly once
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop", "error"])
+def test_empty_completion_policies(tiny, policy, caplog):
+    if policy == "error":
+        with pytest.raises(DataError, match="lost every completion token"):
+            _datamodule(tiny, limit=30, max_length=69, empty_completion=policy)
+        return
+    dm = _datamodule(tiny, limit=30, max_length=69, empty_completion=policy)
+    assert 0 < dm.stats["n_empty_completion"] < 30
+    assert "lost every completion token" in caplog.text
+    n_left = dm.stats["n_train"] + dm.stats["n_val"]
+    assert n_left == (30 if policy == "keep" else 30 - dm.stats["n_empty_completion"])
+
+
+def test_shared_alpaca_with_llama_tokenizer():
+    from conftest import SHARED_DATA
+
+    from plwlab.module import load_tokenizer
+
+    alpaca, spm = SHARED_DATA / "alpaca" / "alpaca_data.json", SHARED_DATA / "tokenizer" / "llama_tokenizer.model"
+    if not (alpaca.exists() and spm.exists()):
+        pytest.skip("../shared/data not present")
+    tok = load_tokenizer(str(spm))
+    assert tok("Hello world", add_special_tokens=False)["input_ids"] == [15043, 3186]
+    records = load_records(str(alpaca))
+    assert len(records) == 52002
+    examples, n_empty = tokenize_examples(records[:200], tok, max_length=512)
+    assert examples[0].input_ids[0] == 1 and examples[0].input_ids[-1] == 2
+    assert n_empty == 0

@@ -1,0 +1,129 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plwlab.data import collate, tokenize_examples
+from plwlab.loss import loss_denominator, prompt_weighted_loss
+
+from conftest import tiny_model
+
+RECORDS = [
+    {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 + 3 = 5, so the answer is five."},
+    {"instruction": "Write a haiku about rain.", "input": "", "output": "Soft rain on the roof\nwhispers all night long."},
+]
+
+
+def _batch_and_logits(dtype):
+    loaded = tiny_model(dtype=dtype)
+    examples, _ = tokenize_examples(RECORDS, loaded.tokenizer, max_length=512)
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return loaded.model, batch, logits
+
+
+@pytest.fixture(scope="module")
+def batch_and_logits():
+    return _batch_and_logits("float64")
+
+
+@pytest.fixture(scope="module")
+def batch_and_logits_fp32():
+    """HF's loss always runs in float32: compare with it there. Its mean reduction sums in another order, so
+    results agree to float32 rounding (a few ulp), not bit for bit."""
+    return _batch_and_logits("float32")
+
+
+def reference_loss(logits, batch, plw, normalization):
+    """Token-by-token loop: the docstring's formula written out independently."""
+    num, n_p, n_c = 0.0, 0, 0
+    for b in range(logits.shape[0]):
+        for t in range(1, logits.shape[1]):
+            if not batch["attention_mask"][b, t]:
+                continue
+            nll = -F.log_softmax(logits[b, t - 1].double(), -1)[batch["input_ids"][b, t]].item()
+            is_completion = bool(batch["completion_mask"][b, t])
+            num += nll * (1.0 if is_completion else plw)
+            n_c += is_completion
+            n_p += not is_completion
+    den = {"weight_sum": plw * n_p + n_c, "nonzero": n_c + (n_p if plw > 0 else 0), "completion": n_c}[normalization]
+    return num / den
+
+
+@pytest.mark.parametrize("normalization", ["weight_sum", "nonzero", "completion"])
+@pytest.mark.parametrize("plw", [0.0, 0.01, 0.1, 0.5, 1.0, 2.0])
+def test_matches_token_loop(batch_and_logits, plw, normalization):
+    _, batch, logits = batch_and_logits
+    out = prompt_weighted_loss(logits, batch["input_ids"], batch["completion_mask"], batch["attention_mask"], plw, normalization)
+    assert out.loss.item() == pytest.approx(reference_loss(logits, batch, plw, normalization), rel=1e-12)
+
+
+def test_plw0_equals_hf_masked_loss(batch_and_logits_fp32):
+    model, batch, logits = batch_and_logits_fp32
+    labels = batch["input_ids"].masked_fill(~batch["completion_mask"].bool(), -100)
+    with torch.no_grad():
+        hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    for normalization in ("weight_sum", "nonzero", "completion"):
+        ours = prompt_weighted_loss(logits, batch["input_ids"], batch["completion_mask"], batch["attention_mask"], 0.0, normalization)
+        torch.testing.assert_close(ours.loss, hf, rtol=3e-7, atol=0)
+
+
+def test_plw1_equals_hf_unmasked_loss(batch_and_logits_fp32):
+    model, batch, logits = batch_and_logits_fp32
+    labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
+    with torch.no_grad():
+        hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    for normalization in ("weight_sum", "nonzero"):
+        ours = prompt_weighted_loss(logits, batch["input_ids"], batch["completion_mask"], batch["attention_mask"], 1.0, normalization)
+        torch.testing.assert_close(ours.loss, hf, rtol=3e-7, atol=0)
+
+
+def test_parts_and_counts(batch_and_logits):
+    _, batch, logits = batch_and_logits
+    out = prompt_weighted_loss(logits, batch["input_ids"], batch["completion_mask"], batch["attention_mask"], 0.3)
+    targets_real = batch["attention_mask"][:, 1:].sum()
+    assert out.n_prompt + out.n_completion == targets_real
+    assert out.n_completion == batch["completion_mask"].sum()  # completion tokens are never the first token
+    expected = (0.3 * out.prompt_nll + out.completion_nll) / (0.3 * out.n_prompt + out.n_completion)
+    torch.testing.assert_close(out.loss, expected)
+    # denominator override gives the raw weighted sum
+    raw = prompt_weighted_loss(logits, batch["input_ids"], batch["completion_mask"], batch["attention_mask"], 0.3, denominator=1.0)
+    torch.testing.assert_close(raw.loss, out.weighted_sum)
+
+
+def test_all_completion_truncated_plw0_is_finite():
+    loaded = tiny_model()
+    examples, n_empty = tokenize_examples(RECORDS, loaded.tokenizer, max_length=8)  # prompts alone exceed 8
+    assert n_empty == len(RECORDS)
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    for normalization in ("weight_sum", "nonzero", "completion"):
+        logits = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out = prompt_weighted_loss(logits, batch["input_ids"], batch["completion_mask"], batch["attention_mask"], 0.0, normalization)
+        assert out.loss.item() == 0.0 and out.n_completion == 0
+        out.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in loaded.model.parameters() if p.grad is not None)
+        loaded.model.zero_grad()
+
+
+def test_denominator_conventions_and_errors():
+    # PLW leaving 0 makes the "nonzero" denominator jump by 1 + 1/Rg (here Rg = 0.1: 11x)
+    assert loss_denominator(100, 10, 0.0, "nonzero").item() == 10
+    assert loss_denominator(100, 10, 1e-4, "nonzero").item() == 110
+    assert loss_denominator(100, 10, 0.5, "weight_sum").item() == 60
+    assert loss_denominator(100, 10, 0.5, "completion").item() == 10
+    assert loss_denominator(0, 0, 0.5, "weight_sum").item() == 1  # never divide by zero
+    with pytest.raises(ValueError, match="normalization"):
+        loss_denominator(1, 1, 0.1, "mean")
+    with pytest.raises(ValueError, match="plw"):
+        prompt_weighted_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2), torch.ones(1, 2), -0.1)
+
+
+def test_padding_token_ids_do_not_matter(batch_and_logits):
+    _, batch, logits = batch_and_logits
+    ids = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), 7)
+    a = prompt_weighted_loss(logits, batch["input_ids"], batch["completion_mask"], batch["attention_mask"], 0.2)
+    b = prompt_weighted_loss(logits, ids, batch["completion_mask"], batch["attention_mask"], 0.2)
+    assert math.isclose(a.loss.item(), b.loss.item(), rel_tol=0, abs_tol=0)

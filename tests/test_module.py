@@ -1,0 +1,136 @@
+import statistics
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from plwlab.callbacks import LossRSD, ParamDistance
+from plwlab.data import AlpacaDataModule, collate
+from plwlab.loss import prompt_weighted_loss
+from plwlab.module import ModelLoadError, PLWModule, load_model
+
+from conftest import SAMPLE, tiny_model
+
+
+class GradCapture(PLWModule):
+    """Keeps the gradients the optimizer is about to use (after PLWModule's step normalisation)."""
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        self.grads = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
+
+
+def one_step(batch_size: int, accumulate: int, plw: float, normalization: str, scope: str = "step"):
+    loaded = tiny_model("float64")
+    module = GradCapture(loaded.model, plw=plw, normalization=normalization, denominator_scope=scope, lr=1e-3)
+    dm = AlpacaDataModule(loaded.tokenizer, path=str(SAMPLE), batch_size=batch_size, val_size=0, limit=16)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, dm)
+    first = [dm.train_set[i] for i in list(iter(trainer.train_dataloader.sampler))[: batch_size * accumulate]]
+    return module, first, loaded
+
+
+@pytest.mark.parametrize("normalization", ["weight_sum", "nonzero", "completion"])
+def test_grad_accumulation_4x1_equals_1x4(normalization):
+    accumulated, examples, _ = one_step(batch_size=1, accumulate=4, plw=0.1, normalization=normalization)
+    whole, examples_whole, _ = one_step(batch_size=4, accumulate=1, plw=0.1, normalization=normalization)
+    assert [e.input_ids for e in examples] == [e.input_ids for e in examples_whole]
+    assert accumulated.grads.keys() == whole.grads.keys()
+    for name, g in whole.grads.items():
+        torch.testing.assert_close(accumulated.grads[name], g, rtol=0, atol=1e-6, msg=name)
+    assert accumulated.last_step_loss == pytest.approx(whole.last_step_loss, rel=1e-12)
+
+
+def test_step_loss_is_the_loss_of_the_whole_step():
+    module, examples, loaded = one_step(batch_size=1, accumulate=4, plw=0.05, normalization="weight_sum")
+    fresh = tiny_model("float64")  # the same initial weights
+    batch = collate(examples, fresh.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = fresh.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = prompt_weighted_loss(logits, batch["input_ids"], batch["completion_mask"], batch["attention_mask"], 0.05)
+    assert module.last_step_loss == pytest.approx(expected.loss.item(), rel=1e-12)
+
+
+def test_micro_batch_scope_averages_micro_batch_losses():
+    step, examples, _ = one_step(batch_size=1, accumulate=4, plw=0.05, normalization="weight_sum")
+    micro, _, _ = one_step(batch_size=1, accumulate=4, plw=0.05, normalization="weight_sum", scope="micro_batch")
+    fresh = tiny_model("float64")
+    losses = []
+    for e in examples:
+        b = collate([e], fresh.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = fresh.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        losses.append(prompt_weighted_loss(logits, b["input_ids"], b["completion_mask"], b["attention_mask"], 0.05).loss.item())
+    assert micro.last_step_loss == pytest.approx(statistics.fmean(losses), rel=1e-12)
+    assert abs(micro.last_step_loss - step.last_step_loss) > 1e-6  # the two conventions really differ here
+
+
+def test_module_rejects_bad_arguments(tiny):
+    with pytest.raises(ValueError, match="normalization"):
+        PLWModule(tiny.model, normalization="mean")
+    with pytest.raises(ValueError, match="denominator_scope"):
+        PLWModule(tiny.model, denominator_scope="epoch")
+    with pytest.raises(ValueError, match="plw"):
+        PLWModule(tiny.model, plw=-1)
+
+
+def test_param_distance_excludes_added_embedding_rows():
+    loaded = tiny_model()
+    n = loaded.pretrained_vocab_size
+    loaded.model.resize_token_embeddings(n + 8)  # as if [PAD] etc. had been added to the tokenizer
+    module = PLWModule(loaded.model, pretrained_vocab_size=n)
+    cb = ParamDistance()
+    cb.setup(SimpleNamespace(), module, "fit")
+    assert cb.distances(module)["total"] == 0
+    with torch.no_grad():
+        loaded.model.get_input_embeddings().weight[n:] += 5.0  # added rows: no pretrained value, ignored
+        loaded.model.get_output_embeddings().weight[n:] += 5.0
+    assert cb.distances(module)["total"] == 0
+    with torch.no_grad():
+        loaded.model.get_input_embeddings().weight[3, :4] += 1.0  # 4 entries moved by 1 -> distance 2
+        loaded.model.model.layers[1].mlp.up_proj.weight[0, :9] += 1.0  # 9 entries -> distance 3
+    d = cb.distances(module)
+    assert d["total"] == pytest.approx(13**0.5)
+    assert d["embed_tokens"] == pytest.approx(2.0) and d["layer_01"] == pytest.approx(3.0)
+    assert d["layer_00"] == 0 and d["lm_head"] == 0
+
+
+def test_loss_rsd_over_five_step_windows():
+    losses = [4.0, 3.5, 3.6, 3.1, 3.3, 2.9, 3.0, 2.2]
+    cb = LossRSD(window=5)
+    logged = []
+    module = SimpleNamespace(last_step_loss=None, log_dict=lambda d, **k: logged.append(d))
+    for step, loss in enumerate(losses, start=1):
+        module.last_step_loss = loss
+        cb.on_train_batch_end(SimpleNamespace(global_step=step), module)
+        cb.on_train_batch_end(SimpleNamespace(global_step=step), module)  # accumulation batch: no new step
+    windows = [losses[i : i + 5] for i in range(len(losses) - 4)]
+    expected = [statistics.stdev(w) / statistics.fmean(w) for w in windows]
+    assert cb.rsds == pytest.approx(expected)
+    assert cb.value == pytest.approx(statistics.fmean(expected))
+    assert len(logged) == 4
+    restored = LossRSD(window=5)
+    restored.load_state_dict(cb.state_dict())
+    assert restored.value == cb.value and restored.losses == losses
+
+
+def test_load_model_errors_and_pad_token():
+    with pytest.raises(ModelLoadError, match="exactly one"):
+        load_model(name="x", tokenizer="unused")
+    with pytest.raises(ModelLoadError, match="cannot load tokenizer"):
+        load_model(name="x", tokenizer="/nonexistent/tokenizer", config={"model_type": "llama"})
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        tiny = tiny_model()
+        tiny.tokenizer.save_pretrained("/tmp/plwlab-test-tok")
+        load_model(name="x", tokenizer="/tmp/plwlab-test-tok", name_or_path="/nonexistent/model")
+
+
+def test_lora_trains_only_the_adapter():
+    loaded = tiny_model(lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
