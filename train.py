@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from plwlab.config import ConfigError, register
-from plwlab.data import DataError
+from plwlab.alpaca import DataError
 from plwlab.module import ModelLoadError
 from plwlab.train import train
 

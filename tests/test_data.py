@@ -4,7 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from plwlab.data import AlpacaDataModule, DataError, alpaca_prompt, collate, load_records, tokenize_examples
+from plwlab.alpaca import DataError, alpaca_prompt, load_records
+from plwlab.data import AlpacaDataModule, collate, tokenize_examples
 
 from conftest import SAMPLE
 
@@ -69,6 +70,15 @@ def test_malformed_data_names_the_record(tmp_path, content, message):
         load_records(str(path))
 
 
+def test_skip_invalid_records_counts_and_reports(tmp_path, caplog):
+    recs = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": " "}, {"instruction": 1, "output": "x"}]
+    (tmp_path / "x.json").write_text(json.dumps(recs))
+    with pytest.raises(DataError, match="record 1 has an empty 'output'"):
+        load_records(str(tmp_path / "x.json"))
+    assert load_records(str(tmp_path / "x.json"), on_invalid="skip") == [{"instruction": "a", "input": "", "output": "b"}]
+    assert "skipped 2 invalid records" in caplog.text and "record 2 field 'instruction' is int" in caplog.text
+
+
 def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_records(str(tmp_path / "nope.json"))
@@ -96,7 +106,7 @@ def _datamodule(tiny, world=1, rank=0, **kwargs):
 def test_datamodule_split_stats_and_determinism(tiny):
     a, b = _datamodule(tiny, limit=100), _datamodule(tiny, limit=100)
     assert a.stats["n_train"] == 90 and a.stats["n_val"] == 10 and a.stats["n_empty_completion"] == 0
-    assert 0.3 < a.stats["rg"] < 3
+    assert 2 < a.stats["rg"] < 5 and 0.3 < a.stats["rg_templated"] < a.stats["rg"]  # template makes prompts longer
     assert [e.input_ids for e in a.train_set] == [e.input_ids for e in b.train_set]
     first = next(iter(a.train_dataloader()))["input_ids"]
     assert torch.equal(first, next(iter(b.train_dataloader()))["input_ids"])
@@ -140,8 +150,10 @@ def test_shared_alpaca_with_llama_tokenizer():
         pytest.skip("../shared/data not present")
     tok = load_tokenizer(str(spm))
     assert tok("Hello world", add_special_tokens=False)["input_ids"] == [15043, 3186]
-    records = load_records(str(alpaca))
-    assert len(records) == 52002
+    with pytest.raises(DataError, match="record 284 has an empty 'output'"):
+        load_records(str(alpaca))
+    records = load_records(str(alpaca), on_invalid="skip")
+    assert len(records) == 52002 - 28
     examples, n_empty = tokenize_examples(records[:200], tok, max_length=512)
     assert examples[0].input_ids[0] == 1 and examples[0].input_ids[-1] == 2
     assert n_empty == 0

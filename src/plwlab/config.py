@@ -10,6 +10,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from plwlab.alpaca import VARIANTS
 from plwlab.loss import NORMALIZATIONS
 from plwlab.module import DENOMINATOR_SCOPES
 
@@ -44,6 +45,10 @@ class DataConfig:  # arguments of plwlab.data.AlpacaDataModule (tokenizer and se
     num_workers: int = 0
     limit: Optional[int] = None
     empty_completion: str = "keep"
+    on_invalid: str = "error"
+    variant: str = "as_is"
+    target_rg: Optional[float] = None
+    variant_dir: str = "outputs/data"
 
 
 @dataclass
@@ -97,5 +102,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"loss.denominator_scope must be one of {DENOMINATOR_SCOPES}, got {cfg.loss.denominator_scope!r}")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if cfg.data.variant not in VARIANTS:
+        raise ConfigError(f"data.variant must be one of {VARIANTS}, got {cfg.data.variant!r}")
+    if cfg.data.variant == "rg_target" and not (cfg.data.target_rg or 0) > 0:
+        raise ConfigError(f"data.variant=rg_target needs data.target_rg > 0, got {cfg.data.target_rg}")
     if not 0 <= cfg.data.val_size:
         raise ConfigError(f"data.val_size must be a fraction in [0, 1) or a count, got {cfg.data.val_size}")

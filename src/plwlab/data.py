@@ -6,86 +6,20 @@ so a PLW sweep reuses the same tokenized data.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from plwlab.alpaca import DataError, alpaca_prompt, build_variant, load_records, token_lengths
+
 log = logging.getLogger(__name__)
-
-# Stanford Alpaca templates (tatsu-lab/stanford_alpaca train.py). The completion follows "### Response:" directly.
-ALPACA_PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-FIELDS = ("instruction", "input", "output")
-
-
-class DataError(ValueError):
-    """Malformed instruction data; the message names the offending record."""
-
-
-def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - Alpaca's field name
-    """The Stanford Alpaca prompt for one example (the no-input template when ``input`` is empty)."""
-    template = ALPACA_PROMPT_INPUT if input else ALPACA_PROMPT_NO_INPUT
-    return template.format(instruction=instruction, input=input)
-
-
-def load_records(path: str, split: str = "train") -> list[dict[str, str]]:
-    """Alpaca-format records from a local ``.json`` (a list) / ``.jsonl`` file or, failing that, an HF hub id.
-
-    Every record must have string ``instruction`` and ``output`` fields; ``input`` may be missing (= "").
-    """
-    local = Path(path).expanduser()
-    if local.is_file():
-        text = local.read_text(encoding="utf-8")
-        try:
-            if local.suffix == ".jsonl":
-                raw = [json.loads(line) for line in text.splitlines() if line.strip()]
-            else:
-                raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{local}: invalid JSON ({e})") from e
-        if not isinstance(raw, list):
-            raise DataError(f"{local}: expected a JSON list of records, got {type(raw).__name__}")
-    elif local.exists() or path.startswith((".", "/", "~")) or path.endswith((".json", ".jsonl")):
-        raise DataError(f"data file not found: {path}")
-    else:
-        import datasets
-
-        try:
-            raw = list(datasets.load_dataset(path, split=split))
-        except Exception as e:  # hub unreachable, unknown id, ...
-            raise DataError(f"cannot load dataset {path!r} (not a local file; hub load failed: {e})") from e
-    return [_check_record(r, i, path) for i, r in enumerate(raw)]
-
-
-def _check_record(record: Any, index: int, source: str) -> dict[str, str]:
-    if not isinstance(record, dict):
-        raise DataError(f"{source}: record {index} is a {type(record).__name__}, not an object")
-    out = {}
-    for field in FIELDS:
-        value = record.get(field, "" if field == "input" else None)
-        if value is None:
-            raise DataError(f"{source}: record {index} has no {field!r} field")
-        if not isinstance(value, str):
-            raise DataError(f"{source}: record {index} field {field!r} is {type(value).__name__}, not a string")
-        out[field] = value
-    return out
-
 
 @dataclass
 class TokenizedExample:
@@ -116,6 +50,28 @@ def tokenize_examples(
     return examples, n_empty
 
 
+def dataset_stats(records: Sequence[dict[str, str]], tokenizer: Any, max_length: int = 512) -> dict[str, float]:
+    """Table-1 style statistics: per-field token mean/std, totals, Rg, and truncation shares at ``max_length``."""
+    lengths = token_lengths(records, tokenizer, progress=True)
+    examples, _ = tokenize_examples(records, tokenizer, max_length=10**9)
+    full = np.array([len(e.input_ids) for e in examples])
+    prompt = lengths.prompt
+    stats: dict[str, float] = {"n": len(records)}
+    for field in ("instruction", "input", "output"):
+        values = getattr(lengths, field)
+        stats[f"{field}_mean"], stats[f"{field}_std"] = float(values.mean()), float(values.std(ddof=1))
+    n_prompt_templated = np.array([e.completion_mask.index(1) if 1 in e.completion_mask else len(e.input_ids) for e in examples])
+    stats.update(
+        prompt_mean=float(prompt.mean()),
+        total_tokens=int(prompt.sum() + lengths.output.sum()),
+        rg=lengths.rg,
+        rg_mean_of_ratios=float(np.mean(lengths.output / np.maximum(prompt, 1))),
+        truncated_share=float(np.mean(full > max_length)),
+        empty_completion_share=float(np.mean(n_prompt_templated >= max_length)),
+    )
+    return stats
+
+
 class TokenizedDataset(Dataset):
     def __init__(self, examples: Sequence[TokenizedExample]) -> None:
         self.examples = list(examples)
@@ -141,7 +97,9 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
 
 
 class AlpacaDataModule(L.LightningDataModule):
-    """Alpaca-format instruction data from a local file or an HF hub dataset id.
+    """Alpaca-format instruction data from a local file or an HF hub dataset id, optionally turned into a
+    variant first (``variant="short"`` or ``"rg_target"`` with ``target_rg``; see :mod:`plwlab.alpaca`), which is
+    written to ``variant_dir`` with a manifest (kept in :attr:`manifest`).
 
     ``val_size`` is a fraction (< 1) or a count of examples held out (seeded, so identical across a sweep).
     ``empty_completion`` says what to do with examples whose completion was truncated away entirely:
@@ -161,6 +119,10 @@ class AlpacaDataModule(L.LightningDataModule):
         num_workers: int = 0,
         limit: int | None = None,
         empty_completion: Literal["keep", "drop", "error"] = "keep",
+        on_invalid: Literal["error", "skip"] = "error",
+        variant: str = "as_is",
+        target_rg: float | None = None,
+        variant_dir: str = "outputs/data",
         seed: int = 42,
     ) -> None:
         super().__init__()
@@ -171,7 +133,9 @@ class AlpacaDataModule(L.LightningDataModule):
         self.tokenizer, self.path, self.name = tokenizer, path, name
         self.max_length, self.val_size, self.limit, self.seed = max_length, val_size, limit, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.empty_completion = num_workers, empty_completion
+        self.num_workers, self.empty_completion, self.on_invalid = num_workers, empty_completion, on_invalid
+        self.variant, self.target_rg, self.variant_dir = variant, target_rg, variant_dir
+        self.manifest: dict[str, Any] | None = None
         self.train_set: TokenizedDataset | None = None
         self.val_set: TokenizedDataset | None = None
         self.stats: dict[str, float] = {}
@@ -179,7 +143,11 @@ class AlpacaDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        records = load_records(self.path)
+        path = self.path
+        if self.variant != "as_is":
+            built, self.manifest = build_variant(self.path, self.variant, self.tokenizer, self.variant_dir, self.target_rg)
+            path = str(built)
+        records = load_records(path, on_invalid=self.on_invalid)
         if self.limit:
             records = records[: self.limit]
         examples, n_empty = tokenize_examples(records, self.tokenizer, self.max_length)
@@ -205,7 +173,8 @@ class AlpacaDataModule(L.LightningDataModule):
             "n_train": len(self.train_set),
             "n_val": len(self.val_set),
             "n_empty_completion": n_empty,
-            "rg": n_completion / max(n_prompt, 1),
+            "rg": token_lengths(records, self.tokenizer).rg,  # the paper's Rg: output / (instruction + input)
+            "rg_templated": n_completion / max(n_prompt, 1),  # what the loss sees: template, bos/eos, truncation
         }
         log.info("data %s: %s", self.name, self.stats)
 

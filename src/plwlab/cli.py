@@ -1,0 +1,144 @@
+"""``plwlab`` command: dataset statistics, dataset variants and PLW recommendations.
+
+    plwlab stats data=alpaca_data model=llama2 [data.path=...] [--out stats.csv]
+    plwlab stats data=alpaca_data,alpaca_data_short model.tokenizer=/path/tokenizer.model
+    plwlab build-data data=alpaca_data_medium data.path=/data/alpaca_data_cleaned.json model=llama2
+    plwlab recommend --rg 0.8          |   plwlab recommend data=alpaca_data_short model=llama2
+    plwlab recommend --rg 0.8 --model-file gam_fit.json
+
+Overrides are Hydra overrides of ``conf/train.yaml``: the same ``data=`` and ``model=`` as train.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from plwlab.alpaca import PAPER_RG, DataError, build_variant, load_records, token_lengths
+from plwlab.analysis import recommend_plw
+from plwlab.config import ConfigError, register
+from plwlab.data import dataset_stats
+from plwlab.module import ModelLoadError, load_tokenizer
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+console = Console()
+
+
+def compose_config(overrides: list[str], config_dir: Path = CONF_DIR) -> DictConfig:
+    if not (config_dir / "train.yaml").exists():
+        raise ConfigError(f"no conf/train.yaml in {config_dir}; pass --config-dir")
+    register()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def _expand_data(overrides: list[str]) -> list[list[str]]:
+    """``data=a,b`` -> one override list per dataset."""
+    for i, o in enumerate(overrides):
+        if o.startswith("data=") and "," in o:
+            return [overrides[:i] + [f"data={name}"] + overrides[i + 1 :] for name in o[5:].split(",")]
+    return [overrides]
+
+
+def _records(cfg: DictConfig, tokenizer: Any) -> tuple[list[dict[str, str]], str]:
+    d = cfg.data
+    path = d.path
+    if d.variant != "as_is":
+        built, _ = build_variant(d.path, d.variant, tokenizer, d.variant_dir, d.target_rg)
+        path = str(built)
+    records = load_records(path, on_invalid=d.on_invalid)
+    return (records[: d.limit] if d.limit else records), path
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    rows = []
+    for overrides in _expand_data(args.overrides):
+        cfg = compose_config(overrides, args.config_dir)
+        tokenizer = load_tokenizer(cfg.model.tokenizer)
+        records, path = _records(cfg, tokenizer)
+        stats = dataset_stats(records, tokenizer, cfg.data.max_length)
+        rows.append({"dataset": cfg.data.name, "path": path, "tokenizer": cfg.model.tokenizer,
+                     "max_length": cfg.data.max_length, **stats, "paper_rg": PAPER_RG.get(cfg.data.name)})  # fmt: skip
+    table = Table(title="Token statistics (fields tokenized alone; Rg = mean output / mean (instruction + input))")
+    table.add_column("statistic")
+    for row in rows:
+        table.add_column(row["dataset"], justify="right")
+    for key in rows[0]:
+        if key not in ("dataset", "path", "tokenizer"):
+            table.add_row(key, *(_fmt(row[key]) for row in rows))
+    console.print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    console.print(f"wrote {out}")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def cmd_build_data(args: argparse.Namespace) -> None:
+    cfg = compose_config(args.overrides, args.config_dir)
+    d = cfg.data
+    if d.variant == "as_is":
+        raise ConfigError(f"data={d.name} is used as is; nothing to build (choose a variant, e.g. data=alpaca_data_short)")
+    path, manifest = build_variant(d.path, d.variant, load_tokenizer(cfg.model.tokenizer), d.variant_dir, d.target_rg)
+    console.print(f"{d.name}: {path}\n  n={manifest['n']} (source {manifest['n_source']}), inverted "
+                  f"{manifest['n_inverted']}, dropped {manifest['n_dropped']}, Rg {manifest['rg']:.4g} "
+                  f"(source {manifest['rg_source']:.4g})")  # fmt: skip
+    if manifest["n_dropped"] > 0.1 * manifest["n_source"]:
+        console.print(f"  [yellow]warning: {manifest['n_dropped']} of {manifest['n_source']} examples were dropped "
+                      "to reach the target; the source's Rg floor under inversion is above it[/yellow]")  # fmt: skip
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    rg = args.rg
+    if rg is None:
+        cfg = compose_config(args.overrides, args.config_dir)
+        tokenizer = load_tokenizer(cfg.model.tokenizer)
+        records, _ = _records(cfg, tokenizer)
+        rg = token_lengths(records, tokenizer).rg
+        console.print(f"{cfg.data.name}: Rg {rg:.4g} ({len(records)} examples, tokenizer {cfg.model.tokenizer})")
+    console.print(str(recommend_plw(rg, args.column, args.model_file)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="plwlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-dir", type=Path, default=CONF_DIR, help="folder holding train.yaml")
+    sub = parser.add_subparsers(dest="command", required=True)
+    stats = sub.add_parser("stats", help="token statistics and Rg of datasets; prints a table and writes CSV")
+    stats.add_argument("--out", default="outputs/data_stats.csv", help="CSV file to write")
+    stats.set_defaults(run=cmd_stats)
+    build = sub.add_parser("build-data", help="build a dataset variant (JSON + manifest) into paths.data_dir")
+    build.set_defaults(run=cmd_build_data)
+    rec = sub.add_parser("recommend", help="suggested PLW for a dataset or an Rg value")
+    rec.add_argument("--rg", type=float, help="use this Rg instead of measuring a dataset")
+    rec.add_argument("--column", choices=["all", "mc", "gen"], default="all", help="paper Table 4 column")
+    rec.add_argument("--model-file", help="fitted model JSON with an optimal_plw table (instead of Table 4)")
+    rec.set_defaults(run=cmd_recommend)
+    for p in (stats, build, rec):
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=alpaca_data model=llama2")
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ConfigError, DataError, ModelLoadError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
