@@ -72,6 +72,16 @@ def test_end_to_end_run_directory_and_hf_export(tmp_path):
     assert tokenizer.pad_token_id == 3
 
 
+def test_run_on_a_variant_keeps_its_manifest(tmp_path):
+    overrides = [*QUICK, "data=rg_target", "data.target_rg=1.0", "data.path=${plwlab.asset:alpaca_sample.json}",
+                 f"paths.data_dir={tmp_path / 'data'}", "callbacks.hf_export=null"]  # fmt: skip
+    metrics = train(compose_train(overrides, tmp_path))
+    manifest = json.loads((tmp_path / "data_manifest.json").read_text())
+    assert manifest["variant"] == "rg_target" and manifest["target_rg"] == 1.0
+    assert manifest["rg"] == pytest.approx(1.0, rel=0.01) and metrics["global_steps"] == 6
+    assert list((tmp_path / "data").glob("rg_target-1-*.json"))
+
+
 def test_lora_run(tmp_path):
     lora = "model.lora={r:4,lora_alpha:8,target_modules:[q_proj,v_proj]}"
     metrics = train(compose_train([*QUICK, lora, "callbacks.param_distance=null"], tmp_path))

@@ -157,7 +157,7 @@ def token_lengths(
     for start in track(starts, description="tokenizing", disable=not progress, transient=True):
         chunk = records[start : start + batch_size]
         for field, lengths in out.items():
-            ids = tokenizer([r[field] for r in chunk], add_special_tokens=False)["input_ids"]
+            ids = tokenizer([r[field] for r in chunk], add_special_tokens=False, return_attention_mask=False)["input_ids"]
             lengths.extend(len(x) for x in ids)
     return FieldLengths(**{k: np.asarray(v, dtype=np.int64) for k, v in out.items()})
 
@@ -232,7 +232,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def build_variant(
     source: str, variant: str, tokenizer: Any, out_dir: str | Path, target_rg: float | None = None,
-    tolerance: float = 0.01,
+    tolerance: float = 0.01, on_invalid: str = "error",
 ) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     """Build (or reuse) a dataset variant of ``source`` and write it as JSON beside a ``.manifest.json``.
 
@@ -243,10 +243,11 @@ def build_variant(
         raise ValueError(f"variant must be 'short' or 'rg_target', got {variant!r}")
     if variant == "rg_target" and target_rg is None:
         raise ValueError("variant rg_target needs target_rg")
-    records = load_records(source)
+    records = load_records(source, on_invalid=on_invalid)
     source_sha = _sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode())
     tok_sha = tokenizer_fingerprint(tokenizer)
-    key = _sha256(f"{source_sha}|{variant}|{target_rg}|{tolerance}|{tok_sha}".encode())[:12]
+    key = _sha256(f"{source_sha}|{variant}|{target_rg}|{tolerance}|{tok_sha}".encode())[:12]  # skipped records
+    # change source_sha, so on_invalid needs no place in the key
     out_dir = Path(out_dir)
     path = out_dir / f"{variant}{'' if target_rg is None else f'-{target_rg:g}'}-{key}.json"
     manifest_path = path.with_suffix(".manifest.json")

@@ -29,7 +29,7 @@ from plwlab.data import dataset_stats
 from plwlab.module import ModelLoadError, load_tokenizer
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def compose_config(overrides: list[str], config_dir: Path = CONF_DIR) -> DictConfig:
@@ -52,7 +52,7 @@ def _records(cfg: DictConfig, tokenizer: Any) -> tuple[list[dict[str, str]], str
     d = cfg.data
     path = d.path
     if d.variant != "as_is":
-        built, _ = build_variant(d.path, d.variant, tokenizer, d.variant_dir, d.target_rg)
+        built, _ = build_variant(d.path, d.variant, tokenizer, d.variant_dir, d.target_rg, on_invalid=d.on_invalid)
         path = str(built)
     records = load_records(path, on_invalid=d.on_invalid)
     return (records[: d.limit] if d.limit else records), path
@@ -97,7 +97,8 @@ def cmd_build_data(args: argparse.Namespace) -> None:
     d = cfg.data
     if d.variant == "as_is":
         raise ConfigError(f"data={d.name} is used as is; nothing to build (choose a variant, e.g. data=alpaca_data_short)")
-    path, manifest = build_variant(d.path, d.variant, load_tokenizer(cfg.model.tokenizer), d.variant_dir, d.target_rg)
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    path, manifest = build_variant(d.path, d.variant, tokenizer, d.variant_dir, d.target_rg, on_invalid=d.on_invalid)
     console.print(f"{d.name}: {path}\n  n={manifest['n']} (source {manifest['n_source']}), inverted "
                   f"{manifest['n_inverted']}, dropped {manifest['n_dropped']}, Rg {manifest['rg']:.4g} "
                   f"(source {manifest['rg_source']:.4g})")  # fmt: skip

@@ -145,7 +145,9 @@ class AlpacaDataModule(L.LightningDataModule):
             return
         path = self.path
         if self.variant != "as_is":
-            built, self.manifest = build_variant(self.path, self.variant, self.tokenizer, self.variant_dir, self.target_rg)
+            built, self.manifest = build_variant(
+                self.path, self.variant, self.tokenizer, self.variant_dir, self.target_rg, on_invalid=self.on_invalid
+            )
             path = str(built)
         records = load_records(path, on_invalid=self.on_invalid)
         if self.limit:

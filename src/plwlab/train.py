@@ -28,7 +28,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with prompt loss weight ``cfg.plw``; return the final metrics.
 
     The run directory ``cfg.paths.run_dir`` receives ``config.yaml`` (resolved), ``metrics.csv`` (CSV logger),
-    ``checkpoints/``, ``hf_model/`` (HF export) and ``metrics.json`` (the returned summary).
+    ``checkpoints/``, ``hf_model/`` (HF export), ``metrics.json`` (the returned summary) and, for a built dataset
+    variant, ``data_manifest.json``.
     """
     validate(cfg)
     run_dir = Path(cfg.paths.run_dir)
@@ -74,5 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics["param_distance"] = cb.last.get("total")
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if datamodule.manifest is not None:
+            (run_dir / "data_manifest.json").write_text(json.dumps(datamodule.manifest, indent=2) + "\n")
         log.info("run dir %s: %s", run_dir, json.dumps(metrics))
     return metrics
