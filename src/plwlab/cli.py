@@ -4,7 +4,8 @@
     plwlab stats data=alpaca_data,alpaca_data_short model.tokenizer=/path/tokenizer.model
     plwlab build-data data=alpaca_data_medium data.path=/data/alpaca_data_cleaned.json model=llama2
     plwlab recommend --rg 0.8          |   plwlab recommend data=alpaca_data_short model=llama2
-    plwlab recommend --rg 0.8 --model-file gam_fit.json
+    plwlab recommend --rg 0.8 --model-file outputs/analysis/gam.json
+    plwlab analyze results.csv --out outputs/analysis [--runs outputs/plwlab/sweeps/2026-...]
 
 Overrides are Hydra overrides of ``conf/train.yaml``: the same ``data=`` and ``model=`` as train.py.
 """
@@ -115,7 +116,34 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         records, _ = _records(cfg, tokenizer)
         rg = token_lengths(records, tokenizer).rg
         console.print(f"{cfg.data.name}: Rg {rg:.4g} ({len(records)} examples, tokenizer {cfg.model.tokenizer})")
-    console.print(str(recommend_plw(rg, args.column, args.model_file)))
+    console.print(str(recommend_plw(rg, args.column, args.model_file)), markup=False, highlight=False)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from plwlab.report import analyze, collect_runs
+
+    if args.backend == "r":
+        from plwlab.report import fit_with_r
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        fit_with_r(args.results, out / "r_fits.json")
+        console.print(f"wrote {out / 'r_fits.json'} (glmmTMB + mgcv)")
+        return
+    results = pd.read_csv(args.results)
+    runs = collect_runs(args.runs) if args.runs else None
+    with console.status("fitting the beta GLMMs and the GAM"):
+        summary = analyze(results, args.out, runs)
+    for dataset, fit in summary["glmm"].items():
+        plw = "no interior optimum" if fit["critical_plw"] is None else f"critical PLW {fit['critical_plw']:.3g}"
+        flags = "clean" if fit["clean"] else "NOT clean: " + fit["message"]
+        console.print(f"{dataset}: b1 {fit['b1']:.3f} (p {fit['p_b1']:.2g}), b2 {fit['b2']:.3f} (p {fit['p_b2']:.2g}); "
+                      f"{plw}; {flags}" + (f"; boundary: {fit['boundary']}" if fit["boundary"] else ""))  # fmt: skip
+    if "gam" in summary:
+        console.print("GAM optimal PLW by Rg: " + ", ".join(f"{k}: {v:g}" for k, v in summary["gam"]["optimal_plw"].items()))
+    console.print(f"wrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,12 +160,19 @@ def main(argv: list[str] | None = None) -> None:
     rec.add_argument("--column", choices=["all", "mc", "gen"], default="all", help="paper Table 4 column")
     rec.add_argument("--model-file", help="fitted model JSON with an optimal_plw table (instead of Table 4)")
     rec.set_defaults(run=cmd_recommend)
+    ana = sub.add_parser("analyze", help="fit the beta GLMMs and the GAM to a results table; tables and figures")
+    ana.add_argument("results", help="CSV with columns model, dataset, rg, plw, benchmark, score")
+    ana.add_argument("--out", default="outputs/analysis", help="output folder")
+    ana.add_argument("--runs", help="folder of training runs (metrics.json) for the run-metric box plots")
+    ana.add_argument("--backend", choices=["python", "r"], default="python",
+                     help="r: fit the same models with R's glmmTMB and mgcv via Rscript instead")  # fmt: skip
+    ana.set_defaults(run=cmd_analyze, overrides=[])
     for p in (stats, build, rec):
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=alpaca_data model=llama2")
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ConfigError, DataError, ModelLoadError, ValueError) as e:
+    except (ConfigError, DataError, ModelLoadError, ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
 

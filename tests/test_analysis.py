@@ -1,0 +1,149 @@
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from plwlab.analysis import critical_plw, fit_beta_glmm, relative_scores, squeeze, wp
+from plwlab.cli import main as cli
+from plwlab.gam import CubicRegressionSpline, fit_te_gam, place_knots
+from plwlab.report import analyze, collect_runs, fit_with_r
+
+from conftest import SHARED_DATA
+
+FIXTURES = SHARED_DATA.parent / "fixtures" / "analysis"
+needs_fixture = pytest.mark.skipif(not (FIXTURES / "results.csv").exists(), reason="../shared/fixtures absent")
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return relative_scores(pd.read_csv(FIXTURES / "results.csv")), json.loads((FIXTURES / "reference.json").read_text())
+
+
+def synthetic_results(seed: int = 0) -> pd.DataFrame:
+    """A small PLW study whose short-completion data peak at PLW 0.1 (wp 0.5)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for dataset, rg, curvature in (("short", 0.08, 3.0), ("medium", 1.0, 1.5), ("long", 3.3, 0.0)):
+        for model in ("m1", "m2"):
+            for plw in (0.0, 0.0005, 0.002236, 0.01, 0.02463, 0.05, 0.1, 0.2463, 0.5, 1.0):
+                for b in range(6):
+                    score = 0.5 + 0.05 * b + curvature * 0.02 * (1 - (wp(plw) - 0.5) ** 2 * 4) + rng.normal(0, 0.01)
+                    rows.append((model, dataset, rg, plw, f"bench{b}", score))
+    return pd.DataFrame(rows, columns=["model", "dataset", "rg", "plw", "benchmark", "score"])
+
+
+def test_wp_squeeze_and_critical_plw():
+    assert wp(0.1) == pytest.approx(0.5, abs=1e-5) and wp(0.0) == 0 and wp(1.0) == 1
+    np.testing.assert_allclose(squeeze(np.array([0.0, 1.0]), 260), [0.5 / 260, 259.5 / 260])
+    assert critical_plw(5.590, -4.284) == pytest.approx(0.242, abs=1e-3)  # the paper's numbers
+    assert critical_plw(1.0, 0.5) is None and critical_plw(-1.0, -1.0) is None and critical_plw(5.0, -1.0) is None
+
+
+def test_relative_scores_min_max_within_dataset_and_benchmark():
+    rel = relative_scores(synthetic_results())
+    grouped = rel.groupby(["dataset", "benchmark"])["y_mm"]
+    assert (grouped.min() == 0).all() and (grouped.max() == 1).all()
+    with pytest.raises(ValueError, match="lacks columns"):
+        relative_scores(rel.drop(columns="score"))
+
+
+def test_cubic_regression_spline_properties():
+    knots = place_knots(np.array([0, 0.0005, 0.002236, 0.01, 0.02463, 0.05, 0.1, 0.2463, 0.5, 1.0]), 3)
+    np.testing.assert_allclose(knots, [0.0, 0.037315, 1.0])  # mgcv's place.knots
+    np.testing.assert_allclose(place_knots(np.array([0.042, 0.082, 1.0, 3.27, 7.83]), 3), [0.042, 1.0, 7.83])
+    spline = CubicRegressionSpline(np.array([0.0, 0.3, 0.7, 1.0]))
+    np.testing.assert_allclose(spline.basis(spline.knots), np.eye(4), atol=1e-12)  # coefficients = knot values
+    line = 2 * spline.knots + 1
+    assert line @ spline.penalty @ line == pytest.approx(0, abs=1e-10)  # straight lines are unpenalised
+    x = np.linspace(-0.5, 1.5, 9)
+    np.testing.assert_allclose(spline.basis(x) @ line, 2 * x + 1, atol=1e-12)  # ... and extend linearly
+    np.testing.assert_allclose(spline.basis(x).sum(axis=1), 1.0, atol=1e-12)
+
+
+@needs_fixture
+def test_glmm_parity_with_glmmtmb(fixture):
+    rel, reference = fixture
+    checked = 0
+    for dataset, ref in reference["glmm"].items():
+        if not ref["clean"]:
+            continue
+        fit = fit_beta_glmm(rel[rel["dataset"] == dataset], dataset)
+        assert fit.clean, fit.message
+        for term in ("intercept", "b1", "b2"):
+            assert fit.coef[term] == pytest.approx(ref[term], abs=1e-3), (dataset, term)
+            assert fit.se[term] == pytest.approx(ref[f"se_{term}"], rel=1e-2), (dataset, term)
+        assert fit.p["b2"] == pytest.approx(ref["p_b2"], rel=1e-2)
+        assert fit.loglik == pytest.approx(ref["loglik"], abs=1e-3)
+        if ref["lambda"] is None:
+            assert fit.critical_plw is None
+        else:
+            assert fit.critical_plw == pytest.approx(ref["lambda"], abs=1e-3)
+        checked += 1
+    assert checked == 4
+
+
+@needs_fixture
+def test_gam_parity_with_mgcv(fixture):
+    rel, reference = fixture
+    gam = fit_te_gam(rel)
+    rg_grid = np.arange(0.5, 8.01, 0.5)
+    for rg, plw in gam.optimal_plw(rg_grid).items():
+        assert plw == pytest.approx(reference["gam"]["optimal_plw"][f"{rg:.1f}"], abs=0.005), rg
+    assert gam.gcv == pytest.approx(reference["gam"]["gcv"], rel=1e-6)
+    assert gam.edf == pytest.approx(reference["gam"]["edf"], abs=0.01)
+    robust = fit_te_gam(rel, x_transform="wp").optimal_plw(rg_grid)
+    assert all(0 <= v <= 1 for v in robust.values())
+
+
+def test_glmm_recovers_a_planted_optimum():
+    rel = relative_scores(synthetic_results())
+    fit = fit_beta_glmm(rel[rel["dataset"] == "short"], "short")
+    assert fit.converged and fit.coef["b2"] < 0 and fit.p["b2"] < 1e-6
+    assert fit.critical_plw == pytest.approx(0.1, rel=0.3)  # planted at wp 0.5 = PLW 0.1
+
+
+def test_analyze_writes_tables_gam_and_figures(tmp_path):
+    runs_root = tmp_path / "sweep"
+    for i, plw in enumerate([0.0, 0.0, 0.1, 0.1, 1.0, 1.0]):
+        run = runs_root / f"plw={plw},seed={i}"
+        (run / "hf_model").mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({"plw": plw, "loss_rsd": 0.01 * (i + 1), "param_distance": 2.0 + plw}))
+        (run / "hf_model" / "plwlab.json").write_text(json.dumps({"model": "tiny", "data": "alpaca_sample"}))
+    runs = collect_runs(runs_root)
+    assert len(runs) == 6 and set(runs["model"]) == {"tiny"}
+
+    out = tmp_path / "analysis"
+    summary = analyze(synthetic_results(), out, runs)
+    for name in ("glmm.csv", "glmm.md", "gam.json", "gam_wp.json", "optimal_plw.md", "relative_scores.csv", "summary.json"):
+        assert (out / name).exists(), name
+    for stem in ("performance_by_wp", "plw_rg_contour", "run_metrics"):
+        assert (out / f"{stem}.png").stat().st_size > 10_000 and (out / f"{stem}.pdf").exists()
+    assert "critical_plw" in (out / "glmm.md").read_text()
+    assert set(summary["glmm"]) == {"short", "medium", "long"}
+    gam = json.loads((out / "gam.json").read_text())
+    assert set(gam["optimal_plw"]) == {f"{r:g}" for r in np.round(np.arange(0.5, 8.01, 0.5), 1)}
+
+
+def test_cli_analyze_and_recommend_from_the_fit(tmp_path, capsys):
+    results = tmp_path / "results.csv"
+    synthetic_results().to_csv(results, index=False)
+    cli(["analyze", str(results), "--out", str(tmp_path / "a")])
+    printed = capsys.readouterr().out
+    assert "short: b1" in printed and "critical PLW" in printed and "GAM optimal PLW" in printed
+    cli(["recommend", "--rg", "0.5", "--model-file", str(tmp_path / "a" / "gam.json")])
+    assert "fitted model" in capsys.readouterr().out
+
+
+@needs_fixture
+@pytest.mark.skipif(shutil.which("Rscript") is None, reason="R (Rscript) not installed")
+def test_r_backend_reproduces_the_reference(tmp_path):
+    try:
+        out = fit_with_r(FIXTURES / "results.csv", tmp_path / "r.json")
+    except RuntimeError as e:  # R present but without glmmTMB/mgcv
+        pytest.skip(str(e))
+    reference = json.loads((FIXTURES / "reference.json").read_text())
+    for dataset, ref in reference["glmm"].items():
+        assert out["glmm"][dataset]["b1"] == pytest.approx(ref["b1"], abs=1e-6)
+    assert out["gam"]["optimal_plw"] == pytest.approx({k: float(v) for k, v in reference["gam"]["optimal_plw"].items()})
