@@ -92,7 +92,7 @@ def test_build_variant_writes_json_and_manifest_once(tok, tmp_path):
 
 
 def test_datamodule_trains_on_a_variant(tok, tmp_path):
-    dm = AlpacaDataModule(tok, path=str(SAMPLE), variant="rg_target", target_rg=0.5, variant_dir=str(tmp_path), val_size=0)
+    dm = AlpacaDataModule(tok, path=str(SAMPLE), variant="rg_target", target_rg=0.5, cache_dir=str(tmp_path), val_size=0)
     dm.setup("fit")
     assert dm.manifest["variant"] == "rg_target" and dm.stats["rg"] == pytest.approx(0.5, rel=0.01)
 

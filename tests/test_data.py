@@ -86,7 +86,7 @@ def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
 
 def test_collate_pads_right(tiny):
     examples, _ = tokenize_examples(load_records(str(SAMPLE))[:3], tiny.tokenizer, 512)
-    batch = collate(examples, pad_token_id=tiny.tokenizer.pad_token_id)
+    batch = collate([[e] for e in examples], pad_token_id=tiny.tokenizer.pad_token_id)
     lengths = [len(e.input_ids) for e in examples]
     assert batch["input_ids"].shape == (3, max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
@@ -97,7 +97,7 @@ def test_collate_pads_right(tiny):
 
 
 def _datamodule(tiny, world=1, rank=0, **kwargs):
-    dm = AlpacaDataModule(tiny.tokenizer, path=str(SAMPLE), batch_size=2, val_size=10, **kwargs)
+    dm = AlpacaDataModule(tiny.tokenizer, path=str(SAMPLE), batch_size=2, val_size=10, **{"cache_dir": None, **kwargs})
     dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
     dm.setup("fit")
     return dm
@@ -107,13 +107,13 @@ def test_datamodule_split_stats_and_determinism(tiny):
     a, b = _datamodule(tiny, limit=100), _datamodule(tiny, limit=100)
     assert a.stats["n_train"] == 90 and a.stats["n_val"] == 10 and a.stats["n_empty_completion"] == 0
     assert 2 < a.stats["rg"] < 5 and 0.3 < a.stats["rg_templated"] < a.stats["rg"]  # template makes prompts longer
-    assert [e.input_ids for e in a.train_set] == [e.input_ids for e in b.train_set]
+    assert [e.input_ids for e in a.train_set.examples] == [e.input_ids for e in b.train_set.examples]
     first = next(iter(a.train_dataloader()))["input_ids"]
     assert torch.equal(first, next(iter(b.train_dataloader()))["input_ids"])
 
 
 def test_global_batch_is_identical_for_one_or_two_ranks(tiny):
-    single = AlpacaDataModule(tiny.tokenizer, path=str(SAMPLE), batch_size=4, val_size=10, limit=40)
+    single = AlpacaDataModule(tiny.tokenizer, path=str(SAMPLE), batch_size=4, val_size=10, limit=40, cache_dir=None)
     single.trainer = SimpleNamespace(world_size=1, global_rank=0)
     single.setup("fit")
     one = next(iter(single.train_dataloader()))

@@ -7,7 +7,7 @@ import torch
 
 from plwlab.callbacks import LossRSD, ParamDistance
 from plwlab.data import AlpacaDataModule, collate
-from plwlab.loss import prompt_weighted_loss
+from plwlab.loss import next_token_nll, prompt_weighted_loss
 from plwlab.module import ModelLoadError, PLWModule, load_model
 
 from conftest import SAMPLE, tiny_model
@@ -24,14 +24,14 @@ class GradCapture(PLWModule):
 def one_step(batch_size: int, accumulate: int, plw: float, normalization: str, scope: str = "step"):
     loaded = tiny_model("float64")
     module = GradCapture(loaded.model, plw=plw, normalization=normalization, denominator_scope=scope, lr=1e-3)
-    dm = AlpacaDataModule(loaded.tokenizer, path=str(SAMPLE), batch_size=batch_size, val_size=0, limit=16)
+    dm = AlpacaDataModule(loaded.tokenizer, path=str(SAMPLE), batch_size=batch_size, val_size=0, limit=16, cache_dir=None)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, limit_val_batches=0,
     )  # fmt: skip
     trainer.fit(module, dm)
-    first = [dm.train_set[i] for i in list(iter(trainer.train_dataloader.sampler))[: batch_size * accumulate]]
+    first = [dm.train_set[i][0] for i in list(iter(trainer.train_dataloader.sampler))[: batch_size * accumulate]]
     return module, first, loaded
 
 
@@ -49,10 +49,10 @@ def test_grad_accumulation_4x1_equals_1x4(normalization):
 def test_step_loss_is_the_loss_of_the_whole_step():
     module, examples, loaded = one_step(batch_size=1, accumulate=4, plw=0.05, normalization="weight_sum")
     fresh = tiny_model("float64")  # the same initial weights
-    batch = collate(examples, fresh.tokenizer.pad_token_id)
+    batch = collate([[e] for e in examples], fresh.tokenizer.pad_token_id)
     with torch.no_grad():
         logits = fresh.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    expected = prompt_weighted_loss(logits, batch["input_ids"], batch["completion_mask"], batch["attention_mask"], 0.05)
+    expected = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), batch["completion_mask"], batch["token_mask"], 0.05)
     assert module.last_step_loss == pytest.approx(expected.loss.item(), rel=1e-12)
 
 
@@ -62,10 +62,10 @@ def test_micro_batch_scope_averages_micro_batch_losses():
     fresh = tiny_model("float64")
     losses = []
     for e in examples:
-        b = collate([e], fresh.tokenizer.pad_token_id)
+        b = collate([[e]], fresh.tokenizer.pad_token_id)
         with torch.no_grad():
             logits = fresh.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        losses.append(prompt_weighted_loss(logits, b["input_ids"], b["completion_mask"], b["attention_mask"], 0.05).loss.item())
+        losses.append(prompt_weighted_loss(next_token_nll(logits, b["input_ids"]), b["completion_mask"], b["token_mask"], 0.05).loss.item())
     assert micro.last_step_loss == pytest.approx(statistics.fmean(losses), rel=1e-12)
     assert abs(micro.last_step_loss - step.last_step_loss) > 1e-6  # the two conventions really differ here
 

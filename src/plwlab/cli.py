@@ -53,7 +53,7 @@ def _records(cfg: DictConfig, tokenizer: Any) -> tuple[list[dict[str, str]], str
     d = cfg.data
     path = d.path
     if d.variant != "as_is":
-        built, _ = build_variant(d.path, d.variant, tokenizer, d.variant_dir, d.target_rg, on_invalid=d.on_invalid)
+        built, _ = build_variant(d.path, d.variant, tokenizer, d.cache_dir, d.target_rg, on_invalid=d.on_invalid)
         path = str(built)
     records = load_records(path, on_invalid=d.on_invalid)
     return (records[: d.limit] if d.limit else records), path
@@ -99,7 +99,7 @@ def cmd_build_data(args: argparse.Namespace) -> None:
     if d.variant == "as_is":
         raise ConfigError(f"data={d.name} is used as is; nothing to build (choose a variant, e.g. data=alpaca_data_short)")
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    path, manifest = build_variant(d.path, d.variant, tokenizer, d.variant_dir, d.target_rg, on_invalid=d.on_invalid)
+    path, manifest = build_variant(d.path, d.variant, tokenizer, d.cache_dir, d.target_rg, on_invalid=d.on_invalid)
     console.print(f"{d.name}: {path}\n  n={manifest['n']} (source {manifest['n_source']}), inverted "
                   f"{manifest['n_inverted']}, dropped {manifest['n_dropped']}, Rg {manifest['rg']:.4g} "
                   f"(source {manifest['rg_source']:.4g})")  # fmt: skip

@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from plwlab.alpaca import VARIANTS
+from plwlab.data import BATCHING
 from plwlab.loss import NORMALIZATIONS
 from plwlab.module import DENOMINATOR_SCOPES
 
@@ -45,16 +46,18 @@ class DataConfig:  # arguments of plwlab.data.AlpacaDataModule (tokenizer and se
     num_workers: int = 0
     limit: Optional[int] = None
     empty_completion: str = "keep"
+    batching: str = "padded"  # padded | length_grouped | packed
     on_invalid: str = "error"
     variant: str = "as_is"
     target_rg: Optional[float] = None
-    variant_dir: str = "outputs/data"
+    cache_dir: Optional[str] = "outputs/data"  # built variants + tokenized data (null: no tokenized cache)
 
 
 @dataclass
 class LossConfig:  # loss arguments of plwlab.module.PLWModule
     normalization: str = "weight_sum"
     denominator_scope: str = "step"
+    chunk_tokens: Optional[int] = None  # memory-lean loss: logits computed this many targets at a time
 
 
 @dataclass
@@ -106,5 +109,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.variant must be one of {VARIANTS}, got {cfg.data.variant!r}")
     if cfg.data.variant == "rg_target" and not (cfg.data.target_rg or 0) > 0:
         raise ConfigError(f"data.variant=rg_target needs data.target_rg > 0, got {cfg.data.target_rg}")
+    if cfg.data.batching not in BATCHING:
+        raise ConfigError(f"data.batching must be one of {BATCHING}, got {cfg.data.batching!r}")
     if not 0 <= cfg.data.val_size:
         raise ConfigError(f"data.val_size must be a fraction in [0, 1) or a count, got {cfg.data.val_size}")

@@ -1,5 +1,6 @@
 """The prompt-loss-weighted (PLW) language-model loss. Everything in plwlab that needs a loss calls
-:func:`prompt_weighted_loss`."""
+:func:`prompt_weighted_loss`, on per-token NLLs from :func:`next_token_nll` (full logits) or
+:func:`chunked_next_token_nll` (memory-lean, fused with the LM head)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 Normalization = Literal["weight_sum", "nonzero", "completion"]
 NORMALIZATIONS: tuple[str, ...] = ("weight_sum", "nonzero", "completion")
@@ -41,28 +43,68 @@ def loss_denominator(
     return torch.where(d > 0, d, torch.ones_like(d))
 
 
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """``nll[b, t] = -log p(input_ids[b, t+1] | input_ids[b, :t+1])`` from full logits (B, L, V) -> (B, L-1).
+
+    Computed in at least float32 (bf16/fp16 logits are upcast; fp64 stays fp64).
+    """
+    logits = logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    targets = input_ids[:, 1:]
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+def chunked_next_token_nll(
+    hidden: torch.Tensor, head_weight: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 1024
+) -> torch.Tensor:
+    """:func:`next_token_nll` without materialising the logits of the whole batch.
+
+    ``hidden`` (B, L, H) are the final hidden states and ``head_weight`` (V, H) the LM head, so
+    ``logits = hidden @ head_weight.T``. The target positions are processed ``chunk_tokens`` at a time: each chunk's
+    logits exist only while its NLL is computed, and are recomputed in the backward pass (activation
+    checkpointing), so extra memory is O(chunk_tokens x V) instead of O(B x L x V). Same values as the full path.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    h = hidden[:, :-1].flatten(0, 1)
+    targets = input_ids[:, 1:].flatten()
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+
+    def chunk_nll(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
+        logits = (h_chunk @ head_weight.T).to(dtype)
+        return F.cross_entropy(logits, t_chunk, reduction="none")
+
+    pieces = []
+    for start in range(0, h.shape[0], chunk_tokens):
+        end = start + chunk_tokens
+        if torch.is_grad_enabled() and (h.requires_grad or head_weight.requires_grad):
+            pieces.append(checkpoint(chunk_nll, h[start:end], targets[start:end], use_reentrant=False))
+        else:
+            pieces.append(chunk_nll(h[start:end], targets[start:end]))
+    return torch.cat(pieces).view(input_ids.shape[0], -1)
+
+
 def prompt_weighted_loss(
-    logits: torch.Tensor,
-    input_ids: torch.Tensor,
+    nll: torch.Tensor,
     completion_mask: torch.Tensor,
-    attention_mask: torch.Tensor,
+    token_mask: torch.Tensor,
     plw: float,
     normalization: Normalization = "weight_sum",
     denominator: torch.Tensor | float | None = None,
 ) -> PLWLoss:
     r"""Next-token cross-entropy where prompt tokens weigh ``plw`` and completion tokens weigh 1.
 
-    Shapes: ``logits`` (B, L, V); ``input_ids``, ``completion_mask`` (1 = completion token, 0 = prompt
-    token) and ``attention_mask`` (1 = real token, 0 = padding) are (B, L).
-
-    For every target position t = 1..L-1 (token t is predicted from tokens < t)
+    ``nll`` (B, L-1) holds the NLL of each next token (:func:`next_token_nll` from logits, or
+    :func:`chunked_next_token_nll`); ``completion_mask`` (1 = completion token, 0 = prompt token) and
+    ``token_mask`` (1 = a real token that is a prediction target; 0 = padding, or the first token of a document
+    packed behind another) are (B, L). For every target position t = 1..L-1 (token t predicted from tokens < t)
 
     .. math::
 
         \ell_t = -\log p(x_t \mid x_{<t}), \qquad
         w_t = a_t \,\bigl(c_t + \mathrm{PLW}\,(1 - c_t)\bigr)
 
-    with :math:`a_t` the attention mask and :math:`c_t` the completion mask of the *target* token. The loss is
+    with :math:`a_t` the token mask and :math:`c_t` the completion mask of the *target* token. The loss is
 
     .. math::
 
@@ -79,18 +121,13 @@ def prompt_weighted_loss(
 
     ``denominator`` overrides D: pass 1 to get the plain weighted sum (the caller then divides by the
     denominator of the whole optimizer step, summed over micro-batches and ranks; see
-    :class:`plwlab.module.PLWModule`). Cross-entropy is computed in at least float32.
+    :class:`plwlab.module.PLWModule`).
     """
     if plw < 0:
         raise ValueError(f"plw must be >= 0, got {plw}")
-    logits = logits[:, :-1]
-    targets = input_ids[:, 1:]
-    real = attention_mask[:, 1:].bool()
+    real = token_mask[:, 1:].bool()
     completion = completion_mask[:, 1:].bool() & real
     prompt = real & ~completion
-
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32, fp64 stays
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     nll = nll * real  # padding targets may hold any id; zero them explicitly
     weights = completion.to(nll.dtype) + plw * prompt.to(nll.dtype)
     weighted_sum = (weights * nll).sum()

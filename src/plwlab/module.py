@@ -14,7 +14,7 @@ from torchmetrics import SumMetric
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedModel
 from transformers import get_cosine_schedule_with_warmup
 
-from plwlab.loss import NORMALIZATIONS, loss_denominator, prompt_weighted_loss
+from plwlab.loss import NORMALIZATIONS, chunked_next_token_nll, loss_denominator, next_token_nll, prompt_weighted_loss
 
 DENOMINATOR_SCOPES = ("step", "micro_batch")
 
@@ -101,7 +101,9 @@ class PLWModule(L.LightningModule):
     gradient clipping) the gradients are multiplied by ``accumulate_grad_batches · world_size / D``, undoing
     Lightning's division by ``accumulate_grad_batches`` and DDP/FSDP's gradient averaging over ranks.
     ``"micro_batch"`` normalises each micro-batch by its own ``D`` (what HF's Trainer does), so the step loss
-    is the mean of the micro-batch losses.
+    is the mean of the micro-batch losses. ``chunk_tokens`` computes the loss from the final hidden states and
+    the LM head ``chunk_tokens`` targets at a time (:func:`plwlab.loss.chunked_next_token_nll`; for models whose
+    logits are ``hidden @ lm_head.weight.T``, as LLaMA's) instead of materialising the logits of the whole batch.
 
     Logged per optimizer step: ``train/loss`` (the weighted loss), ``train/prompt_loss`` and
     ``train/completion_loss`` (unweighted mean NLL of each part). Validation logs the completion-only loss
@@ -114,6 +116,7 @@ class PLWModule(L.LightningModule):
         plw: float = 0.0,
         normalization: str = "weight_sum",
         denominator_scope: str = "step",
+        chunk_tokens: int | None = None,
         lr: float = 2e-5,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
@@ -132,6 +135,7 @@ class PLWModule(L.LightningModule):
         self.model = model
         self.plw, self.normalization, self.denominator_scope = float(plw), normalization, denominator_scope
         self.pretrained_vocab_size = pretrained_vocab_size
+        self.chunk_tokens = chunk_tokens
         # Running sums since the last optimizer step:
         # [Σwℓ, Σ micro-batch losses, n micro-batches, prompt NLL, n prompt, completion NLL, n completion]
         self._step_sums = torch.zeros(7, dtype=torch.float64)
@@ -139,11 +143,22 @@ class PLWModule(L.LightningModule):
         self.val_sums = torch.nn.ModuleList(SumMetric() for _ in range(4))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        """Per-token next-token NLL (B, L-1) of a padded or packed batch."""
+        # use_cache=False: with a KV cache HF skips the packed-sequence detection and attends across documents
+        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+        if "position_ids" in batch:  # packed rows: no attention mask, so HF builds a block-diagonal causal mask
+            inputs["position_ids"] = batch["position_ids"]
+        else:
+            inputs["attention_mask"] = batch["token_mask"]
+        if self.chunk_tokens is None:
+            return next_token_nll(self.model(**inputs).logits, batch["input_ids"])
+        causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = causal.base_model(**inputs).last_hidden_state
+        return chunked_next_token_nll(hidden, causal.get_output_embeddings().weight, batch["input_ids"], self.chunk_tokens)
 
     def _loss(self, batch: dict[str, torch.Tensor], plw: float, normalization: str, denominator: float | None = None):
         return prompt_weighted_loss(
-            self(batch), batch["input_ids"], batch["completion_mask"], batch["attention_mask"],
+            self(batch), batch["completion_mask"], batch["token_mask"],
             plw=plw, normalization=normalization, denominator=denominator,
         )  # fmt: skip
 

@@ -1,0 +1,127 @@
+"""Packing, length-grouped batching, the chunked (memory-lean) loss and the tokenized-data cache."""
+
+import numpy as np
+import pytest
+import torch
+
+from plwlab.alpaca import load_records
+from plwlab.data import GlobalBatchSampler, cached_tokenize, collate, pack_examples, padding_share, tokenize_examples
+from plwlab.loss import chunked_next_token_nll, next_token_nll, prompt_weighted_loss
+from plwlab.module import PLWModule
+from plwlab.train import train
+
+from conftest import SAMPLE, compose_train, tiny_model
+from test_train import QUICK
+
+
+@pytest.fixture(scope="module")
+def examples():
+    tok = tiny_model().tokenizer
+    return tokenize_examples(load_records(str(SAMPLE))[:24], tok, max_length=512)[0]
+
+
+def _loss(module, batch, plw=0.1):
+    return prompt_weighted_loss(module(batch), batch["completion_mask"], batch["token_mask"], plw)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("float64", 1e-10), ("float32", 1e-5)])
+def test_packed_batch_loss_equals_unpacked(examples, dtype, tol):
+    loaded = tiny_model(dtype)
+    module = PLWModule(loaded.model)
+    pad = loaded.tokenizer.pad_token_id
+    rows = pack_examples([len(e.input_ids) for e in examples], 512)
+    assert len(rows) < len(examples)  # really packed
+    packed = collate([[examples[i] for i in row] for row in rows], pad)
+    unpacked = collate([[e] for e in examples], pad)
+    a, b = _loss(module, packed), _loss(module, unpacked)
+    assert (a.n_prompt, a.n_completion) == (b.n_prompt, b.n_completion)
+    torch.testing.assert_close(a.loss, b.loss, rtol=tol, atol=0)
+    grads = []
+    for out in (a, b):
+        module.zero_grad()
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=tol * 10, atol=tol, msg=name)
+
+
+def test_packed_collate_layout(examples):
+    rows = [[examples[0], examples[1]], [examples[2]]]
+    batch = collate(rows, pad_token_id=3)
+    n0, n1, n2 = (len(examples[i].input_ids) for i in range(3))
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (2, max(n0 + n1, n2))
+    assert batch["position_ids"][0, : n0 + n1].tolist() == list(range(n0)) + list(range(n1))
+    assert batch["token_mask"][0, 0] == 1 and batch["token_mask"][0, n0] == 0  # no target across documents
+    assert batch["token_mask"][0].sum() == n0 + n1 - 1 and batch["token_mask"][1].sum() == n2
+    assert batch["completion_mask"][0, :n0].tolist() == examples[0].completion_mask
+    assert batch["completion_mask"][0, n0:].tolist() == examples[1].completion_mask
+
+
+def test_pack_examples_is_a_partition_of_full_rows():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 400, size=500).tolist()
+    rows = pack_examples(lengths, 512)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    assert rows == pack_examples(lengths, 512)  # deterministic
+    fill = sum(lengths) / (512 * len(rows))
+    assert fill > 0.97
+    with pytest.raises(ValueError, match="max_length"):
+        pack_examples([600], 512)
+
+
+def test_chunked_nll_equals_full_nll():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 17, 8, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 50, (3, 17))
+    full = next_token_nll(hidden @ head.T, ids)
+    chunked = chunked_next_token_nll(hidden, head, ids, chunk_tokens=5)
+    torch.testing.assert_close(chunked, full, rtol=1e-12, atol=0)
+    g_full = torch.autograd.grad(full.sum(), (hidden, head))
+    g_chunk = torch.autograd.grad(chunked_next_token_nll(hidden, head, ids, 7).sum(), (hidden, head))
+    for a, b in zip(g_chunk, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_module_chunked_loss_equals_reference(examples):
+    loaded = tiny_model("float32")
+    batch = collate([[e] for e in examples[:8]], loaded.tokenizer.pad_token_id)
+    full, chunked = PLWModule(loaded.model), PLWModule(loaded.model, chunk_tokens=100)
+    torch.testing.assert_close(_loss(chunked, batch).loss, _loss(full, batch).loss, rtol=1e-5, atol=0)
+
+
+def test_length_grouped_keeps_global_batches_and_cuts_padding():
+    lengths = np.random.default_rng(1).integers(10, 500, size=400).tolist()
+    one = GlobalBatchSampler(lengths, micro_batch=8, seed=3, group_size=400)
+    two = [GlobalBatchSampler(lengths, micro_batch=4, world=2, rank=r, seed=3, group_size=400) for r in (0, 1)]
+    merged = [i for pair in zip(*(list(s) for s in two)) for i in pair]
+    assert merged == list(one)  # rank r takes every W-th item of the same global order
+    assert sorted(one) == list(range(400))
+    plain = GlobalBatchSampler(lengths, micro_batch=8, seed=3)
+    batches = lambda s: [list(s)[i : i + 8] for i in range(0, 400, 8)]  # noqa: E731
+    assert padding_share(lengths, batches(one)) < 0.5 * padding_share(lengths, batches(plain))
+    one.set_epoch(1)
+    assert list(one) != merged  # a new order each epoch
+
+
+def test_tokenized_cache_is_reused_and_keyed(tmp_path):
+    tok = tiny_model().tokenizer
+    records = load_records(str(SAMPLE))[:30]
+    first, n_empty = cached_tokenize(records, tok, 128, tmp_path)
+    [path] = list(tmp_path.glob("tokenized-*.npz"))
+    mtime = path.stat().st_mtime_ns
+    again, n_again = cached_tokenize(records, tok, 128, tmp_path)
+    assert path.stat().st_mtime_ns == mtime and n_again == n_empty
+    assert [(e.input_ids, e.n_prompt) for e in again] == [(e.input_ids, e.n_prompt) for e in first]
+    cached_tokenize(records, tok, 256, tmp_path)
+    assert len(list(tmp_path.glob("tokenized-*.npz"))) == 2  # max_length is part of the key
+
+
+@pytest.mark.parametrize("batching", ["packed", "length_grouped"])
+def test_training_with_packing_or_grouping_and_chunked_loss(tmp_path, batching):
+    overrides = [*QUICK, f"data.batching={batching}", "loss.chunk_tokens=256", f"paths.data_dir={tmp_path / 'd'}",
+                 "callbacks.hf_export=null"]  # fmt: skip
+    metrics = train(compose_train(overrides, tmp_path))
+    assert metrics["global_steps"] >= 1 and np.isfinite(metrics["final_train_loss"])
+    assert list((tmp_path / "d").glob("tokenized-*.npz"))
