@@ -54,7 +54,7 @@ def test_packed_collate_layout(examples):
     assert batch["token_mask"][0, 0] == 1 and batch["token_mask"][0, n0] == 0  # no target across documents
     assert batch["token_mask"][0].sum() == n0 + n1 - 1 and batch["token_mask"][1].sum() == n2
     assert batch["completion_mask"][0, :n0].tolist() == examples[0].completion_mask
-    assert batch["completion_mask"][0, n0:].tolist() == examples[1].completion_mask
+    assert batch["completion_mask"][0, n0 : n0 + n1].tolist() == examples[1].completion_mask
 
 
 def test_pack_examples_is_a_partition_of_full_rows():
