@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-all bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -m ""
+
+bench: setup  ## CPU benchmarks (preprocessing and batching use ../shared/data when present); each prints RATIO lines
+	mkdir -p outputs/benchmarks
+	for b in preprocess batching loss_memory train gpu; do \
+		echo "== $$b"; TOKENIZERS_PARALLELISM=true $(PY) benchmarks/bench_$$b.py | tee outputs/benchmarks/$$b.txt; \
+	done
 
 lint: setup
 	$(VENV)/bin/ruff check src tests train.py

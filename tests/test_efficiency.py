@@ -125,3 +125,37 @@ def test_training_with_packing_or_grouping_and_chunked_loss(tmp_path, batching):
     metrics = train(compose_train(overrides, tmp_path))
     assert metrics["global_steps"] >= 1 and np.isfinite(metrics["final_train_loss"])
     assert list((tmp_path / "d").glob("tokenized-*.npz"))
+
+
+def test_segment_tokenization_equals_plain_tokenization():
+    from conftest import SHARED_DATA
+
+    from plwlab.alpaca import alpaca_prompt
+    from plwlab.data import _newline_safe_backend, batch_token_ids
+    from plwlab.module import load_tokenizer
+
+    tiny = tiny_model().tokenizer
+    assert _newline_safe_backend(tiny) is None  # byte-level BPE: plain batched path
+    spm = SHARED_DATA / "tokenizer" / "llama_tokenizer.model"
+    if not spm.exists():
+        pytest.skip("../shared/data not present")
+    llama = load_tokenizer(str(spm))
+    assert _newline_safe_backend(llama) is not None
+    records = load_records(str(SAMPLE))
+    texts = [alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in records]
+    texts += ["\n", "a\n\nb", "  two  spaces\n x", "\nleading newline", "trailing\n"]
+    assert batch_token_ids(llama, texts) == llama(texts, add_special_tokens=False)["input_ids"]
+
+
+def test_benchmark_scripts_run(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_loss_memory.py"), "--hidden", "64"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout  # fmt: skip
+    assert "RATIO chunked/naive" in out and "same loss to 1e-5: True" in out
+    gpu = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py")], capture_output=True, text=True,
+                         timeout=300, check=True).stdout  # fmt: skip
+    assert "skipped: no CUDA GPU" in gpu or "tokens/s" in gpu
