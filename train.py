@@ -1,25 +1,42 @@
 """Fine-tune with a prompt loss weight: python train.py [plw=0.1] [model=tiny] [data=alpaca_sample] ...
 
-Sweep: python train.py -m plw=0,0.01,0.1,1. See README.md and conf/train.yaml.
+Sweep: python train.py -m plw=0,0.01,0.1,1. See README.md, docs/cluster.md and conf/train.yaml.
 """
 
+import logging
+from pathlib import Path
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from plwlab.config import ConfigError, register
 from plwlab.alpaca import DataError
+from plwlab.config import ConfigError, register
 from plwlab.module import ModelLoadError
-from plwlab.train import train
+from plwlab.train import RunError, record_failure, train
 
 register()
+log = logging.getLogger("train")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         metrics = train(cfg)
-    except (ConfigError, DataError, ModelLoadError) as e:
+    except (ConfigError, DataError, ModelLoadError, RunError) as e:
+        if multirun:  # one failing run must not stop the sweep; the summary lists it
+            log.error("run failed: %s", e)
+            record_failure(Path(HydraConfig.get().runtime.output_dir), e)
+            return None
         raise SystemExit(f"error: {e}") from None
+    except Exception as e:
+        if multirun:
+            log.exception("run failed")
+            record_failure(Path(HydraConfig.get().runtime.output_dir), e)
+            return None
+        raise
     return metrics.get("val/loss")
 
 

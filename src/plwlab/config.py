@@ -73,6 +73,8 @@ class OptimConfig:  # optimizer arguments of plwlab.module.PLWModule (Stanford A
 class TrainConfig:
     plw: float = 0.1
     allow_plw_above_one: bool = False
+    resume: bool = True  # skip a finished run, resume an interrupted one from checkpoints/last.ckpt
+    plan_only: bool = False  # with -m: print the sweep plan and stop
     seed: int = 42
     name: str = "plwlab"
     model: ModelConfig = MISSING

@@ -258,9 +258,15 @@ class GlobalBatchSampler(Sampler[int]):
         self.seed, self.group_size, self.epoch = seed, group_size, 0
         self.global_batch = micro_batch * world
         self.total = -(-len(self.lengths) // self.global_batch) * self.global_batch
+        self.resume_epoch, self.resume_batches = -1, 0  # see resume_from
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_from(self, epoch: int, batches: int) -> None:
+        """Skip the first ``batches`` micro-batches of ``epoch`` (they were trained before an interruption).
+        ``len()`` stays the full epoch: Lightning counts the skipped batches as done."""
+        self.resume_epoch, self.resume_batches = epoch, batches
 
     def global_order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -274,7 +280,10 @@ class GlobalBatchSampler(Sampler[int]):
         return order
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.global_order()[self.rank :: self.world])
+        mine = self.global_order()[self.rank :: self.world]
+        if self.epoch == self.resume_epoch:
+            mine = mine[self.resume_batches * self.micro_batch :]
+        return iter(mine)
 
     def __len__(self) -> int:
         return self.total // self.world
@@ -334,6 +343,7 @@ class AlpacaDataModule(L.LightningDataModule):
         self.num_workers, self.empty_completion, self.on_invalid = num_workers, empty_completion, on_invalid
         self.variant, self.target_rg, self.cache_dir = variant, target_rg, cache_dir
         self.manifest: dict[str, Any] | None = None
+        self._resume = (-1, 0)  # (epoch, micro-batches done) restored from a checkpoint
         self.train_set: TokenizedDataset | None = None
         self.val_set: TokenizedDataset | None = None
         self.stats: dict[str, float] = {}
@@ -402,7 +412,21 @@ class AlpacaDataModule(L.LightningDataModule):
         return GlobalBatchSampler(lengths, self.batch_size, world, rank, self.seed, group_size=group)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, self.train_sampler(*self._world()))
+        sampler = self.train_sampler(*self._world())
+        sampler.resume_from(*self._resume)
+        return self._loader(self.train_set, self.batch_size, sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every Lightning checkpoint: how far into which epoch training got, so a resumed run continues
+        with the next micro-batch (exact mid-epoch resume) instead of restarting the epoch."""
+        if self.trainer is None:
+            return {}
+        loop = self.trainer.fit_loop
+        return {"epoch": loop.epoch_progress.current.processed, "batches": loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume = (state_dict["epoch"], state_dict["batches"])
 
     def val_dataloader(self) -> DataLoader:
         world, rank = self._world()
