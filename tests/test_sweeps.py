@@ -110,3 +110,18 @@ def test_submitit_local_launcher(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     statuses = [json.loads(p.read_text())["status"] for p in tmp_path.rglob("status.json")]
     assert statuses == ["finished", "finished"]
+
+
+def test_two_process_fsdp2_equals_one_process(tmp_path):
+    common = ["data.limit=60", "data.val_size=4", "trainer.max_steps=5", "model.dtype=float64", "callbacks.progress=null",
+              "callbacks.param_distance.every_n_steps=5", "plw=0.1"]  # fmt: skip
+    single = run_cli(*common, "data.batch_size=4", f"hydra.run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = run_cli(*common, "data.batch_size=2", "trainer.devices=2", "strategy=fsdp2", f"hydra.run.dir={tmp_path / 'fsdp2'}")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert train_losses(tmp_path / "fsdp2") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-9)
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("single", "fsdp2"))
+    assert b["param_distance"] == pytest.approx(a["param_distance"], rel=1e-9)  # gathered from DTensor shards
+    wa, wb = (load_file(tmp_path / d / "hf_model" / "model.safetensors") for d in ("single", "fsdp2"))
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-9
+    assert (tmp_path / "fsdp2" / "checkpoints" / "last.ckpt").is_dir()  # a sharded (distributed) checkpoint

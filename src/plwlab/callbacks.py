@@ -11,7 +11,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from plwlab.module import PLWModule
 
@@ -141,10 +140,19 @@ class HFExport(L.Callback):
     def __init__(self, dirpath: str, metadata: dict[str, Any] | None = None) -> None:
         self.dirpath, self.metadata = Path(dirpath), dict(metadata or {})
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: PLWModule) -> None:
+        state_dict = None
+        if any(hasattr(p, "full_tensor") for p in pl_module.model.parameters()):  # sharded (FSDP2): gather on all ranks
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state_dict = get_model_state_dict(pl_module.model, options=options)
+        if trainer.is_global_zero:
+            self._save(trainer, pl_module, state_dict)
+
+    def _save(self, trainer: L.Trainer, pl_module: PLWModule, state_dict: dict[str, Any] | None) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        pl_module.model.save_pretrained(self.dirpath)
+        pl_module.model.save_pretrained(self.dirpath, state_dict=state_dict)
         datamodule = trainer.datamodule
         datamodule.tokenizer.save_pretrained(self.dirpath)
         meta = {**self.metadata, "plw": pl_module.plw, "normalization": pl_module.normalization, **datamodule.stats}

@@ -142,6 +142,22 @@ class PLWModule(L.LightningModule):
         self.last_step_loss: float | None = None
         self.val_sums = torch.nn.ModuleList(SumMetric() for _ in range(4))
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): shard every decoder layer (HF's ``_no_split_modules``), then the
+        whole model, over the data-parallel mesh. Other strategies leave the model as it is."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None or getattr(self, "_fully_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"]
+        layer_names = set(getattr(self.model, "_no_split_modules", None) or [])
+        for module in self.model.modules():
+            if type(module).__name__ in layer_names:
+                fully_shard(module, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
+        self._fully_sharded = True
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-token next-token NLL (B, L-1) of a padded or packed batch."""
         # use_cache=False: with a KV cache HF skips the packed-sequence detection and attends across documents

@@ -84,7 +84,10 @@ def config_digest(cfg: DictConfig) -> str:
 
 
 def _usable_checkpoint(path: Path) -> bool:
-    """A torch checkpoint is a zip archive; a truncated one has no readable central directory."""
+    """A torch checkpoint is a zip archive (a truncated one has no readable central directory); a distributed
+    (sharded) checkpoint is a directory whose ``.metadata`` is written last."""
+    if path.is_dir():
+        return (path / ".metadata").exists()
     try:
         with zipfile.ZipFile(path) as archive:
             return bool(archive.namelist())
