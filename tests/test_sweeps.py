@@ -125,3 +125,15 @@ def test_two_process_fsdp2_equals_one_process(tmp_path):
     wa, wb = (load_file(tmp_path / d / "hf_model" / "model.safetensors") for d in ("single", "fsdp2"))
     assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-9
     assert (tmp_path / "fsdp2" / "checkpoints" / "last.ckpt").is_dir()  # a sharded (distributed) checkpoint
+
+
+def test_fsdp_strategy_config_instantiates(tmp_path):
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    cfg = compose_train(["strategy=fsdp", "model=llama2", "trainer=gpu"], tmp_path)
+    strategy = instantiate(cfg.strategy)
+    assert isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy.name == "FULL_SHARD"
+    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.model.dtype == "bfloat16"
