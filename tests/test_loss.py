@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from plwlab.data import collate, tokenize_examples
-from plwlab.loss import chunked_next_token_nll, loss_denominator, next_token_nll, prompt_weighted_loss
+from plwlab.loss import loss_denominator, next_token_nll, prompt_weighted_loss
 
 from conftest import tiny_model
 
