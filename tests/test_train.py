@@ -147,6 +147,11 @@ def test_wandb_offline_logger(tmp_path, monkeypatch):
     assert cfg.logger.wandb.group == "sweep-a"
     assert list(cfg.logger.wandb.tags) == ["alpaca_sample", "tiny-llama", "plw=0.01"]
     train(cfg)
+    import wandb
+
+    wandb.finish()  # flush the offline run
     assert (tmp_path / "metrics.csv").exists()  # the CSV logger stays on
     runs = list(tmp_path.rglob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
+    history = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    assert b"param_distance/total" in history  # callbacks log to every logger, not only the first

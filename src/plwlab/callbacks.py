@@ -120,8 +120,9 @@ class ParamDistance(L.Callback):
 
     def _log(self, trainer: L.Trainer, pl_module: PLWModule) -> None:
         self.last = self.distances(pl_module)
-        if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics({f"param_distance/{k}": v for k, v in self.last.items()}, step=trainer.global_step)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:  # CSV and W&B alike
+                logger.log_metrics({f"param_distance/{k}": v for k, v in self.last.items()}, step=trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: PLWModule, *args: Any) -> None:
         step = trainer.global_step
