@@ -1,0 +1,86 @@
+"""The evaluation slice built so far: generation, memorization BLEU, generation length, results table."""
+
+import csv
+import json
+import multiprocessing
+
+import pytest
+
+from plwlab.alpaca import alpaca_prompt
+from plwlab.evaluate import append_results, generate, generation_lengths, load_run, memorization_bleu, result_row
+from plwlab.train import train
+
+from conftest import SAMPLE, SHARED_DATA, compose_train
+from test_train import QUICK
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    train(compose_train([*QUICK, "plw=0.1"], path))
+    return path
+
+
+def test_load_run_and_batched_generation_matches_one_by_one(run_dir):
+    run = load_run(run_dir)
+    assert run.meta["plw"] == 0.1 and run.run_id == run_dir.name and run.tokenizer.padding_side == "left"
+    prompts = [alpaca_prompt("Name a colour."), alpaca_prompt("Write a very long story about a dragon and a knight."),
+               alpaca_prompt("Add the numbers.", "2 and 3")]  # fmt: skip
+    batched = generate(run.model, run.tokenizer, prompts, max_new_tokens=12, batch_size=3, progress=False)
+    single = [generate(run.model, run.tokenizer, [p], max_new_tokens=12, progress=False)[0] for p in prompts]
+    assert batched == single  # left padding and length sorting change nothing
+    assert all(run.tokenizer.eos_token_id not in ids and len(ids) <= 12 for ids in batched)
+    with pytest.raises(FileNotFoundError, match="not a plwlab export"):
+        load_run(run_dir / "checkpoints")
+
+
+def test_memorization_bleu_and_generation_lengths(run_dir):
+    run = load_run(run_dir)
+    score, signature, n = memorization_bleu(run, str(SAMPLE), n=6, max_new_tokens=16)
+    assert n == 6 and 0 <= score <= 100
+    assert signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
+    lengths = generation_lengths(run, ["Say hi.", "List three fruits."], max_new_tokens=10)
+    assert len(lengths) == 2 and all(0 <= x <= 10 for x in lengths)
+
+
+def test_memorization_bleu_of_a_perfect_memorizer(run_dir, monkeypatch):
+    run = load_run(run_dir)
+    records = json.loads(SAMPLE.read_text())
+    by_prompt = {alpaca_prompt(r["instruction"], r["input"]): r["output"] for r in records}
+
+    def parrot(model, tokenizer, prompts, *args, **kwargs):
+        return [tokenizer(by_prompt[p], add_special_tokens=False)["input_ids"] for p in prompts]
+
+    monkeypatch.setattr("plwlab.evaluate.generate", parrot)
+    score, _, _ = memorization_bleu(run, str(SAMPLE), n=20)
+    assert score > 90  # the byte-level tokenizer round-trips the completions
+
+
+def _append(args):
+    path, i = args
+    append_results(path, [{"run_id": f"r{i}", "benchmark": "b", "metric": "m", "score": i}])
+
+
+def test_results_table_replaces_rows_and_survives_concurrent_jobs(tmp_path, run_dir):
+    table = tmp_path / "results.csv"
+    run = load_run(run_dir)
+    append_results(table, [result_row(run, "memorization", "bleu", 12.5, None, 6)])
+    append_results(table, [result_row(run, "memorization", "bleu", 13.0, None, 6),
+                           result_row(run, "alpaca_eval", "generation_length", 40.0, 2.0, 805)])  # fmt: skip
+    rows = list(csv.DictReader(table.open()))
+    assert [(r["benchmark"], r["score"]) for r in rows] == [("memorization", "13.0"), ("alpaca_eval", "40.0")]
+    assert rows[0]["plw"] == "0.1" and rows[0]["dataset"] == "alpaca_sample"
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.map(_append, [(table, i) for i in range(16)])
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 18 and {r["run_id"] for r in rows} >= {f"r{i}" for i in range(16)}
+
+
+def test_generation_lengths_on_alpaca_eval_instructions(run_dir):
+    path = SHARED_DATA / "alpaca_eval" / "text_davinci_003_model_outputs.json"
+    if not path.exists():
+        pytest.skip("../shared/data not present")
+    instructions = [r["instruction"] for r in json.loads(path.read_text())]
+    assert len(instructions) == 805
+    lengths = generation_lengths(load_run(run_dir), instructions[:4], max_new_tokens=8)
+    assert len(lengths) == 4 and all(0 <= x <= 8 for x in lengths)
