@@ -84,3 +84,26 @@ def test_generation_lengths_on_alpaca_eval_instructions(run_dir):
     assert len(instructions) == 805
     lengths = generation_lengths(load_run(run_dir), instructions[:4], max_new_tokens=8)
     assert len(lengths) == 4 and all(0 <= x <= 8 for x in lengths)
+
+
+def test_evaluate_cli_over_a_sweep_glob(tmp_path, run_dir):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    instructions = tmp_path / "instructions.json"
+    instructions.write_text(json.dumps([{"instruction": "Say hi."}, {"instruction": "Name a fruit."}]))
+    results = tmp_path / "results.csv"
+    args = [sys.executable, str(ROOT / "evaluate.py"), f"run_dir={run_dir.parent}/*", "eval=quick", f"results={results}",
+            f"eval.generation_length.instructions={instructions}", "eval.memorization.n=4", f"hydra.run.dir={tmp_path / 'h'}"]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **__import__("os").environ}
+    for _ in range(2):  # re-running replaces rows, never duplicates them
+        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader(results.open()))
+    assert sorted((r["benchmark"], r["metric"], r["n"]) for r in rows) == [
+        ("alpaca_eval", "generation_length", "2"), ("memorization", "bleu", "4")]
+    missing = subprocess.run([*args[:2], f"run_dir={tmp_path}/nothing*", f"hydra.run.dir={tmp_path / 'h2'}"],
+                             capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("error: no finished training run")

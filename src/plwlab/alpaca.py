@@ -274,6 +274,7 @@ def build_variant(
         **info,
         "rg": lengths.rg,
         "output_sha256": None,
+        "output_path": str(path),
     }
     payload = json.dumps(built, indent=1, ensure_ascii=False) + "\n"
     manifest["output_sha256"] = _sha256(payload.encode())

@@ -1,5 +1,6 @@
-"""Evaluation of trained runs into one tidy results table. So far: the mechanism analyses (memorization BLEU on
-training prompts, generation length on AlpacaEval); the lm-eval benchmark presets and judges are still to come.
+"""Evaluation of trained runs into one tidy results table (``python evaluate.py run_dir=... eval=...``). So far:
+the mechanism analyses (memorization BLEU on training prompts, generation length on AlpacaEval); the lm-eval
+benchmark presets and the judges are still to come.
 
 Rows: run_id, model, dataset, plw, rg, benchmark, metric, score, stderr, n.
 """
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import glob
 import json
+import logging
 import os
 import random
 from collections.abc import Sequence
@@ -19,10 +22,12 @@ from typing import Any
 import sacrebleu
 import torch
 from rich.progress import Progress
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from plwlab.alpaca import alpaca_prompt, load_records
 
+log = logging.getLogger(__name__)
 RESULT_COLUMNS = ("run_id", "model", "dataset", "plw", "rg", "benchmark", "metric", "score", "stderr", "n")
 ROW_KEY = ("run_id", "benchmark", "metric")
 
@@ -132,3 +137,46 @@ def append_results(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
             writer.writerows(kept)
             writer.writerows({k: r.get(k) for k in RESULT_COLUMNS} for r in rows)
         os.replace(tmp, path)
+
+
+def training_data_path(run_dir: Path) -> str:
+    """What a run trained on: its built variant (from data_manifest.json) or its data.path (config.yaml)."""
+    manifest = run_dir / "data_manifest.json"
+    if manifest.exists():
+        return json.loads(manifest.read_text())["output_path"]
+    return OmegaConf.load(run_dir / "config.yaml").data.path
+
+
+def evaluate_run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
+    """The evaluations of ``cfg.eval`` for one run, as result rows."""
+    run = load_run(run_dir, cfg.dtype, cfg.device)
+    rows = []
+    mem = cfg.eval.get("memorization")
+    if mem:
+        score, signature, n = memorization_bleu(run, training_data_path(run_dir), mem.n, cfg.seed, mem.max_new_tokens,
+                                                cfg.batch_size)  # fmt: skip
+        log.info("%s memorization BLEU %.2f over %d prompts [%s]", run.run_id, score, n, signature)
+        rows.append(result_row(run, "memorization", "bleu", score, None, n))
+    gen = cfg.eval.get("generation_length")
+    if gen:
+        instructions = [r["instruction"] for r in json.loads(Path(gen.instructions).read_text())][: gen.limit]
+        lengths = torch.tensor(generation_lengths(run, instructions, gen.max_new_tokens, cfg.batch_size), dtype=torch.float64)
+        stderr = float(lengths.std() / len(lengths) ** 0.5) if len(lengths) > 1 else None
+        rows.append(result_row(run, "alpaca_eval", "generation_length", float(lengths.mean()), stderr, len(lengths)))
+    return rows
+
+
+def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Evaluate every run matching ``cfg.run_dir`` (a run directory or a glob over a sweep) and append the rows
+    to ``cfg.results``. Returns the rows."""
+    matches = {Path(p).resolve() for p in glob.glob(str(cfg.run_dir))}  # resolved: a linked run counts once
+    runs = sorted(p for p in matches if (p / "hf_model" / "plwlab.json").exists())
+    if not runs:
+        raise FileNotFoundError(f"no finished training run (with hf_model/plwlab.json) matches {cfg.run_dir}")
+    rows = []
+    for run_dir in runs:
+        run_rows = evaluate_run(cfg, run_dir)
+        append_results(cfg.results, run_rows)  # per run: an interruption keeps what is done
+        rows += run_rows
+    log.info("%d rows for %d runs appended to %s", len(rows), len(runs), cfg.results)
+    return rows
