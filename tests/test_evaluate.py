@@ -7,11 +7,22 @@ import multiprocessing
 import pytest
 
 from plwlab.alpaca import alpaca_prompt
-from plwlab.evaluate import append_results, generate, generation_lengths, load_run, memorization_bleu, result_row
+from plwlab.evaluate import (
+    append_results, generate, generation_lengths, load_run, memorization_bleu, prepare_piqa, result_row, run_lm_eval,
+)  # fmt: skip
 from plwlab.train import train
 
 from conftest import SAMPLE, SHARED_DATA, compose_train
 from test_train import QUICK
+
+
+def fake_piqa(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    items = [("Boil water.", "Put it on a stove.", "Put it in a freezer.", 0),
+             ("Dry hair.", "Use a wet towel.", "Use a dry towel.", 1), ("Cut bread.", "Use a knife.", "Use a spoon.", 0)]  # fmt: skip
+    (folder / "valid.jsonl").write_text("".join(json.dumps({"goal": g, "sol1": a, "sol2": b}) + "\n" for g, a, b, _ in items))
+    (folder / "valid-labels.lst").write_text("".join(f"{y}\n" for *_, y in items))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +107,30 @@ def test_evaluate_cli_over_a_sweep_glob(tmp_path, run_dir):
     instructions.write_text(json.dumps([{"instruction": "Say hi."}, {"instruction": "Name a fruit."}]))
     results = tmp_path / "results.csv"
     args = [sys.executable, str(ROOT / "evaluate.py"), f"run_dir={run_dir.parent}/*", "eval=quick", f"results={results}",
-            f"eval.generation_length.instructions={instructions}", "eval.memorization.n=4", f"hydra.run.dir={tmp_path / 'h'}"]  # fmt: skip
+            f"eval.generation_length.instructions={instructions}", "eval.memorization.n=4", f"hydra.run.dir={tmp_path / 'h'}",
+            f"eval.lm_eval.piqa_dir={fake_piqa(tmp_path / 'piqa')}", "eval.lm_eval.limit=3"]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **__import__("os").environ}
     for _ in range(2):  # re-running replaces rows, never duplicates them
         done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     rows = list(csv.DictReader(results.open()))
     assert sorted((r["benchmark"], r["metric"], r["n"]) for r in rows) == [
-        ("alpaca_eval", "generation_length", "2"), ("memorization", "bleu", "4")]
+        ("alpaca_eval", "generation_length", "2"), ("memorization", "bleu", "4"), ("piqa_local", "acc", "3"),
+        ("piqa_local", "acc_norm", "3")]
     missing = subprocess.run([*args[:2], f"run_dir={tmp_path}/nothing*", f"hydra.run.dir={tmp_path / 'h2'}"],
                              capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("error: no finished training run")
+
+
+def test_lm_eval_on_local_piqa(tmp_path, run_dir):
+    piqa = SHARED_DATA / "piqa" if (SHARED_DATA / "piqa").exists() else fake_piqa(tmp_path / "piqa")
+    name = prepare_piqa(piqa, tmp_path / "tasks")
+    docs = [json.loads(x) for x in (tmp_path / "tasks" / f"{name}.jsonl").read_text().splitlines()]
+    assert set(docs[0]) == {"goal", "sol1", "sol2", "label"} and docs[0]["label"] in (0, 1)
+    rows = run_lm_eval(load_run(run_dir), [name], tmp_path / "tasks", num_fewshot=0, limit=3)
+    assert {r["metric"] for r in rows} == {"acc", "acc_norm"} and all(r["n"] == 3 and 0 <= r["score"] <= 1 for r in rows)
+    (piqa_bad := tmp_path / "bad").mkdir()
+    (piqa_bad / "valid.jsonl").write_text('{"goal": "a", "sol1": "b", "sol2": "c"}\n')
+    (piqa_bad / "valid-labels.lst").write_text("")
+    with pytest.raises(ValueError, match="1 questions but 0 labels"):
+        prepare_piqa(piqa_bad, tmp_path / "tasks2")

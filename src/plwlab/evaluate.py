@@ -1,6 +1,6 @@
 """Evaluation of trained runs into one tidy results table (``python evaluate.py run_dir=... eval=...``). So far:
-the mechanism analyses (memorization BLEU on training prompts, generation length on AlpacaEval); the lm-eval
-benchmark presets and the judges are still to come.
+the mechanism analyses (memorization BLEU on training prompts, generation length on AlpacaEval) and lm-eval
+benchmarks run from local files (PIQA); the other paper presets and the judges are still to come.
 
 Rows: run_id, model, dataset, plw, rg, benchmark, metric, score, stderr, n.
 """
@@ -139,6 +139,66 @@ def append_results(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
         os.replace(tmp, path)
 
 
+PIQA_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "Question: {{{{goal}}}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: "{{{{[sol1, sol2]}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def prepare_piqa(piqa_dir: str | Path, task_dir: str | Path, name: str = "piqa_local") -> str:
+    """lm-eval task ``name`` for PIQA from the official ``valid.jsonl`` + ``valid-labels.lst`` (joined into one
+    JSONL, as lm-eval's own piqa task sees it: goal, sol1, sol2, label). Returns the task name."""
+    piqa_dir, task_dir = Path(piqa_dir), Path(task_dir)
+    docs = [json.loads(line) for line in (piqa_dir / "valid.jsonl").read_text().splitlines() if line.strip()]
+    labels = [int(x) for x in (piqa_dir / "valid-labels.lst").read_text().split()]
+    if len(docs) != len(labels):
+        raise ValueError(f"{piqa_dir}: {len(docs)} questions but {len(labels)} labels")
+    task_dir.mkdir(parents=True, exist_ok=True)
+    data = task_dir / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({**d, "label": y}) + "\n" for d, y in zip(docs, labels)))
+    (task_dir / f"{name}.yaml").write_text(PIQA_TASK.format(name=name, data=data))
+    return name
+
+
+def run_lm_eval(run: LoadedRun, tasks: Sequence[str], task_dir: str | Path, num_fewshot: int | None = None,
+                limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> list[dict[str, Any]]:  # fmt: skip
+    """lm-eval-harness on the in-memory model for local ``tasks`` (YAMLs in ``task_dir``); one row per metric."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=run.model, tokenizer=run.tokenizer, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                          bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)  # fmt: skip
+    rows = []
+    for task, metrics in out["results"].items():
+        n = out["n-samples"][task]["effective"]
+        for key, value in metrics.items():
+            metric, _, _filter = key.partition(",")
+            if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, float):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{_filter}")
+            rows.append(result_row(run, task, metric, value, stderr if isinstance(stderr, float) else None, n))
+    return rows
+
+
 def training_data_path(run_dir: Path) -> str:
     """What a run trained on: its built variant (from data_manifest.json) or its data.path (config.yaml)."""
     manifest = run_dir / "data_manifest.json"
@@ -157,6 +217,11 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
                                                 cfg.batch_size)  # fmt: skip
         log.info("%s memorization BLEU %.2f over %d prompts [%s]", run.run_id, score, n, signature)
         rows.append(result_row(run, "memorization", "bleu", score, None, n))
+    lm_eval_cfg = cfg.eval.get("lm_eval")
+    if lm_eval_cfg:
+        task_dir = Path(cfg.results).parent / "lm_eval_tasks"
+        tasks = [prepare_piqa(lm_eval_cfg.piqa_dir, task_dir)]
+        rows += run_lm_eval(run, tasks, task_dir, lm_eval_cfg.num_fewshot, lm_eval_cfg.limit, cfg.batch_size, cfg.device)
     gen = cfg.eval.get("generation_length")
     if gen:
         instructions = [r["instruction"] for r in json.loads(Path(gen.instructions).read_text())][: gen.limit]
