@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any
 
 import numpy as np
 from rich.progress import track
+
+from plwlab.files import atomic_write
 
 
 log = logging.getLogger(__name__)
@@ -278,10 +279,8 @@ def build_variant(
     }
     payload = json.dumps(built, indent=1, ensure_ascii=False) + "\n"
     manifest["output_sha256"] = _sha256(payload.encode())
-    out_dir.mkdir(parents=True, exist_ok=True)
     for target, text in ((path, payload), (manifest_path, json.dumps(manifest, indent=2) + "\n")):
-        tmp = target.with_suffix(target.suffix + f".tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(target)  # atomic: an interrupted build never leaves a half-written variant
+        with atomic_write(target) as tmp:  # an interrupted build never leaves a half-written variant
+            tmp.write_text(text, encoding="utf-8")
     log.info("built %s variant of %s: %s", variant, source, {k: manifest[k] for k in ("n", "n_inverted", "rg")})
     return path, manifest

@@ -11,7 +11,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +26,7 @@ from plwlab.alpaca import (
     ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, DataError, alpaca_prompt, build_variant, load_records,
     token_lengths, tokenizer_fingerprint,
 )  # fmt: skip
+from plwlab.files import atomic_write
 
 log = logging.getLogger(__name__)
 BATCHING = ("padded", "length_grouped", "packed")
@@ -138,15 +138,13 @@ def cached_tokenize(
         log.info("loaded tokenized data from %s", path)
         return examples, sum(not e.has_completion for e in examples)
     examples, n_empty = tokenize_examples(records, tokenizer, max_length)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(
-        tmp,
-        ids=np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32),
-        lengths=np.array([len(e.input_ids) for e in examples], dtype=np.int32),
-        n_prompt=np.array([e.n_prompt for e in examples], dtype=np.int32),
-    )
-    tmp.replace(path)  # atomic: concurrent runs of a sweep never read a half-written cache
+    with atomic_write(path) as tmp, tmp.open("wb") as f:  # concurrent runs of a sweep never read half a cache
+        np.savez(
+            f,
+            ids=np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32),
+            lengths=np.array([len(e.input_ids) for e in examples], dtype=np.int32),
+            n_prompt=np.array([e.n_prompt for e in examples], dtype=np.int32),
+        )
     return examples, n_empty
 
 

@@ -12,7 +12,6 @@ import fcntl
 import glob
 import json
 import logging
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from plwlab.alpaca import alpaca_prompt, load_records
+from plwlab.files import atomic_write
 
 log = logging.getLogger(__name__)
 RESULT_COLUMNS = ("run_id", "model", "dataset", "plw", "rg", "benchmark", "metric", "score", "stderr", "n")
@@ -130,13 +130,11 @@ def append_results(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
         existing = list(csv.DictReader(path.open())) if path.exists() else []
         new_keys = {tuple(str(r[k]) for k in ROW_KEY) for r in rows}
         kept = [r for r in existing if tuple(r[k] for k in ROW_KEY) not in new_keys]
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with tmp.open("w", newline="") as f:
+        with atomic_write(path) as tmp, tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
             writer.writeheader()
             writer.writerows(kept)
             writer.writerows({k: r.get(k) for k in RESULT_COLUMNS} for r in rows)
-        os.replace(tmp, path)
 
 
 PIQA_TASK = """task: {name}

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from plwlab.callbacks import LossRSD, ParamDistance
 from plwlab.config import ConfigError, validate
 from plwlab.data import AlpacaDataModule
+from plwlab.files import atomic_write
 from plwlab.module import PLWModule, load_model
 
 log = logging.getLogger(__name__)
@@ -42,22 +43,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     disk never leaves a truncated checkpoint where the previous good one was."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
+            with atomic_write(path) as tmp:
+                torch.save(checkpoint, tmp)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise RunError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact") from e
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically replace ``path`` with ``data`` as JSON."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def record_failure(run_dir: Path, error: BaseException) -> None:
