@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from plwlab.module import PLWModule
+from plwlab.module import PLWModule, is_sharded
 
 
 class LossRSD(L.Callback):
@@ -143,7 +143,7 @@ class HFExport(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: PLWModule) -> None:
         state_dict = None
-        if any(hasattr(p, "full_tensor") for p in pl_module.model.parameters()):  # sharded (FSDP2): gather on all ranks
+        if is_sharded(pl_module.model):  # FSDP2: every rank takes part in gathering the full weights
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)

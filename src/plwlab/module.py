@@ -92,6 +92,11 @@ def load_model(
     return LoadedModel(model, tok, pretrained_vocab_size)
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True once the model's parameters are DTensors (sharded by FSDP2)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
 class PLWModule(L.LightningModule):
     """Fine-tune ``model`` with :func:`plwlab.loss.prompt_weighted_loss`.
 
@@ -146,7 +151,7 @@ class PLWModule(L.LightningModule):
         """Under ``ModelParallelStrategy`` (FSDP2): shard every decoder layer (HF's ``_no_split_modules``), then the
         whole model, over the data-parallel mesh. Other strategies leave the model as it is."""
         mesh = getattr(self, "device_mesh", None)
-        if mesh is None or getattr(self, "_fully_sharded", False):
+        if mesh is None or is_sharded(self.model):
             return
         from torch.distributed.fsdp import fully_shard
 
@@ -156,7 +161,6 @@ class PLWModule(L.LightningModule):
             if type(module).__name__ in layer_names:
                 fully_shard(module, mesh=dp_mesh)
         fully_shard(self.model, mesh=dp_mesh)
-        self._fully_sharded = True
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-token next-token NLL (B, L-1) of a padded or packed batch."""
