@@ -1,17 +1,19 @@
-"""Evaluate trained runs into the results table: python evaluate.py run_dir=<run dir or glob> [eval=mechanisms]."""
+"""Evaluate trained runs into the results table: python evaluate.py run_dir=<run dir or glob> [eval=quick|mechanisms|paper]."""
 
 import hydra
 from omegaconf import DictConfig
 
-from plwlab.alpaca import DataError
+from plwlab.config import register
 from plwlab.evaluate import evaluate
+
+register()  # the ${plwlab.asset:...} resolver
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
-    except (FileNotFoundError, DataError) as e:
+    except (FileNotFoundError, ValueError) as e:  # bad paths or values: one line, no traceback
         raise SystemExit(f"error: {e}") from None
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from plwlab.analysis import critical_plw, fit_beta_glmm, relative_scores, squeeze, wp
+from plwlab.analysis import PRIMARY_METRICS, critical_plw, fit_beta_glmm, primary_scores, relative_scores, squeeze, wp
 from plwlab.cli import main as cli
 from plwlab.gam import CubicRegressionSpline, fit_te_gam, place_knots
 from plwlab.report import analyze, collect_runs, fit_with_r
@@ -126,10 +126,34 @@ def test_analyze_writes_tables_gam_and_figures(tmp_path):
     assert set(gam["optimal_plw"]) == {f"{r:g}" for r in np.round(np.arange(0.5, 8.01, 0.5), 1)}
 
 
+def evaluate_table(wide: pd.DataFrame) -> pd.DataFrame:
+    """``wide`` (one score per run and benchmark) as evaluate.py writes it: several metrics per benchmark plus
+    mechanism rows, in long format."""
+    rows = []
+    for r in wide.itertuples(index=False):
+        metric = PRIMARY_METRICS.get(r.benchmark, "acc")
+        rows += [{**r._asdict(), "metric": metric}, {**r._asdict(), "metric": "other", "score": -1.0},
+                 {**r._asdict(), "benchmark": "memorization", "metric": "bleu", "score": 50.0}]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_primary_scores_pick_one_metric_per_benchmark():
+    wide = synthetic_results().assign(benchmark=lambda d: d["benchmark"].map(
+        dict(zip([f"bench{b}" for b in range(6)], ["arc_challenge", "piqa", "winogrande", "wmt16_ro_en", "alpaca_eval",
+                                                   "truthfulqa_gen"]))))  # fmt: skip
+    long = evaluate_table(wide)
+    pd.testing.assert_frame_equal(primary_scores(long), wide)
+    assert primary_scores(wide) is wide  # already one score per benchmark
+    other = primary_scores(long, {"piqa": "other"})
+    assert (other.loc[other["benchmark"] == "piqa", "score"] == -1.0).all() and len(other) == len(wide)
+    long.loc[long["benchmark"] == "alpaca_eval", "score"] = float("nan")  # e.g. no parseable verdict
+    assert "alpaca_eval" not in set(primary_scores(long)["benchmark"])
+
+
 def test_cli_analyze_and_recommend_from_the_fit(tmp_path, capsys):
     results = tmp_path / "results.csv"
-    synthetic_results().to_csv(results, index=False)
-    cli(["analyze", str(results), "--out", str(tmp_path / "a")])
+    evaluate_table(synthetic_results()).to_csv(results, index=False)  # evaluate.py's long format
+    cli(["analyze", str(results), "--out", str(tmp_path / "a"), *(f"--metric=bench{b}=acc" for b in range(6))])
     printed = capsys.readouterr().out
     assert "short: b1" in printed and "critical PLW" in printed and "GAM optimal PLW" in printed
     cli(["recommend", "--rg", "0.5", "--model-file", str(tmp_path / "a" / "gam.json")])

@@ -1,4 +1,4 @@
-"""The evaluation slice built so far: generation, memorization BLEU, generation length, results table."""
+"""evaluate.py: generation, memorization BLEU, cached responses, references, results table, CLI, shards, W&B."""
 
 import csv
 import json
@@ -7,22 +7,12 @@ import multiprocessing
 import pytest
 
 from plwlab.alpaca import alpaca_prompt
-from plwlab.evaluate import (
-    append_results, generate, generation_lengths, load_run, memorization_bleu, prepare_piqa, result_row, run_lm_eval,
-)  # fmt: skip
+from plwlab.evaluate import append_results, load_run, memorization_bleu, reference_outputs, responses, result_row
+from plwlab.generation import generate
 from plwlab.train import train
 
-from conftest import SAMPLE, SHARED_DATA, compose_train
+from conftest import ROOT, SAMPLE, SHARED_DATA, compose_train
 from test_train import QUICK
-
-
-def fake_piqa(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    items = [("Boil water.", "Put it on a stove.", "Put it in a freezer.", 0),
-             ("Dry hair.", "Use a wet towel.", "Use a dry towel.", 1), ("Cut bread.", "Use a knife.", "Use a spoon.", 0)]  # fmt: skip
-    (folder / "valid.jsonl").write_text("".join(json.dumps({"goal": g, "sol1": a, "sol2": b}) + "\n" for g, a, b, _ in items))
-    (folder / "valid-labels.lst").write_text("".join(f"{y}\n" for *_, y in items))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +35,11 @@ def test_load_run_and_batched_generation_matches_one_by_one(run_dir):
         load_run(run_dir / "checkpoints")
 
 
-def test_memorization_bleu_and_generation_lengths(run_dir):
+def test_memorization_bleu(run_dir):
     run = load_run(run_dir)
     score, signature, n = memorization_bleu(run, str(SAMPLE), n=6, max_new_tokens=16)
     assert n == 6 and 0 <= score <= 100
     assert signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
-    lengths = generation_lengths(run, ["Say hi.", "List three fruits."], max_new_tokens=10)
-    assert len(lengths) == 2 and all(0 <= x <= 10 for x in lengths)
 
 
 def test_memorization_bleu_of_a_perfect_memorizer(run_dir, monkeypatch):
@@ -87,50 +75,122 @@ def test_results_table_replaces_rows_and_survives_concurrent_jobs(tmp_path, run_
     assert len(rows) == 18 and {r["run_id"] for r in rows} >= {f"r{i}" for i in range(16)}
 
 
-def test_generation_lengths_on_alpaca_eval_instructions(run_dir):
-    path = SHARED_DATA / "alpaca_eval" / "text_davinci_003_model_outputs.json"
-    if not path.exists():
-        pytest.skip("../shared/data not present")
-    instructions = [r["instruction"] for r in json.loads(path.read_text())]
-    assert len(instructions) == 805
-    lengths = generation_lengths(load_run(run_dir), instructions[:4], max_new_tokens=8)
-    assert len(lengths) == 4 and all(0 <= x <= 8 for x in lengths)
+def test_responses_are_cached_and_references_aligned(run_dir, monkeypatch, tmp_path):
+    run = load_run(run_dir)
+    records = [{"instruction": "Say hi.", "input": ""}, {"instruction": "Add the numbers.", "input": "2 and 3"}]
+    first = responses(run, run_dir, "demo", records, max_new_tokens=6, batch_size=2)
+    assert [(r["instruction"], r["input"], r["generator"]) for r in first] == [("Say hi.", "", run.run_id),
+                                                                               ("Add the numbers.", "2 and 3", run.run_id)]  # fmt: skip
+    assert all(0 <= r["length"] <= 6 for r in first) and (run_dir / "eval" / "generations" / "demo.json").exists()
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("should have used the cache")
+
+    monkeypatch.setattr("plwlab.evaluate.generate", no_generation)
+    assert responses(run, run_dir, "demo", records, max_new_tokens=6, batch_size=2) == first
+    with pytest.raises(AssertionError, match="cache"):  # other settings: generated again
+        responses(run, run_dir, "demo", records, max_new_tokens=7, batch_size=2)
+    assert reference_outputs(str(run_dir), "demo", first) == [r["output"] for r in first]  # another run's responses
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps([{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+                               {"instruction": "Say hi.", "output": "Hi!"}]))  # fmt: skip
+    assert reference_outputs(str(ref), "demo", first) == ["Hi!", "5"]
+    ref.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi!"}]))
+    with pytest.raises(ValueError, match="no reference for 1 of 2 instructions"):
+        reference_outputs(str(ref), "demo", first)
+    with pytest.raises(FileNotFoundError, match="evaluate the reference run first"):
+        reference_outputs(str(tmp_path), "demo", first)
 
 
-def test_evaluate_cli_over_a_sweep_glob(tmp_path, run_dir):
+def _evaluate_cli(tmp_path, *overrides, multirun=False):
+    import os
     import subprocess
     import sys
 
-    from conftest import ROOT
+    args = [sys.executable, str(ROOT / "evaluate.py"), *(["-m"] if multirun else []), *overrides,
+            f"hydra.run.dir={tmp_path / 'h'}", f"hydra.sweep.dir={tmp_path / 'hs'}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
 
-    instructions = tmp_path / "instructions.json"
-    instructions.write_text(json.dumps([{"instruction": "Say hi."}, {"instruction": "Name a fruit."}]))
+
+def test_evaluate_cli_default_quick_preset_over_a_sweep_glob(tmp_path, run_dir):
+    """The default (eval=quick) runs every evaluation path offline on the bundled samples."""
     results = tmp_path / "results.csv"
-    args = [sys.executable, str(ROOT / "evaluate.py"), f"run_dir={run_dir.parent}/*", "eval=quick", f"results={results}",
-            f"eval.generation_length.instructions={instructions}", "eval.memorization.n=4", f"hydra.run.dir={tmp_path / 'h'}",
-            f"eval.lm_eval.piqa_dir={fake_piqa(tmp_path / 'piqa')}", "eval.lm_eval.limit=3"]  # fmt: skip
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **__import__("os").environ}
     for _ in range(2):  # re-running replaces rows, never duplicates them
-        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
+        done = _evaluate_cli(tmp_path, f"run_dir={run_dir.parent}/*", f"results={results}")
+        assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(results.open()))
-    assert sorted((r["benchmark"], r["metric"], r["n"]) for r in rows) == [
-        ("alpaca_eval", "generation_length", "2"), ("memorization", "bleu", "4"), ("piqa_local", "acc", "3"),
-        ("piqa_local", "acc_norm", "3")]
-    missing = subprocess.run([*args[:2], f"run_dir={tmp_path}/nothing*", f"hydra.run.dir={tmp_path / 'h2'}"],
-                             capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    keys = [(r["benchmark"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 28 and {r["run_id"] for r in rows} == {run_dir.name}
+    assert {b for b, _ in keys} == {"memorization", "alpaca_eval", "pandalm", "arc_challenge", "piqa", "truthfulqa_mc2",
+                                    "winogrande", "truthfulqa_gen", "wmt14_en_fr"}  # fmt: skip
+    by_key = {(r["benchmark"], r["metric"]): r for r in rows}
+    assert by_key["alpaca_eval", "win_rate"]["n"] == "6" and by_key["alpaca_eval", "unparsed_verdicts"]["score"] == "0.0"
+    assert by_key["pandalm", "generation_length"]["n"] == "6" and by_key["winogrande", "acc"]["n"] == "6"
+    assert 0 <= float(by_key["alpaca_eval", "win_rate"]["score"]) <= 100
+    missing = _evaluate_cli(tmp_path, f"run_dir={tmp_path}/nothing*")
     assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("error: no finished training run")
 
 
-def test_lm_eval_on_local_piqa(tmp_path, run_dir):
-    piqa = SHARED_DATA / "piqa" if (SHARED_DATA / "piqa").exists() else fake_piqa(tmp_path / "piqa")
-    name = prepare_piqa(piqa, tmp_path / "tasks")
-    docs = [json.loads(x) for x in (tmp_path / "tasks" / f"{name}.jsonl").read_text().splitlines()]
-    assert set(docs[0]) == {"goal", "sol1", "sol2", "label"} and docs[0]["label"] in (0, 1)
-    rows = run_lm_eval(load_run(run_dir), [name], tmp_path / "tasks", num_fewshot=0, limit=3)
-    assert {r["metric"] for r in rows} == {"acc", "acc_norm"} and all(r["n"] == 3 and 0 <= r["score"] <= 1 for r in rows)
-    (piqa_bad := tmp_path / "bad").mkdir()
-    (piqa_bad / "valid.jsonl").write_text('{"goal": "a", "sol1": "b", "sol2": "c"}\n')
-    (piqa_bad / "valid-labels.lst").write_text("")
-    with pytest.raises(ValueError, match="1 questions but 0 labels"):
-        prepare_piqa(piqa_bad, tmp_path / "tasks2")
+def test_multirun_shards_split_the_runs(tmp_path, run_dir):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    for name in ("plw=0", "plw=0.1", "plw=1"):
+        shutil.copytree(run_dir / "hf_model", sweep / name / "hf_model")
+        shutil.copy(run_dir / "config.yaml", sweep / name / "config.yaml")
+    results = tmp_path / "results.csv"
+    done = _evaluate_cli(tmp_path, f"run_dir={sweep}/*", f"results={results}", "eval=mechanisms", "eval.memorization.n=2",
+                         "eval.memorization.max_new_tokens=4", "~eval.generations", "num_shards=2", "shard=0,1",
+                         multirun=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(results.open()))
+    assert sorted(r["run_id"] for r in rows) == ["plw=0", "plw=0.1", "plw=1"]
+    logs = [(tmp_path / "hs" / str(job) / "evaluate.log").read_text() for job in (0, 1)]
+    evaluated = [sorted(line.rsplit("/", 1)[1] for line in log.splitlines() if "] evaluating " in line) for log in logs]
+    assert evaluated == [["plw=0", "plw=1"], ["plw=0.1"]]  # each run once, over two jobs
+    assert "shard must be in [0, num_shards=2)" in _evaluate_cli(tmp_path, f"run_dir={sweep}/*", "num_shards=2", "shard=2").stderr
+
+
+def test_wandb_eval_run_offline(tmp_path, run_dir, monkeypatch):
+    import wandb
+    from hydra import compose, initialize_config_dir
+
+    from plwlab.evaluate import evaluate
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    init_kwargs = {}
+    real_init = wandb.init
+    monkeypatch.setattr(wandb, "init", lambda **kw: init_kwargs.update(kw) or real_init(**kw))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"run_dir={run_dir}", f"results={tmp_path / 'r.csv'}", "eval=mechanisms",
+                                             "eval.memorization.n=2", "eval.memorization.max_new_tokens=4",
+                                             "~eval.generations", "wandb.enabled=true", "wandb.offline=true"])  # fmt: skip
+    evaluate(cfg)
+    assert init_kwargs["job_type"] == "eval" and init_kwargs["config"]["plw"] == 0.1
+    runs = sorted((run_dir / "eval" / "wandb").glob("offline-run-*"))
+    tables = [json.loads(p.read_text()) for p in runs[-1].glob("files/media/table/results_*.table.json")]
+    assert tables and tables[0]["data"][0][5:7] == ["memorization", "bleu"]  # the rows, as a W&B table
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
+def test_paper_preset_on_the_real_local_files(tmp_path, run_dir, monkeypatch):
+    """eval=paper as composed, on the real PIQA, WinoGrande and TruthfulQA files and the real AlpacaEval and PandaLM
+    instruction sets (few items each); the hub-only tasks (ARC, WMT) and the 7B+ judges are left out."""
+    from hydra import compose, initialize_config_dir
+
+    from plwlab.evaluate import evaluate
+
+    monkeypatch.setenv("PLWLAB_DATA", str(SHARED_DATA))
+    hub_only = ["arc_challenge", "wmt14_en_fr", "wmt14_fr_en", "wmt16_en_de", "wmt16_de_en", "wmt16_en_ro", "wmt16_ro_en"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[
+            f"run_dir={run_dir}", f"results={tmp_path / 'r.csv'}", "eval=paper", "eval.memorization.n=2",
+            "eval.memorization.max_new_tokens=4", "eval.generations.alpaca_eval.limit=3", "eval.generations.pandalm.limit=3",
+            "eval.generations.alpaca_eval.max_new_tokens=4", "eval.generations.pandalm.max_new_tokens=4",
+            "eval.lm_eval.limit=4", "eval.lm_eval.max_gen_toks=4", "~eval.judges",
+            *(f"~eval.lm_eval.tasks.{t}" for t in hub_only)])  # fmt: skip
+    rows = evaluate(cfg)
+    got = {(r["benchmark"], r["metric"]): r["n"] for r in rows}
+    assert got["piqa", "acc"] == got["winogrande", "acc"] == got["truthfulqa_mc2", "acc"] == got["truthfulqa_gen", "bleu_max"] == 4
+    assert got["alpaca_eval", "generation_length"] == got["pandalm", "generation_length"] == 3

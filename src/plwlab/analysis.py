@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special, stats
 
+log = logging.getLogger(__name__)
 WP_EXPONENT = 0.30103  # log10(2), so wp(0.1) = 0.5
 GLMM_TERMS = ("intercept", "b1", "b2")
 
@@ -19,6 +21,29 @@ GLMM_TERMS = ("intercept", "b1", "b2")
 def wp(plw: np.ndarray | float) -> np.ndarray | float:
     """The paper's transformed PLW, ``PLW ** 0.30103`` (0 -> 0, 0.1 -> 0.5, 1 -> 1)."""
     return np.power(plw, WP_EXPONENT)
+
+
+# The metric the analysis uses for each benchmark of an evaluate.py results table (all higher-is-better).
+PRIMARY_METRICS = {
+    "arc_challenge": "acc_norm", "piqa": "acc_norm", "truthfulqa_mc2": "acc", "winogrande": "acc",
+    "truthfulqa_gen": "bleu_acc", "alpaca_eval": "win_rate", "pandalm": "win_rate",
+    **{f"{y}_{a}_{b}": "bleu" for y, p in (("wmt14", "fr"), ("wmt16", "de"), ("wmt16", "ro")) for a, b in (("en", p), (p, "en"))},
+}  # fmt: skip
+
+
+def primary_scores(results: pd.DataFrame, metrics: dict[str, str] | None = None) -> pd.DataFrame:
+    """One score per run and benchmark from an evaluate.py table (which has a ``metric`` column): the rows of
+    ``PRIMARY_METRICS`` updated by ``metrics``; other rows (memorization, generation length, secondary metrics) are
+    dropped, as are NaN scores (e.g. a judge with no parseable verdict) and benchmarks not in either (with a warning).
+    A table without ``metric`` is returned as is."""
+    if "metric" not in results.columns:
+        return results
+    chosen = {**PRIMARY_METRICS, **(metrics or {})}
+    unknown = sorted(set(results["benchmark"]) - set(chosen) - {"memorization"})
+    if unknown:
+        log.warning("benchmarks without a chosen metric are left out (add --metric BENCHMARK=METRIC): %s", unknown)
+    keep = results["metric"] == results["benchmark"].map(chosen)
+    return results[keep & results["score"].notna()].drop(columns="metric").reset_index(drop=True)
 
 
 def relative_scores(results: pd.DataFrame) -> pd.DataFrame:

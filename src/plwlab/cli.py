@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from plwlab.alpaca import PAPER_RG, DataError, build_variant, load_records, token_lengths
-from plwlab.analysis import recommend_plw
+from plwlab.analysis import primary_scores, recommend_plw
 from plwlab.config import ConfigError, register
 from plwlab.data import dataset_stats
 from plwlab.module import ModelLoadError, load_tokenizer
@@ -124,15 +124,20 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
     from plwlab.report import analyze, collect_runs
 
+    try:
+        metrics = dict(m.split("=", 1) for m in args.metric)
+    except ValueError:
+        raise ValueError(f"--metric takes BENCHMARK=METRIC, got {args.metric}") from None
+    results = primary_scores(pd.read_csv(args.results), metrics)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.backend == "r":
         from plwlab.report import fit_with_r
 
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        fit_with_r(args.results, out / "r_fits.json")
+        results.to_csv(out / "scores.csv", index=False)  # the rows the fit uses
+        fit_with_r(out / "scores.csv", out / "r_fits.json")
         console.print(f"wrote {out / 'r_fits.json'} (glmmTMB + mgcv)")
         return
-    results = pd.read_csv(args.results)
     runs = collect_runs(args.runs) if args.runs else None
     with console.status("fitting the beta GLMMs and the GAM"):
         summary = analyze(results, args.out, runs)
@@ -161,7 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     rec.add_argument("--model-file", help="fitted model JSON with an optimal_plw table (instead of Table 4)")
     rec.set_defaults(run=cmd_recommend)
     ana = sub.add_parser("analyze", help="fit the beta GLMMs and the GAM to a results table; tables and figures")
-    ana.add_argument("results", help="CSV with columns model, dataset, rg, plw, benchmark, score")
+    ana.add_argument("results", help="CSV with columns model, dataset, rg, plw, benchmark, score (evaluate.py's results.csv "
+                     "also has metric: the primary metric per benchmark is used)")
+    ana.add_argument("--metric", action="append", default=[], metavar="BENCHMARK=METRIC",
+                     help="use this metric for a benchmark (default: plwlab.analysis.PRIMARY_METRICS), repeatable")
     ana.add_argument("--out", default="outputs/analysis", help="output folder")
     ana.add_argument("--runs", help="folder of training runs (metrics.json) for the run-metric box plots")
     ana.add_argument("--backend", choices=["python", "r"], default="python",

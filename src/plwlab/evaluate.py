@@ -1,6 +1,8 @@
-"""Evaluation of trained runs into one tidy results table (``python evaluate.py run_dir=... eval=...``). So far:
-the mechanism analyses (memorization BLEU on training prompts, generation length on AlpacaEval) and lm-eval
-benchmarks run from local files (PIQA); the other paper presets and the judges are still to come.
+"""Evaluation of trained runs into one tidy results table (``python evaluate.py run_dir=... eval=paper``).
+
+Per run, as ``cfg.eval`` asks: memorization BLEU on training prompts; greedy responses on the AlpacaEval and
+PandaLM instruction sets (cached in ``<run>/eval/generations/``) and their lengths; lm-eval-harness benchmarks
+(:mod:`plwlab.benchmarks`); pairwise judges against reference responses (:mod:`plwlab.judges`).
 
 Rows: run_id, model, dataset, plw, rg, benchmark, metric, score, stderr, n.
 """
@@ -20,12 +22,14 @@ from typing import Any
 
 import sacrebleu
 import torch
-from rich.progress import Progress
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from plwlab.alpaca import alpaca_prompt, load_records
+from plwlab.benchmarks import prepare_task, run_lm_eval
 from plwlab.files import atomic_write
+from plwlab.generation import generate
+from plwlab.judges import PairwiseJudge, alpaca_eval_package, win_rate
 
 log = logging.getLogger(__name__)
 RESULT_COLUMNS = ("run_id", "model", "dataset", "plw", "rg", "benchmark", "metric", "score", "stderr", "n")
@@ -60,38 +64,6 @@ def load_run(run_dir: str | Path, dtype: str = "float32", device: str = "cpu") -
     return LoadedRun(model.to(device).eval(), tokenizer, json.loads((export / "plwlab.json").read_text()), run_id)
 
 
-@torch.no_grad()
-def generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
-    progress: bool = True,
-) -> list[list[int]]:  # fmt: skip
-    """Greedy completions (token ids, without the prompt, cut at EOS) for ``prompts``, in their order.
-
-    Prompts are tokenized as in training (``[bos] + tok(prompt)``), sorted by length so each batch pads little,
-    and left-padded so every row ends at its prompt's last token.
-    """
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    encoded = [bos + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    out: list[list[int]] = [[] for _ in encoded]
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("generating", total=len(encoded))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
-            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx], device=device)
-            generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-            for row, i in enumerate(idx):
-                tokens = generated[row, width:].tolist()
-                out[i] = tokens[: tokens.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in tokens else tokens
-            bar.advance(task, len(idx))
-    return out
-
-
 def memorization_bleu(
     run: LoadedRun, train_path: str, n: int = 10_000, seed: int = 42, max_new_tokens: int = 256, batch_size: int = 8,
 ) -> tuple[float, str, int]:  # fmt: skip
@@ -105,12 +77,6 @@ def memorization_bleu(
     bleu = sacrebleu.metrics.BLEU(tokenize="13a", smooth_method="exp")
     score = bleu.corpus_score(hypotheses, [[r["output"] for r in sample]])
     return score.score, str(bleu.get_signature()), len(sample)
-
-
-def generation_lengths(run: LoadedRun, instructions: Sequence[str], max_new_tokens: int = 512, batch_size: int = 8) -> list[int]:
-    """Token lengths of greedy responses to ``instructions`` (e.g. the 805 AlpacaEval instructions)."""
-    ids = generate(run.model, run.tokenizer, [alpaca_prompt(i) for i in instructions], max_new_tokens, batch_size)
-    return [len(x) for x in ids]
 
 
 def result_row(run: LoadedRun, benchmark: str, metric: str, score: float, stderr: float | None, n: int) -> dict[str, Any]:
@@ -137,66 +103,6 @@ def append_results(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
             writer.writerows({k: r.get(k) for k in RESULT_COLUMNS} for r in rows)
 
 
-PIQA_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: "Question: {{{{goal}}}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: "{{{{[sol1, sol2]}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
-
-def prepare_piqa(piqa_dir: str | Path, task_dir: str | Path, name: str = "piqa_local") -> str:
-    """lm-eval task ``name`` for PIQA from the official ``valid.jsonl`` + ``valid-labels.lst`` (joined into one
-    JSONL, as lm-eval's own piqa task sees it: goal, sol1, sol2, label). Returns the task name."""
-    piqa_dir, task_dir = Path(piqa_dir), Path(task_dir)
-    docs = [json.loads(line) for line in (piqa_dir / "valid.jsonl").read_text().splitlines() if line.strip()]
-    labels = [int(x) for x in (piqa_dir / "valid-labels.lst").read_text().split()]
-    if len(docs) != len(labels):
-        raise ValueError(f"{piqa_dir}: {len(docs)} questions but {len(labels)} labels")
-    task_dir.mkdir(parents=True, exist_ok=True)
-    data = task_dir / f"{name}.jsonl"
-    data.write_text("".join(json.dumps({**d, "label": y}) + "\n" for d, y in zip(docs, labels)))
-    (task_dir / f"{name}.yaml").write_text(PIQA_TASK.format(name=name, data=data))
-    return name
-
-
-def run_lm_eval(run: LoadedRun, tasks: Sequence[str], task_dir: str | Path, num_fewshot: int | None = None,
-                limit: int | None = None, batch_size: int = 8, device: str = "cpu") -> list[dict[str, Any]]:  # fmt: skip
-    """lm-eval-harness on the in-memory model for local ``tasks`` (YAMLs in ``task_dir``); one row per metric."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    lm = HFLM(pretrained=run.model, tokenizer=run.tokenizer, batch_size=batch_size, device=device)
-    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                          bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)  # fmt: skip
-    rows = []
-    for task, metrics in out["results"].items():
-        n = out["n-samples"][task]["effective"]
-        for key, value in metrics.items():
-            metric, _, _filter = key.partition(",")
-            if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, float):
-                continue
-            stderr = metrics.get(f"{metric}_stderr,{_filter}")
-            rows.append(result_row(run, task, metric, value, stderr if isinstance(stderr, float) else None, n))
-    return rows
-
-
 def training_data_path(run_dir: Path) -> str:
     """What a run trained on: its built variant (from data_manifest.json) or its data.path (config.yaml)."""
     manifest = run_dir / "data_manifest.json"
@@ -205,41 +111,155 @@ def training_data_path(run_dir: Path) -> str:
     return OmegaConf.load(run_dir / "config.yaml").data.path
 
 
-def evaluate_run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
+
+
+def read_instructions(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
+    """Instruction records (``instruction`` and ``input``, "" if absent) from a JSON list, e.g. the AlpacaEval
+    outputs files or PandaLM's ``testset-inference-v1.json``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"instruction set {path} not found (set PLWLAB_DATA or point the eval config at it)")
+    records = json.loads(path.read_text())
+    return [{"instruction": r["instruction"], "input": r.get("input") or ""} for r in records][:limit]
+
+
+def responses(run: LoadedRun, run_dir: Path, name: str, records: Sequence[dict[str, str]], max_new_tokens: int,
+              batch_size: int) -> list[dict[str, Any]]:  # fmt: skip
+    """The run's greedy responses to ``records`` (Alpaca template), as AlpacaEval-style records (instruction,
+    input, output, generator, length in tokens). Cached in ``<run_dir>/eval/generations/<name>.json`` and reused
+    while the instructions and ``max_new_tokens`` are the same."""
+    cache = run_dir / "eval" / "generations" / f"{name}.json"
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        same = [(r["instruction"], r["input"], r["max_new_tokens"]) for r in cached]
+        if same == [(r["instruction"], r["input"], max_new_tokens) for r in records]:
+            log.info("%s: reusing %d %s responses from %s", run.run_id, len(cached), name, cache)
+            return cached
+    ids = generate(run.model, run.tokenizer, [alpaca_prompt(r["instruction"], r["input"]) for r in records],
+                   max_new_tokens, batch_size, description=f"{name} responses")  # fmt: skip
+    texts = run.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    out = [{"instruction": r["instruction"], "input": r["input"], "output": t.strip(), "generator": run.run_id,
+            "length": len(i), "max_new_tokens": max_new_tokens} for r, t, i in zip(records, texts, ids)]  # fmt: skip
+    with atomic_write(cache) as tmp:
+        tmp.write_text(json.dumps(out, indent=1, ensure_ascii=False))
+    return out
+
+
+def reference_outputs(reference: str, generations: str, records: Sequence[dict[str, Any]]) -> list[str]:
+    """Reference responses aligned with ``records``: from a JSON list (instruction, input, output; e.g. AlpacaEval's
+    text_davinci_003 outputs) or from another evaluated run's cached responses (a run directory)."""
+    path = Path(reference)
+    if path.is_dir():
+        path = path / "eval" / "generations" / f"{generations}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"reference responses {path} not found (evaluate the reference run first)")
+    by_prompt = {(r["instruction"], r.get("input") or ""): r["output"] for r in json.loads(path.read_text())}
+    missing = [r["instruction"] for r in records if (r["instruction"], r["input"]) not in by_prompt]
+    if missing:
+        raise ValueError(f"{path} has no reference for {len(missing)} of {len(records)} instructions, e.g. {missing[0]!r}")
+    return [by_prompt[(r["instruction"], r["input"])] for r in records]
+
+
+def judge_rows(run: LoadedRun, name: str, spec: DictConfig, outputs: list[dict[str, Any]], reference: list[str],
+               judges: dict[str, PairwiseJudge], cfg: DictConfig) -> list[dict[str, Any]]:  # fmt: skip
+    """Win rate of the run's ``outputs`` against ``reference`` by the judge of ``spec`` (and the count of verdicts
+    that could not be parsed)."""
+    if spec.backend == "alpaca_eval":
+        refs = [{**o, "output": ref, "generator": "reference"} for o, ref in zip(outputs, reference)]
+        score, stderr, n = alpaca_eval_package(outputs, refs, spec.annotators_config,
+                                               str(Path(cfg.results).parent / "alpaca_eval" / run.run_id))  # fmt: skip
+        return [result_row(run, name, "win_rate", score, stderr, n)]
+    if spec.backend != "local":
+        raise ValueError(f"judge backend must be 'local' or 'alpaca_eval', got {spec.backend!r}")
+    if spec.model == "self":  # the evaluated model judges itself: checks the pipeline, not a real judge
+        judge = PairwiseJudge(run.model, run.tokenizer, spec.style, spec.mode, spec.max_new_tokens, cfg.batch_size, cfg.seed)
+    else:
+        key = f"{spec.model}|{spec.style}|{spec.mode}|{spec.max_new_tokens}"
+        if key not in judges:  # loaded once for all runs
+            judges[key] = PairwiseJudge.from_pretrained(spec.model, spec.get("dtype") or cfg.dtype, cfg.device,
+                                                        style=spec.style, mode=spec.mode, max_new_tokens=spec.max_new_tokens,
+                                                        batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+        judge = judges[key]
+    verdicts = judge.compare([o["instruction"] for o in outputs], [o["input"] for o in outputs], reference,
+                             [o["output"] for o in outputs], spec.randomize_order)  # fmt: skip
+    score, stderr, n = win_rate([v.preference for v in verdicts])
+    invalid = len(verdicts) - n
+    if invalid:
+        log.warning("%s %s: %d of %d judge verdicts could not be parsed, e.g. %r", run.run_id, name, invalid,
+                    len(verdicts), next(v.raw for v in verdicts if v.preference is None)[:200])  # fmt: skip
+    return [result_row(run, name, "win_rate", score, stderr, n),
+            result_row(run, name, "unparsed_verdicts", float(invalid), None, len(verdicts))]  # fmt: skip
+
+
+def evaluate_run(cfg: DictConfig, run_dir: Path, judges: dict[str, PairwiseJudge]) -> list[dict[str, Any]]:
     """The evaluations of ``cfg.eval`` for one run, as result rows."""
     run = load_run(run_dir, cfg.dtype, cfg.device)
+    ev = cfg.eval
     rows = []
-    mem = cfg.eval.get("memorization")
-    if mem:
+    if ev.get("memorization"):
+        mem = ev.memorization
         score, signature, n = memorization_bleu(run, training_data_path(run_dir), mem.n, cfg.seed, mem.max_new_tokens,
                                                 cfg.batch_size)  # fmt: skip
         log.info("%s memorization BLEU %.2f over %d prompts [%s]", run.run_id, score, n, signature)
         rows.append(result_row(run, "memorization", "bleu", score, None, n))
-    lm_eval_cfg = cfg.eval.get("lm_eval")
-    if lm_eval_cfg:
-        task_dir = Path(cfg.results).parent / "lm_eval_tasks"
-        tasks = [prepare_piqa(lm_eval_cfg.piqa_dir, task_dir)]
-        rows += run_lm_eval(run, tasks, task_dir, lm_eval_cfg.num_fewshot, lm_eval_cfg.limit, cfg.batch_size, cfg.device)
-    gen = cfg.eval.get("generation_length")
-    if gen:
-        instructions = [r["instruction"] for r in json.loads(Path(gen.instructions).read_text())][: gen.limit]
-        lengths = torch.tensor(generation_lengths(run, instructions, gen.max_new_tokens, cfg.batch_size), dtype=torch.float64)
+    generated = {}
+    for name, spec in (ev.get("generations") or {}).items():
+        outputs = responses(run, run_dir, name, read_instructions(spec.instructions, spec.limit), spec.max_new_tokens,
+                            cfg.batch_size)  # fmt: skip
+        lengths = torch.tensor([o["length"] for o in outputs], dtype=torch.float64)
         stderr = float(lengths.std() / len(lengths) ** 0.5) if len(lengths) > 1 else None
-        rows.append(result_row(run, "alpaca_eval", "generation_length", float(lengths.mean()), stderr, len(lengths)))
+        rows.append(result_row(run, name, "generation_length", float(lengths.mean()), stderr, len(lengths)))
+        generated[name] = outputs
+    if ev.get("lm_eval") and ev.lm_eval.tasks:
+        task_dir = run_dir / "eval" / "lm_eval_tasks"
+        tasks = [prepare_task(b, task_dir, t.num_fewshot, t.get("data"), t.get("fewshot_data"), ev.lm_eval.max_gen_toks)
+                 for b, t in ev.lm_eval.tasks.items()]  # fmt: skip
+        for benchmark, metric, score, stderr, n in run_lm_eval(run.model, run.tokenizer, tasks, task_dir, ev.lm_eval.limit,
+                                                               cfg.batch_size, cfg.device):  # fmt: skip
+            rows.append(result_row(run, benchmark, metric, score, stderr, n))
+    for name, spec in (ev.get("judges") or {}).items():
+        if spec.generations not in generated:
+            raise ValueError(f"judge {name} compares eval.generations.{spec.generations}, which this preset lacks")
+        if spec.reference is None:
+            log.warning("%s: judge %s skipped: no reference (set eval.judges.%s.reference)", run.run_id, name, name)
+            continue
+        outputs = generated[spec.generations]
+        reference = reference_outputs(spec.reference, spec.generations, outputs)
+        rows += judge_rows(run, name, spec, outputs, reference, judges, cfg)
     return rows
 
 
+def log_to_wandb(cfg: DictConfig, run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """One W&B run (job_type eval) per evaluated run: its scores as summary metrics and the rows as a table."""
+    import wandb
+
+    meta = json.loads((run_dir / "hf_model" / "plwlab.json").read_text())
+    run_id = rows[0]["run_id"] if rows else run_dir.name
+    with wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, name=f"{run_id}-eval", job_type="eval",
+                    config={**meta, "eval": OmegaConf.to_container(cfg.eval)}, dir=str(run_dir / "eval"),
+                    mode="offline" if cfg.wandb.offline else None) as w:  # fmt: skip
+        w.log({f"{r['benchmark']}/{r['metric']}": r["score"] for r in rows})
+        w.log({"results": wandb.Table(columns=list(RESULT_COLUMNS), data=[[r[c] for c in RESULT_COLUMNS] for r in rows])})
+
+
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Evaluate every run matching ``cfg.run_dir`` (a run directory or a glob over a sweep) and append the rows
-    to ``cfg.results``. Returns the rows."""
+    """Evaluate every run matching ``cfg.run_dir`` (a run directory or a glob over a sweep; with ``num_shards``
+    > 1 only every ``num_shards``-th run from ``shard``) and append the rows to ``cfg.results``."""
     matches = {Path(p).resolve() for p in glob.glob(str(cfg.run_dir))}  # resolved: a linked run counts once
     runs = sorted(p for p in matches if (p / "hf_model" / "plwlab.json").exists())
     if not runs:
         raise FileNotFoundError(f"no finished training run (with hf_model/plwlab.json) matches {cfg.run_dir}")
-    rows = []
-    for run_dir in runs:
-        run_rows = evaluate_run(cfg, run_dir)
+    if not 0 <= cfg.shard < cfg.num_shards:
+        raise ValueError(f"shard must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
+    runs = runs[cfg.shard :: cfg.num_shards]
+    rows: list[dict[str, Any]] = []
+    judges: dict[str, PairwiseJudge] = {}
+    for i, run_dir in enumerate(runs):
+        log.info("[%d/%d] evaluating %s", i + 1, len(runs), run_dir)
+        run_rows = evaluate_run(cfg, run_dir, judges)
         append_results(cfg.results, run_rows)  # per run: an interruption keeps what is done
+        if cfg.wandb.enabled:
+            log_to_wandb(cfg, run_dir, run_rows)
         rows += run_rows
     log.info("%d rows for %d runs appended to %s", len(rows), len(runs), cfg.results)
     return rows

@@ -1,0 +1,68 @@
+"""Batched greedy generation and continuation scoring with an HF causal LM (evaluated models and judges)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from rich.progress import Progress
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], add_bos: bool) -> list[list[int]]:
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    return [bos + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
+    progress: bool = True, add_bos: bool = True, description: str = "generating",
+) -> list[list[int]]:  # fmt: skip
+    """Greedy completions (token ids, without the prompt, cut at EOS) for ``prompts``, in their order.
+
+    Prompts are tokenized as in training (``[bos] + tok(prompt)``; ``add_bos=False`` for prompts that already
+    hold it, e.g. from a chat template), sorted by length so each batch pads little, and left-padded so every
+    row ends at its prompt's last token.
+    """
+    encoded = _encode(tokenizer, prompts, add_bos)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    pad = _pad_id(tokenizer)
+    device = next(model.parameters()).device
+    out: list[list[int]] = [[] for _ in encoded]
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(description, total=len(encoded))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx], device=device)
+            generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+            for row, i in enumerate(idx):
+                tokens = generated[row, width:].tolist()
+                out[i] = tokens[: tokens.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in tokens else tokens
+            bar.advance(task, len(idx))
+    return out
+
+
+@torch.no_grad()
+def continuation_logprobs(model: Any, tokenizer: Any, prompt: str, continuations: Sequence[str], add_bos: bool = True) -> list[float]:
+    """Total log-probability of each of ``continuations`` right after ``prompt`` (one right-padded batch)."""
+    context = _encode(tokenizer, [prompt], add_bos)[0]
+    tails = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    rows = [context + t for t in tails]
+    width = max(map(len, rows))
+    device = next(model.parameters()).device
+    ids = torch.tensor([r + [_pad_id(tokenizer)] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    logprobs = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
+    scores = []
+    for row, tail in enumerate(tails):
+        positions = torch.arange(len(context) - 1, len(context) - 1 + len(tail), device=device)
+        scores.append(float(logprobs[row, positions, torch.tensor(tail, device=device)].sum()))
+    return scores

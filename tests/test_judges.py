@@ -1,0 +1,137 @@
+"""Pairwise judges: prompts, verdict parsing, order randomization, logprob verdicts and the win rate."""
+
+import math
+import sys
+import types
+
+import pandas as pd
+import pytest
+import torch
+
+from plwlab.generation import continuation_logprobs
+from plwlab.judges import (
+    LOGPROB_VERDICTS, PairwiseJudge, Verdict, alpaca_eval_messages, alpaca_eval_package, pandalm_prompt,
+    parse_alpaca_eval, parse_pandalm, win_rate,
+)  # fmt: skip
+
+
+def test_parse_alpaca_eval_ranking():
+    assert parse_alpaca_eval("[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 2}]") == 1.0
+    assert parse_alpaca_eval("Sure!\n[\n    {'model': 'model_2', 'rank': 1},\n    {'model': 'model_1', 'rank': 2}\n]") == 2.0
+    assert parse_alpaca_eval("[{'model': 'model_1', 'rank': 3}, {'model': 'model_2', 'rank': 1}]") is None
+    assert parse_alpaca_eval("[{'model': <model-name>, 'rank': <model-rank>}]") is None  # the template echoed
+    assert parse_alpaca_eval("model_2 is better") is None and parse_alpaca_eval("") is None
+
+
+def test_parse_pandalm_verdict():
+    assert parse_pandalm("1\n\n### Reason: Response 1 is correct.") == 1.0
+    assert parse_pandalm(" 2\n\n### Reason: ...") == 2.0
+    assert parse_pandalm("Tie\n\n### Reason: both fine") == 1.5
+    assert parse_pandalm("3") is None and parse_pandalm("Response 1") is None and parse_pandalm("") is None
+
+
+def test_prompts():
+    assert pandalm_prompt("Add.", "2 and 3", " 5 </s>", "6") == (
+        "Below are two responses for a given task. The task is defined by the Instruction with an Input that provides "
+        "further context. Evaluate the responses and generate a reference answer for the task.\n\n### Instruction:\nAdd."
+        "\n\n### Input:\n2 and 3\n\n### Response 1:\n5\n\n### Response 2:\n6\n\n### Evaluation:\n")
+    assert pandalm_prompt("Hi.", "", "a", "b").startswith(
+        "Below are two responses for a given task. The task is defined by the Instruction. Evaluate")
+    system, user = alpaca_eval_messages("Name {a} colour.", "", "Red.", "Blue.")
+    assert system["role"] == "system" and "ranks models" in system["content"]
+    assert '"instruction": """Name {a} colour.""",' in user["content"]
+    assert '"model": "model_1",\n        "answer": """Red."""' in user["content"]
+    assert '"answer": """Blue."""' in user["content"] and user["content"].endswith("majority of humans would give.")
+
+
+def test_alpaca_eval_prompt_uses_the_chat_template(tiny):
+    judge = PairwiseJudge(tiny.model, tiny.tokenizer, "alpaca_eval")
+    text, add_bos = judge.prompt("Say hi.", "", "Hi.", "Hello.")  # no chat template: ChatML as AlpacaEval writes it
+    assert add_bos and text.startswith("<|im_start|>system\nYou are a helpful assistant") and text.endswith("<|im_start|>assistant\n")
+    tiny.tokenizer.chat_template = (  # a template without a system role, like Mixtral's
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    text, add_bos = judge.prompt("Say hi.", "", "Hi.", "Hello.")
+    assert not add_bos and text.startswith("[INST] You are a helpful assistant, that ranks models") and text.count("[INST]") == 1
+
+
+class FirstShownWins(PairwiseJudge):
+    """Prefers whichever response it is shown first: tests that shuffled pairs are mapped back."""
+
+    def _judge(self, prompts):
+        self.seen = prompts
+        return [Verdict(1.0, "1") for _ in prompts]
+
+
+def test_order_randomization_is_seeded_and_mapped_back(tiny):
+    judge = FirstShownWins(tiny.model, tiny.tokenizer, "pandalm", seed=3)
+    n = 40
+    verdicts = judge.compare(["q"] * n, [""] * n, [f"ref {i}" for i in range(n)], [f"model {i}" for i in range(n)])
+    shown_first = ["### Response 1:\nmodel" in text for text, _ in judge.seen]
+    assert [v.preference for v in verdicts] == [2.0 if s else 1.0 for s in shown_first]
+    assert 10 < sum(shown_first) < 30  # about half swapped
+    again = FirstShownWins(tiny.model, tiny.tokenizer, "pandalm", seed=3)
+    assert [v.preference for v in again.compare(["q"] * n, [""] * n, ["r"] * n, ["m"] * n)] == [v.preference for v in verdicts]
+    fixed = judge.compare(["q"] * 4, [""] * 4, ["r"] * 4, ["m"] * 4, randomize_order=False)
+    assert [v.preference for v in fixed] == [1.0] * 4
+    with pytest.raises(ValueError, match="same length"):
+        judge.compare(["q"], [""], ["r", "r"], ["m"])
+
+
+def test_continuation_logprobs_match_a_plain_forward(tiny):
+    prompt, tails = "### Evaluation:\n", ["1", "2", "Tie"]
+    scores = continuation_logprobs(tiny.model, tiny.tokenizer, prompt, tails)
+    for tail, score in zip(tails, scores):
+        context = [tiny.tokenizer.bos_token_id, *tiny.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        ids = tiny.tokenizer(tail, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = tiny.model(torch.tensor([context + ids])).logits[0].log_softmax(-1)
+        expected = sum(float(logp[len(context) - 1 + k, t]) for k, t in enumerate(ids))
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_tiny_judge_in_both_modes(tiny):
+    instructions, inputs = ["Add the numbers.", "Name a fruit."], ["2 and 3", ""]
+    first, second = ["5", "Apple."], ["6", "A car."]
+    for style in ("alpaca_eval", "pandalm"):
+        logprob = PairwiseJudge(tiny.model, tiny.tokenizer, style, "logprob", seed=0, progress=False)
+        verdicts = logprob.compare(instructions, inputs, first, second, randomize_order=False)
+        for verdict, (text, add_bos) in zip(verdicts, [logprob.prompt(*x) for x in zip(instructions, inputs, first, second)]):
+            scores = continuation_logprobs(tiny.model, tiny.tokenizer, text, list(LOGPROB_VERDICTS[style]), add_bos)
+            assert verdict.raw == list(LOGPROB_VERDICTS[style])[scores.index(max(scores))]
+            assert verdict.preference == LOGPROB_VERDICTS[style][verdict.raw]
+        generated = PairwiseJudge(tiny.model, tiny.tokenizer, style, "generate", max_new_tokens=6, progress=False)
+        for v in generated.compare(instructions, inputs, first, second):
+            assert isinstance(v.raw, str) and (v.preference is None or v.preference in (1.0, 1.5, 2.0))
+    with pytest.raises(ValueError, match="judge style"):
+        PairwiseJudge(tiny.model, tiny.tokenizer, "mt_bench")
+    with pytest.raises(ValueError, match="judge mode"):
+        PairwiseJudge(tiny.model, tiny.tokenizer, "pandalm", "vote")
+
+
+def test_win_rate_follows_alpaca_eval():
+    prefs = [1.0, 2.0, 1.5, None, 2.0]
+    score, stderr, n = win_rate(prefs)
+    valid = pd.Series([p - 1 for p in prefs if p is not None])
+    assert n == 4 and score == pytest.approx(valid.mean() * 100) and stderr == pytest.approx(valid.sem() * 100)
+    assert math.isnan(win_rate([None, None])[0]) and win_rate([None])[2] == 0
+    assert win_rate([2.0]) == (100.0, None, 1)
+
+
+def test_alpaca_eval_package_backend(monkeypatch):
+    calls = {}
+
+    def evaluate(**kwargs):
+        calls.update(kwargs)
+        board = pd.DataFrame({"win_rate": [61.5], "standard_error": [1.7], "n_total": [805]}, index=[kwargs["name"]])
+        return board, None
+
+    monkeypatch.setitem(sys.modules, "alpaca_eval", types.SimpleNamespace(evaluate=evaluate))
+    outputs = [{"instruction": "q", "output": "a", "generator": "run-7"}]
+    reference = [{"instruction": "q", "output": "b", "generator": "reference"}]
+    assert alpaca_eval_package(outputs, reference, "alpaca_eval_gpt4", "/tmp/x") == (61.5, 1.7, 805)
+    assert calls["annotators_config"] == "alpaca_eval_gpt4" and calls["fn_metric"] == "get_winrate"
+    assert calls["model_outputs"] is outputs and calls["reference_outputs"] is reference
+    monkeypatch.setitem(sys.modules, "alpaca_eval", None)
+    with pytest.raises(ImportError, match="pip install alpaca-eval"):
+        alpaca_eval_package(outputs, reference)
