@@ -13,7 +13,7 @@ register()  # the ${plwlab.asset:...} resolver
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
-    except (FileNotFoundError, ValueError) as e:  # bad paths or values: one line, no traceback
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad paths or values, failed runs: one line
         raise SystemExit(f"error: {e}") from None
 
 

@@ -5,9 +5,13 @@ import json
 import multiprocessing
 
 import pytest
+from omegaconf import OmegaConf
 
 from plwlab.alpaca import alpaca_prompt
-from plwlab.evaluate import append_results, load_run, memorization_bleu, reference_outputs, responses, result_row
+from plwlab.data import AlpacaDataModule, cached_tokenize
+from plwlab.evaluate import (
+    append_results, load_run, memorization_bleu, reference_outputs, responses, result_row, training_records,
+)  # fmt: skip
 from plwlab.generation import generate
 from plwlab.train import train
 
@@ -37,9 +41,20 @@ def test_load_run_and_batched_generation_matches_one_by_one(run_dir):
 
 def test_memorization_bleu(run_dir):
     run = load_run(run_dir)
-    score, signature, n = memorization_bleu(run, str(SAMPLE), n=6, max_new_tokens=16)
+    score, signature, n = memorization_bleu(run, json.loads(SAMPLE.read_text()), n=6, max_new_tokens=16)
     assert n == 6 and 0 <= score <= 100
     assert signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
+
+
+def test_memorization_uses_exactly_the_training_split(run_dir):
+    run = load_run(run_dir)
+    records = training_records(run_dir, run.tokenizer)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    datamodule = AlpacaDataModule(tokenizer=run.tokenizer, seed=cfg.seed, **OmegaConf.to_container(cfg.data, resolve=True))
+    datamodule.setup()
+    assert len(records) == run.meta["n_train"] == 44  # data.limit=48, val_size=4: the 4 held out are not used
+    ours, _ = cached_tokenize(records, run.tokenizer, cfg.data.max_length, None)
+    assert [e.input_ids for e in ours] == [e.input_ids for e in datamodule.train_set.examples]
 
 
 def test_memorization_bleu_of_a_perfect_memorizer(run_dir, monkeypatch):
@@ -51,7 +66,7 @@ def test_memorization_bleu_of_a_perfect_memorizer(run_dir, monkeypatch):
         return [tokenizer(by_prompt[p], add_special_tokens=False)["input_ids"] for p in prompts]
 
     monkeypatch.setattr("plwlab.evaluate.generate", parrot)
-    score, _, _ = memorization_bleu(run, str(SAMPLE), n=20)
+    score, _, _ = memorization_bleu(run, records, n=20)
     assert score > 90  # the byte-level tokenizer round-trips the completions
 
 
@@ -90,16 +105,41 @@ def test_responses_are_cached_and_references_aligned(run_dir, monkeypatch, tmp_p
     assert responses(run, run_dir, "demo", records, max_new_tokens=6, batch_size=2) == first
     with pytest.raises(AssertionError, match="cache"):  # other settings: generated again
         responses(run, run_dir, "demo", records, max_new_tokens=7, batch_size=2)
-    assert reference_outputs(str(run_dir), "demo", first) == [r["output"] for r in first]  # another run's responses
+    settings = OmegaConf.create({"dtype": "float32", "device": "cpu", "batch_size": 2})
+    assert reference_outputs(str(run_dir), first, "demo", 6, settings) == [r["output"] for r in first]  # another run's
+    monkeypatch.undo()
+    fresh = reference_outputs(str(run_dir), first, "demo2", 6, settings)  # not generated yet: generated and cached now
+    assert fresh == [r["output"] for r in first] and (run_dir / "eval" / "generations" / "demo2.json").exists()
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps([{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
                                {"instruction": "Say hi.", "output": "Hi!"}]))  # fmt: skip
-    assert reference_outputs(str(ref), "demo", first) == ["Hi!", "5"]
+    assert reference_outputs(str(ref), first, "demo", 6, settings) == ["Hi!", "5"]
     ref.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi!"}]))
     with pytest.raises(ValueError, match="no reference for 1 of 2 instructions"):
-        reference_outputs(str(ref), "demo", first)
-    with pytest.raises(FileNotFoundError, match="evaluate the reference run first"):
-        reference_outputs(str(tmp_path), "demo", first)
+        reference_outputs(str(ref), first, "demo", 6, settings)
+    with pytest.raises(FileNotFoundError, match="not a plwlab export"):
+        reference_outputs(str(tmp_path), first, "demo", 6, settings)
+
+
+def test_a_broken_run_does_not_stop_the_others(tmp_path, run_dir):
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from plwlab.evaluate import evaluate
+
+    sweep = tmp_path / "sweep"
+    for name in ("a", "b"):
+        shutil.copytree(run_dir / "hf_model", sweep / name / "hf_model")
+        shutil.copy(run_dir / "config.yaml", sweep / name / "config.yaml")
+    next((sweep / "a" / "hf_model").glob("*.safetensors")).unlink()  # a: weights lost
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"run_dir={sweep}/*", f"results={tmp_path / 'r.csv'}", "eval=mechanisms",
+                                             "eval.memorization.n=2", "eval.memorization.max_new_tokens=4",
+                                             "~eval.generations"])  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"1 of 2 runs failed: a \("):
+        evaluate(cfg)
+    assert [r["run_id"] for r in csv.DictReader((tmp_path / "r.csv").open())] == ["b"]
 
 
 def _evaluate_cli(tmp_path, *overrides, multirun=False):

@@ -9,10 +9,16 @@ import pytest
 import torch
 
 from plwlab.generation import continuation_logprobs
+from plwlab.cli import main as cli
+from plwlab.config import ASSETS
 from plwlab.judges import (
-    LOGPROB_VERDICTS, PairwiseJudge, Verdict, alpaca_eval_messages, alpaca_eval_package, pandalm_prompt,
-    parse_alpaca_eval, parse_pandalm, win_rate,
+    LOGPROB_VERDICTS, PairwiseJudge, Verdict, alpaca_eval_messages, alpaca_eval_package, human_agreement,
+    pandalm_prompt, parse_alpaca_eval, parse_pandalm, read_pandalm_testset, win_rate,
 )  # fmt: skip
+
+from conftest import SHARED_DATA
+
+ANNOTATED = ASSETS / "eval_sample" / "pandalm_annotated.json"
 
 
 def test_parse_alpaca_eval_ranking():
@@ -135,3 +141,24 @@ def test_alpaca_eval_package_backend(monkeypatch):
     monkeypatch.setitem(sys.modules, "alpaca_eval", None)
     with pytest.raises(ImportError, match="pip install alpaca-eval"):
         alpaca_eval_package(outputs, reference)
+
+
+def test_agreement_with_human_annotations(tiny, tmp_path, capsys):
+    items = read_pandalm_testset(ANNOTATED)
+    assert [d["label"] for d in items] == [1.0, 2.0, 1.5, 2.0]  # majority of 3; the all-different pair is left out
+    scores = human_agreement(FirstShownWins(tiny.model, tiny.tokenizer, "pandalm"), items, randomize_order=False)
+    # always "1": right once in 4; precision 1/4 on class 1 and 0 elsewhere, recall 1 on class 1
+    assert scores == pytest.approx({"n": 4, "accuracy": 0.25, "precision": 0.25 / 3, "recall": 1 / 3,
+                                    "f1": 0.4 / 3, "unparsed": 0})  # fmt: skip
+    tiny.model.save_pretrained(tmp_path / "judge")
+    tiny.tokenizer.save_pretrained(tmp_path / "judge")
+    cli(["judge-check", str(ANNOTATED), "--model", str(tmp_path / "judge"), "--mode", "logprob", "--dtype", "float32"])
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "vs. the human majority" in printed
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "pandalm").exists(), reason="../shared/data not present")
+def test_real_pandalm_testset_labels():
+    items = read_pandalm_testset(SHARED_DATA / "pandalm" / "testset-v1.json")
+    labels = [d["label"] for d in items]
+    assert len(items) == 999 and (labels.count(1.0), labels.count(2.0), labels.count(1.5)) == (422, 472, 105)

@@ -6,6 +6,7 @@
     plwlab recommend --rg 0.8          |   plwlab recommend data=alpaca_data_short model=llama2
     plwlab recommend --rg 0.8 --model-file outputs/analysis/gam.json
     plwlab analyze results.csv --out outputs/analysis [--runs outputs/plwlab/sweeps/2026-...]
+    plwlab judge-check ../shared/data/pandalm/testset-v1.json --model WeOpenML/PandaLM-7B-v1 --device cuda
 
 Overrides are Hydra overrides of ``conf/train.yaml``: the same ``data=`` and ``model=`` as train.py.
 """
@@ -151,6 +152,20 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     console.print(f"wrote {args.out}")
 
 
+def cmd_judge_check(args: argparse.Namespace) -> None:
+    from plwlab.judges import PairwiseJudge, human_agreement, read_pandalm_testset
+
+    items = read_pandalm_testset(args.testset)[: args.limit]
+    judge = PairwiseJudge.from_pretrained(args.model, args.dtype, args.device, style=args.style, mode=args.mode,
+                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)  # fmt: skip
+    scores = human_agreement(judge, items)
+    table = Table(title=f"{args.model} ({args.style}, {args.mode}) vs. the human majority")
+    for key in scores:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in scores.values()))
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="plwlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-dir", type=Path, default=CONF_DIR, help="folder holding train.yaml")
@@ -175,6 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     ana.add_argument("--backend", choices=["python", "r"], default="python",
                      help="r: fit the same models with R's glmmTMB and mgcv via Rscript instead")  # fmt: skip
     ana.set_defaults(run=cmd_analyze, overrides=[])
+    judge = sub.add_parser("judge-check", help="agreement of a judge model with PandaLM's human-annotated pairs")
+    judge.add_argument("testset", help="PandaLM testset-v1.json")
+    judge.add_argument("--model", required=True, help="judge: HF hub id or local path")
+    judge.add_argument("--style", choices=["pandalm", "alpaca_eval"], default="pandalm", help="prompt and parser")
+    judge.add_argument("--mode", choices=["generate", "logprob"], default="generate")
+    judge.add_argument("--limit", type=int, help="first N pairs only")
+    judge.add_argument("--max-new-tokens", type=int, default=16)
+    judge.add_argument("--batch-size", type=int, default=4)
+    judge.add_argument("--device", default="cpu")
+    judge.add_argument("--dtype", default="bfloat16")
+    judge.set_defaults(run=cmd_judge_check, overrides=[])
     for p in (stats, build, rec):
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=alpaca_data model=llama2")
     args = parser.parse_args(argv)

@@ -193,6 +193,14 @@ def pack_examples(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return rows
 
 
+def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """The seeded validation / training split of ``n`` examples: (validation indices, sorted training indices).
+    ``val_size`` is a fraction (< 1) or a count."""
+    n_val = int(val_size * n) if val_size < 1 else int(val_size)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order[:n_val], sorted(order[n_val:])
+
+
 class TokenizedDataset(Dataset):
     """Examples, or packed rows of examples (``rows``: lists of example indices)."""
 
@@ -370,10 +378,9 @@ class AlpacaDataModule(L.LightningDataModule):
             log.warning(msg)
             if self.empty_completion == "drop":
                 examples = [e for e in examples if e.has_completion]
-        n_val = int(self.val_size * len(examples)) if self.val_size < 1 else int(self.val_size)
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        self.val_set = TokenizedDataset(sorted((examples[i] for i in order[:n_val]), key=lambda e: len(e.input_ids)))
-        train = [examples[i] for i in sorted(order[n_val:])]
+        val_idx, train_idx = split_indices(len(examples), self.val_size, self.seed)
+        self.val_set = TokenizedDataset(sorted((examples[i] for i in val_idx), key=lambda e: len(e.input_ids)))
+        train = [examples[i] for i in train_idx]
         if not train:
             raise DataError(f"{self.path}: no training examples left (n={len(examples)}, val_size={self.val_size})")
         rows = pack_examples([len(e.input_ids) for e in train], self.max_length) if self.batching == "packed" else None

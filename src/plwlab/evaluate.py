@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from plwlab.alpaca import alpaca_prompt, load_records
 from plwlab.benchmarks import prepare_task, run_lm_eval
+from plwlab.data import cached_tokenize, split_indices
 from plwlab.files import atomic_write
 from plwlab.generation import generate
 from plwlab.judges import PairwiseJudge, alpaca_eval_package, win_rate
@@ -65,14 +66,14 @@ def load_run(run_dir: str | Path, dtype: str = "float32", device: str = "cpu") -
 
 
 def memorization_bleu(
-    run: LoadedRun, train_path: str, n: int = 10_000, seed: int = 42, max_new_tokens: int = 256, batch_size: int = 8,
+    run: LoadedRun, records: Sequence[dict[str, str]], n: int = 10_000, seed: int = 42, max_new_tokens: int = 256,
+    batch_size: int = 8,
 ) -> tuple[float, str, int]:  # fmt: skip
-    """Corpus BLEU of greedy generations for ``n`` sampled training prompts against their training completions
-    (sacreBLEU, 13a tokenization, exponential smoothing). Returns (score, signature, n used)."""
-    records = load_records(train_path, on_invalid="skip")
-    sample = random.Random(seed).sample(records, min(n, len(records)))
+    """Corpus BLEU of greedy generations for ``n`` prompts sampled from the training ``records`` against their
+    training completions (sacreBLEU, 13a tokenization, exponential smoothing). Returns (score, signature, n used)."""
+    sample = random.Random(seed).sample(list(records), min(n, len(records)))
     ids = generate(run.model, run.tokenizer, [alpaca_prompt(r["instruction"], r["input"]) for r in sample],
-                   max_new_tokens, batch_size)  # fmt: skip
+                   max_new_tokens, batch_size, description="memorization")  # fmt: skip
     hypotheses = run.tokenizer.batch_decode(ids, skip_special_tokens=True)
     bleu = sacrebleu.metrics.BLEU(tokenize="13a", smooth_method="exp")
     score = bleu.corpus_score(hypotheses, [[r["output"] for r in sample]])
@@ -103,14 +104,18 @@ def append_results(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
             writer.writerows({k: r.get(k) for k in RESULT_COLUMNS} for r in rows)
 
 
-def training_data_path(run_dir: Path) -> str:
-    """What a run trained on: its built variant (from data_manifest.json) or its data.path (config.yaml)."""
+def training_records(run_dir: Path, tokenizer: Any) -> list[dict[str, str]]:
+    """The examples a run trained on, validation split excluded: its built variant (data_manifest.json) or its
+    data.path, with the run's limit, invalid/empty-completion handling and seeded split (config.yaml)."""
+    cfg = OmegaConf.load(run_dir / "config.yaml")
     manifest = run_dir / "data_manifest.json"
-    if manifest.exists():
-        return json.loads(manifest.read_text())["output_path"]
-    return OmegaConf.load(run_dir / "config.yaml").data.path
-
-
+    path = json.loads(manifest.read_text())["output_path"] if manifest.exists() else cfg.data.path
+    records = load_records(path, on_invalid=cfg.data.get("on_invalid", "error"))[: cfg.data.get("limit")]
+    if cfg.data.get("empty_completion") == "drop":
+        examples, _ = cached_tokenize(records, tokenizer, cfg.data.max_length, None)
+        records = [r for r, e in zip(records, examples) if e.has_completion]
+    _, train = split_indices(len(records), cfg.data.val_size, cfg.seed)
+    return [records[i] for i in train]
 
 
 def read_instructions(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
@@ -145,14 +150,20 @@ def responses(run: LoadedRun, run_dir: Path, name: str, records: Sequence[dict[s
     return out
 
 
-def reference_outputs(reference: str, generations: str, records: Sequence[dict[str, Any]]) -> list[str]:
+def reference_outputs(reference: str, records: Sequence[dict[str, Any]], generations: str, max_new_tokens: int,
+                      cfg: DictConfig) -> list[str]:  # fmt: skip
     """Reference responses aligned with ``records``: from a JSON list (instruction, input, output; e.g. AlpacaEval's
-    text_davinci_003 outputs) or from another evaluated run's cached responses (a run directory)."""
+    text_davinci_003 outputs) or from another training run (a run directory), whose responses are generated and
+    cached there first if they are not yet."""
     path = Path(reference)
     if path.is_dir():
-        path = path / "eval" / "generations" / f"{generations}.json"
+        cache = path / "eval" / "generations" / f"{generations}.json"
+        if not cache.exists():
+            log.info("generating the reference responses of %s", path)
+            responses(load_run(path, cfg.dtype, cfg.device), path, generations, records, max_new_tokens, cfg.batch_size)
+        path = cache
     if not path.exists():
-        raise FileNotFoundError(f"reference responses {path} not found (evaluate the reference run first)")
+        raise FileNotFoundError(f"reference responses {path} not found")
     by_prompt = {(r["instruction"], r.get("input") or ""): r["output"] for r in json.loads(path.read_text())}
     missing = [r["instruction"] for r in records if (r["instruction"], r["input"]) not in by_prompt]
     if missing:
@@ -198,8 +209,8 @@ def evaluate_run(cfg: DictConfig, run_dir: Path, judges: dict[str, PairwiseJudge
     rows = []
     if ev.get("memorization"):
         mem = ev.memorization
-        score, signature, n = memorization_bleu(run, training_data_path(run_dir), mem.n, cfg.seed, mem.max_new_tokens,
-                                                cfg.batch_size)  # fmt: skip
+        records = training_records(run_dir, run.tokenizer)
+        score, signature, n = memorization_bleu(run, records, mem.n, cfg.seed, mem.max_new_tokens, cfg.batch_size)
         log.info("%s memorization BLEU %.2f over %d prompts [%s]", run.run_id, score, n, signature)
         rows.append(result_row(run, "memorization", "bleu", score, None, n))
     generated = {}
@@ -224,7 +235,8 @@ def evaluate_run(cfg: DictConfig, run_dir: Path, judges: dict[str, PairwiseJudge
             log.warning("%s: judge %s skipped: no reference (set eval.judges.%s.reference)", run.run_id, name, name)
             continue
         outputs = generated[spec.generations]
-        reference = reference_outputs(spec.reference, spec.generations, outputs)
+        max_new_tokens = ev.generations[spec.generations].max_new_tokens
+        reference = reference_outputs(spec.reference, outputs, spec.generations, max_new_tokens, cfg)
         rows += judge_rows(run, name, spec, outputs, reference, judges, cfg)
     return rows
 
@@ -254,12 +266,22 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     runs = runs[cfg.shard :: cfg.num_shards]
     rows: list[dict[str, Any]] = []
     judges: dict[str, PairwiseJudge] = {}
+    failed = []
     for i, run_dir in enumerate(runs):
         log.info("[%d/%d] evaluating %s", i + 1, len(runs), run_dir)
-        run_rows = evaluate_run(cfg, run_dir, judges)
+        try:
+            run_rows = evaluate_run(cfg, run_dir, judges)
+        except Exception as e:  # one broken run must not stop a sweep's evaluation; reported at the end
+            if len(runs) == 1:
+                raise
+            log.exception("evaluating %s failed", run_dir)
+            failed.append(f"{run_dir.name} ({type(e).__name__}: {e})")
+            continue
         append_results(cfg.results, run_rows)  # per run: an interruption keeps what is done
         if cfg.wandb.enabled:
             log_to_wandb(cfg, run_dir, run_rows)
         rows += run_rows
-    log.info("%d rows for %d runs appended to %s", len(rows), len(runs), cfg.results)
+    log.info("%d rows for %d runs appended to %s", len(rows), len(runs) - len(failed), cfg.results)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed: " + "; ".join(failed))
     return rows

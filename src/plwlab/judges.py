@@ -11,16 +11,20 @@ PandaLM). Two modes:
 Preferences follow AlpacaEval: 1 = first output better, 2 = second better, 1.5 = tie; win rate of the second
 output = mean(preference - 1) × 100. The order of each pair is shuffled (seeded) before judging, and mapped
 back, to cancel position bias. ``alpaca_eval_package`` calls the ``alpaca_eval`` package instead (API judges).
+``human_agreement`` measures a judge against PandaLM's human-annotated test pairs (``plwlab judge-check``).
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import math
 import random
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from plwlab.generation import continuation_logprobs, generate
@@ -193,6 +197,33 @@ def win_rate(preferences: Sequence[float | None]) -> tuple[float, float | None, 
     mean = sum(valid) / n
     stderr = math.sqrt(sum((v - mean) ** 2 for v in valid) / (n - 1) / n) * 100 if n > 1 else None
     return mean * 100, stderr, n
+
+
+def read_pandalm_testset(path: str | Path) -> list[dict[str, Any]]:
+    """PandaLM's human-annotated pairs (``testset-v1.json``: instruction, input, response1, response2,
+    annotator1..3 with 0 = tie, 1, 2) with the majority label as a preference (1, 2 or 1.5 for a tie); pairs on
+    which all three annotators differ are left out."""
+    items = []
+    for d in json.loads(Path(path).read_text()):
+        votes = Counter(int(d[f"annotator{k}"]) for k in (1, 2, 3))
+        label, count = votes.most_common(1)[0]
+        if count >= 2:
+            items.append({**d, "label": {0: 1.5, 1: 1.0, 2: 2.0}[label]})
+    return items
+
+
+def human_agreement(judge: PairwiseJudge, items: Sequence[dict[str, Any]], randomize_order: bool = True) -> dict[str, float]:
+    """How well ``judge`` agrees with the human majority on annotated pairs (as PandaLM reports it): accuracy and
+    macro precision, recall and F1 over {first, second, tie}; an unparsed verdict counts as wrong."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    verdicts = judge.compare([d["instruction"] for d in items], [d.get("input") or "" for d in items],
+                             [d["response1"] for d in items], [d["response2"] for d in items], randomize_order)  # fmt: skip
+    truth = [str(d["label"]) for d in items]
+    pred = [str(v.preference) for v in verdicts]  # "None" for an unparsed verdict: never equal to a label
+    p, r, f1, _ = precision_recall_fscore_support(truth, pred, labels=["1.0", "2.0", "1.5"], average="macro", zero_division=0)
+    return {"n": len(items), "accuracy": float(accuracy_score(truth, pred)), "precision": float(p), "recall": float(r),
+            "f1": float(f1), "unparsed": sum(v.preference is None for v in verdicts)}  # fmt: skip
 
 
 def alpaca_eval_package(model_outputs: list[dict[str, str]], reference_outputs: list[dict[str, str]],
