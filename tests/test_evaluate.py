@@ -19,6 +19,17 @@ from conftest import ROOT, SAMPLE, SHARED_DATA, compose_train
 from test_train import QUICK
 
 
+MEMORIZATION_ONLY = ["eval=mechanisms", "eval.memorization.n=2", "eval.memorization.max_new_tokens=4", "~eval.generations"]
+
+
+def compose_eval(overrides: list[str]):
+    """The evaluate config as evaluate.py composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("evaluate", overrides=overrides)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("run")
@@ -124,8 +135,6 @@ def test_responses_are_cached_and_references_aligned(run_dir, monkeypatch, tmp_p
 def test_a_broken_run_does_not_stop_the_others(tmp_path, run_dir):
     import shutil
 
-    from hydra import compose, initialize_config_dir
-
     from plwlab.evaluate import evaluate
 
     sweep = tmp_path / "sweep"
@@ -133,10 +142,7 @@ def test_a_broken_run_does_not_stop_the_others(tmp_path, run_dir):
         shutil.copytree(run_dir / "hf_model", sweep / name / "hf_model")
         shutil.copy(run_dir / "config.yaml", sweep / name / "config.yaml")
     next((sweep / "a" / "hf_model").glob("*.safetensors")).unlink()  # a: weights lost
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"run_dir={sweep}/*", f"results={tmp_path / 'r.csv'}", "eval=mechanisms",
-                                             "eval.memorization.n=2", "eval.memorization.max_new_tokens=4",
-                                             "~eval.generations"])  # fmt: skip
+    cfg = compose_eval([f"run_dir={sweep}/*", f"results={tmp_path / 'r.csv'}", *MEMORIZATION_ONLY])
     with pytest.raises(RuntimeError, match=r"1 of 2 runs failed: a \("):
         evaluate(cfg)
     assert [r["run_id"] for r in csv.DictReader((tmp_path / "r.csv").open())] == ["b"]
@@ -180,8 +186,7 @@ def test_multirun_shards_split_the_runs(tmp_path, run_dir):
         shutil.copytree(run_dir / "hf_model", sweep / name / "hf_model")
         shutil.copy(run_dir / "config.yaml", sweep / name / "config.yaml")
     results = tmp_path / "results.csv"
-    done = _evaluate_cli(tmp_path, f"run_dir={sweep}/*", f"results={results}", "eval=mechanisms", "eval.memorization.n=2",
-                         "eval.memorization.max_new_tokens=4", "~eval.generations", "num_shards=2", "shard=0,1",
+    done = _evaluate_cli(tmp_path, f"run_dir={sweep}/*", f"results={results}", *MEMORIZATION_ONLY, "num_shards=2", "shard=0,1",
                          multirun=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(results.open()))
@@ -194,18 +199,14 @@ def test_multirun_shards_split_the_runs(tmp_path, run_dir):
 
 def test_wandb_eval_run_offline(tmp_path, run_dir, monkeypatch):
     import wandb
-    from hydra import compose, initialize_config_dir
-
     from plwlab.evaluate import evaluate
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     init_kwargs = {}
     real_init = wandb.init
     monkeypatch.setattr(wandb, "init", lambda **kw: init_kwargs.update(kw) or real_init(**kw))
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"run_dir={run_dir}", f"results={tmp_path / 'r.csv'}", "eval=mechanisms",
-                                             "eval.memorization.n=2", "eval.memorization.max_new_tokens=4",
-                                             "~eval.generations", "wandb.enabled=true", "wandb.offline=true"])  # fmt: skip
+    cfg = compose_eval([f"run_dir={run_dir}", f"results={tmp_path / 'r.csv'}", *MEMORIZATION_ONLY, "wandb.enabled=true",
+                        "wandb.offline=true"])  # fmt: skip
     evaluate(cfg)
     assert init_kwargs["job_type"] == "eval" and init_kwargs["config"]["plw"] == 0.1
     runs = sorted((run_dir / "eval" / "wandb").glob("offline-run-*"))
@@ -217,20 +218,39 @@ def test_wandb_eval_run_offline(tmp_path, run_dir, monkeypatch):
 def test_paper_preset_on_the_real_local_files(tmp_path, run_dir, monkeypatch):
     """eval=paper as composed, on the real PIQA, WinoGrande and TruthfulQA files and the real AlpacaEval and PandaLM
     instruction sets (few items each); the hub-only tasks (ARC, WMT) and the 7B+ judges are left out."""
-    from hydra import compose, initialize_config_dir
-
     from plwlab.evaluate import evaluate
 
     monkeypatch.setenv("PLWLAB_DATA", str(SHARED_DATA))
     hub_only = ["arc_challenge", "wmt14_en_fr", "wmt14_fr_en", "wmt16_en_de", "wmt16_de_en", "wmt16_en_ro", "wmt16_ro_en"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[
-            f"run_dir={run_dir}", f"results={tmp_path / 'r.csv'}", "eval=paper", "eval.memorization.n=2",
-            "eval.memorization.max_new_tokens=4", "eval.generations.alpaca_eval.limit=3", "eval.generations.pandalm.limit=3",
-            "eval.generations.alpaca_eval.max_new_tokens=4", "eval.generations.pandalm.max_new_tokens=4",
-            "eval.lm_eval.limit=4", "eval.lm_eval.max_gen_toks=4", "~eval.judges",
-            *(f"~eval.lm_eval.tasks.{t}" for t in hub_only)])  # fmt: skip
+    cfg = compose_eval([
+        f"run_dir={run_dir}", f"results={tmp_path / 'r.csv'}", "eval=paper", "eval.memorization.n=2",
+        "eval.memorization.max_new_tokens=4", "eval.generations.alpaca_eval.limit=3", "eval.generations.pandalm.limit=3",
+        "eval.generations.alpaca_eval.max_new_tokens=4", "eval.generations.pandalm.max_new_tokens=4",
+        "eval.lm_eval.limit=4", "eval.lm_eval.max_gen_toks=4", "~eval.judges",
+        *(f"~eval.lm_eval.tasks.{t}" for t in hub_only)])  # fmt: skip
     rows = evaluate(cfg)
     got = {(r["benchmark"], r["metric"]): r["n"] for r in rows}
     assert got["piqa", "acc"] == got["winogrande", "acc"] == got["truthfulqa_mc2", "acc"] == got["truthfulqa_gen", "bleu_max"] == 4
     assert got["alpaca_eval", "generation_length"] == got["pandalm", "generation_length"] == 3
+
+
+def test_a_local_judge_model_is_loaded_once_for_all_runs(tmp_path, run_dir, monkeypatch):
+    import shutil
+
+    from plwlab.evaluate import evaluate
+    from plwlab.judges import PairwiseJudge
+
+    judge_dir = tmp_path / "judge"
+    shutil.copytree(run_dir / "hf_model", judge_dir)  # any HF causal LM folder (or hub id) can judge
+    for name in ("a", "b"):
+        shutil.copytree(run_dir / "hf_model", tmp_path / "sweep" / name / "hf_model")
+    loads = []
+    real = PairwiseJudge.from_pretrained.__func__
+    monkeypatch.setattr(PairwiseJudge, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))
+    cfg = compose_eval([f"run_dir={tmp_path / 'sweep'}/*", f"results={tmp_path / 'r.csv'}", "~eval.memorization",
+                        "~eval.lm_eval", "~eval.judges.pandalm", f"eval.judges.alpaca_eval.model={judge_dir}"])  # fmt: skip
+    rows = evaluate(cfg)
+    assert loads == [(str(judge_dir), "float32", "cpu")]
+    win = [r for r in rows if r["metric"] == "win_rate"]
+    assert [(r["run_id"], r["n"]) for r in win] == [("a", 6), ("b", 6)]
+    assert win[0]["score"] == win[1]["score"]  # same weights, same judge, same seeded order

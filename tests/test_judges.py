@@ -152,7 +152,8 @@ def test_agreement_with_human_annotations(tiny, tmp_path, capsys):
                                     "f1": 0.4 / 3, "unparsed": 0})  # fmt: skip
     tiny.model.save_pretrained(tmp_path / "judge")
     tiny.tokenizer.save_pretrained(tmp_path / "judge")
-    cli(["judge-check", str(ANNOTATED), "--model", str(tmp_path / "judge"), "--mode", "logprob", "--dtype", "float32"])
+    cli(["judge-check", str(ANNOTATED), "--model", str(tmp_path / "judge"), "--mode", "logprob", "--dtype", "float32",
+         "--device", "auto"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "vs. the human majority" in printed
 

@@ -187,9 +187,10 @@ def judge_rows(run: LoadedRun, name: str, spec: DictConfig, outputs: list[dict[s
     else:
         key = f"{spec.model}|{spec.style}|{spec.mode}|{spec.max_new_tokens}"
         if key not in judges:  # loaded once for all runs
-            judges[key] = PairwiseJudge.from_pretrained(spec.model, spec.get("dtype") or cfg.dtype, cfg.device,
-                                                        style=spec.style, mode=spec.mode, max_new_tokens=spec.max_new_tokens,
-                                                        batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+            dtype, device = spec.get("dtype") or cfg.dtype, spec.get("device") or cfg.device
+            judges[key] = PairwiseJudge.from_pretrained(spec.model, dtype, device, style=spec.style, mode=spec.mode,
+                                                        max_new_tokens=spec.max_new_tokens, batch_size=cfg.batch_size,
+                                                        seed=cfg.seed)  # fmt: skip
         judge = judges[key]
     verdicts = judge.compare([o["instruction"] for o in outputs], [o["input"] for o in outputs], reference,
                              [o["output"] for o in outputs], spec.randomize_order)  # fmt: skip

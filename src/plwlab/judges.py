@@ -125,11 +125,15 @@ class PairwiseJudge:
 
     @classmethod
     def from_pretrained(cls, name: str, dtype: str = "bfloat16", device: str = "cpu", **kwargs: Any) -> PairwiseJudge:
-        """A judge from an HF hub id or a local path."""
+        """A judge from an HF hub id or a local path; ``device="auto"`` spreads it over all GPUs (accelerate), as
+        Mixtral 8x7B in bfloat16 (~94 GB) needs."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)).to(device).eval()
+        if device == "auto":
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), device_map="auto").eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(name)
         tokenizer.padding_side = "left"
         return cls(model, tokenizer, **kwargs)
