@@ -254,3 +254,14 @@ def test_a_local_judge_model_is_loaded_once_for_all_runs(tmp_path, run_dir, monk
     win = [r for r in rows if r["metric"] == "win_rate"]
     assert [(r["run_id"], r["n"]) for r in win] == [("a", 6), ("b", 6)]
     assert win[0]["score"] == win[1]["score"]  # same weights, same judge, same seeded order
+
+
+def test_a_lora_run_is_evaluated_with_its_base_model(tmp_path, run_dir):
+    """A LoRA run's export is the adapter; load_run puts it on the base model named in adapter_config.json (here a
+    local folder; on a cluster a hub id) with peft."""
+    lora = "model.lora={r:4,lora_alpha:8,target_modules:[q_proj,v_proj]}"
+    base = f"model.name_or_path={run_dir / 'hf_model'}"
+    train(compose_train([*QUICK, "model.config=null", base, lora, "callbacks.param_distance=null"], tmp_path / "lora"))
+    run = load_run(tmp_path / "lora")
+    assert type(run.model).__name__ == "PeftModelForCausalLM" and run.run_id == "lora"
+    assert len(generate(run.model, run.tokenizer, ["### Instruction:\nSay hi."], max_new_tokens=3, progress=False)[0]) <= 3
