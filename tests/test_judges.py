@@ -145,11 +145,12 @@ def test_alpaca_eval_package_backend(monkeypatch):
 
 def test_agreement_with_human_annotations(tiny, tmp_path, capsys):
     items = read_pandalm_testset(ANNOTATED)
-    assert [d["label"] for d in items] == [1.0, 2.0, 1.5, 2.0]  # majority of 3; the all-different pair is left out
+    assert [d["label"] for d in items] == [1.0, 2.0, 1.5, 2.0, 1.0]  # majority of 3; the all-different pair is left out
+    assert items[-1]["response1"] == "True"  # a JSON boolean in the file
     scores = human_agreement(FirstShownWins(tiny.model, tiny.tokenizer, "pandalm"), items, randomize_order=False)
-    # always "1": right once in 4; precision 1/4 on class 1 and 0 elsewhere, recall 1 on class 1
-    assert scores == pytest.approx({"n": 4, "accuracy": 0.25, "precision": 0.25 / 3, "recall": 1 / 3,
-                                    "f1": 0.4 / 3, "unparsed": 0})  # fmt: skip
+    # always "1": right 2 times in 5; precision 2/5 on class 1 and 0 elsewhere, recall 1 on class 1
+    assert scores == pytest.approx({"n": 5, "accuracy": 0.4, "precision": 0.4 / 3, "recall": 1 / 3,
+                                    "f1": (2 * 0.4 / 1.4) / 3, "unparsed": 0})  # fmt: skip
     tiny.model.save_pretrained(tmp_path / "judge")
     tiny.tokenizer.save_pretrained(tmp_path / "judge")
     cli(["judge-check", str(ANNOTATED), "--model", str(tmp_path / "judge"), "--mode", "logprob", "--dtype", "float32",

@@ -211,8 +211,9 @@ def read_pandalm_testset(path: str | Path) -> list[dict[str, Any]]:
     for d in json.loads(Path(path).read_text()):
         votes = Counter(int(d[f"annotator{k}"]) for k in (1, 2, 3))
         label, count = votes.most_common(1)[0]
-        if count >= 2:
-            items.append({**d, "label": {0: 1.5, 1: 1.0, 2: 2.0}[label]})
+        if count >= 2:  # some responses are JSON booleans (a model answered "True"): compared as text
+            text = {k: str(d[k]) for k in ("instruction", "input", "response1", "response2")}
+            items.append({**d, **text, "label": {0: 1.5, 1: 1.0, 2: 2.0}[label]})
     return items
 
 
