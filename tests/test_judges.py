@@ -2,11 +2,12 @@
 
 import math
 import sys
-import types
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from plwlab.generation import continuation_logprobs
 from plwlab.cli import main as cli
@@ -124,23 +125,29 @@ def test_win_rate_follows_alpaca_eval():
     assert win_rate([2.0]) == (100.0, None, 1)
 
 
-def test_alpaca_eval_package_backend(monkeypatch):
-    calls = {}
+def test_alpaca_eval_package_backend(tmp_path):
+    """The real alpaca_eval package, offline: an annotator config with its test completion function (always
+    "model_2 is better") and AlpacaEval 1's ranking prompt and parser."""
+    alpaca_eval = pytest.importorskip("alpaca_eval")
+    template = Path(alpaca_eval.__file__).parent / "evaluators_configs" / "alpaca_eval_gpt4" / "alpaca_eval.txt"
+    config = tmp_path / "offline_judge" / "configs.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump({"offline_judge": {
+        "prompt_template": str(template), "fn_completions": "test_completions", "fn_completion_parser": "ranking_parser",
+        "completions_kwargs": {"model_name": "test", "value": "[{'model': 'model_1', 'rank': 2}, {'model': 'model_2', 'rank': 1}]"},
+        "batch_size": 1}}))  # fmt: skip
+    outputs = [{"instruction": f"Question {i}?", "output": f"answer {i}", "generator": "run-7"} for i in range(6)]
+    reference = [{**o, "output": f"reference {i}", "generator": "reference"} for i, o in enumerate(outputs)]
+    score, stderr, n = alpaca_eval_package(outputs, reference, str(config), str(tmp_path / "out"))
+    assert n == 6 and 0 <= score <= 100 and stderr > 0
+    board = pd.read_csv(tmp_path / "out" / "leaderboard.csv", index_col=0)
+    assert board.loc["run-7", "win_rate"] == pytest.approx(score)
 
-    def evaluate(**kwargs):
-        calls.update(kwargs)
-        board = pd.DataFrame({"win_rate": [61.5], "standard_error": [1.7], "n_total": [805]}, index=[kwargs["name"]])
-        return board, None
 
-    monkeypatch.setitem(sys.modules, "alpaca_eval", types.SimpleNamespace(evaluate=evaluate))
-    outputs = [{"instruction": "q", "output": "a", "generator": "run-7"}]
-    reference = [{"instruction": "q", "output": "b", "generator": "reference"}]
-    assert alpaca_eval_package(outputs, reference, "alpaca_eval_gpt4", "/tmp/x") == (61.5, 1.7, 805)
-    assert calls["annotators_config"] == "alpaca_eval_gpt4" and calls["fn_metric"] == "get_winrate"
-    assert calls["model_outputs"] is outputs and calls["reference_outputs"] is reference
+def test_alpaca_eval_package_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "alpaca_eval", None)
     with pytest.raises(ImportError, match="pip install alpaca-eval"):
-        alpaca_eval_package(outputs, reference)
+        alpaca_eval_package([{"instruction": "q", "output": "a", "generator": "g"}], [])
 
 
 def test_agreement_with_human_annotations(tiny, tmp_path, capsys):

@@ -237,8 +237,12 @@ def alpaca_eval_package(model_outputs: list[dict[str, str]], reference_outputs: 
     need their keys, e.g. OPENAI_API_KEY). Returns (win rate, standard error, n)."""
     try:
         from alpaca_eval import evaluate
-    except ImportError as e:
-        raise ImportError("backend=alpaca_eval needs the alpaca_eval package: pip install alpaca-eval") from e
+    except ModuleNotFoundError as e:
+        hint = {"alpaca_eval": "pip install alpaca-eval", "pkg_resources": "alpaca_eval imports pkg_resources: "
+                "pip install 'setuptools<81'"}.get(e.name)  # fmt: skip
+        if hint is None:
+            raise
+        raise ImportError(f"backend=alpaca_eval: {hint} (or pip install -e '.[alpaca-eval]')") from e
     name = model_outputs[0]["generator"]
     leaderboard, _ = evaluate(model_outputs=model_outputs, reference_outputs=reference_outputs, name=name,
                               annotators_config=annotators_config, output_path=output_path, fn_metric="get_winrate",
