@@ -209,6 +209,7 @@ def test_wandb_eval_run_offline(tmp_path, run_dir, monkeypatch):
                         "wandb.offline=true"])  # fmt: skip
     evaluate(cfg)
     assert init_kwargs["job_type"] == "eval" and init_kwargs["config"]["plw"] == 0.1
+    assert init_kwargs["group"] == OmegaConf.load(run_dir / "config.yaml").name  # beside the training runs
     runs = sorted((run_dir / "eval" / "wandb").glob("offline-run-*"))
     tables = [json.loads(p.read_text()) for p in runs[-1].glob("files/media/table/results_*.table.json")]
     assert tables and tables[0]["data"][0][5:7] == ["memorization", "bleu"]  # the rows, as a W&B table

@@ -243,12 +243,15 @@ def evaluate_run(cfg: DictConfig, run_dir: Path, judges: dict[str, PairwiseJudge
 
 
 def log_to_wandb(cfg: DictConfig, run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """One W&B run (job_type eval) per evaluated run: its scores as summary metrics and the rows as a table."""
+    """One W&B run (job_type eval, in the training run's group unless ``wandb.group`` is set) per evaluated run:
+    its scores as metrics and the rows as a table."""
     import wandb
 
     meta = json.loads((run_dir / "hf_model" / "plwlab.json").read_text())
     run_id = rows[0]["run_id"] if rows else run_dir.name
-    with wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, name=f"{run_id}-eval", job_type="eval",
+    train_cfg = run_dir / "config.yaml"  # default group: the training runs' (their sweep name)
+    group = cfg.wandb.group or (OmegaConf.load(train_cfg).get("name") if train_cfg.exists() else None)
+    with wandb.init(project=cfg.wandb.project, group=group, name=f"{run_id}-eval", job_type="eval",
                     config={**meta, "eval": OmegaConf.to_container(cfg.eval)}, dir=str(run_dir / "eval"),
                     mode="offline" if cfg.wandb.offline else None) as w:  # fmt: skip
         w.log({f"{r['benchmark']}/{r['metric']}": r["score"] for r in rows})
