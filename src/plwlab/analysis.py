@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special, stats
 
+from plwlab.benchmarks import WMT_TASKS
+
 log = logging.getLogger(__name__)
 WP_EXPONENT = 0.30103  # log10(2), so wp(0.1) = 0.5
 GLMM_TERMS = ("intercept", "b1", "b2")
@@ -27,7 +29,7 @@ def wp(plw: np.ndarray | float) -> np.ndarray | float:
 PRIMARY_METRICS = {
     "arc_challenge": "acc_norm", "piqa": "acc_norm", "truthfulqa_mc2": "acc", "winogrande": "acc",
     "truthfulqa_gen": "bleu_acc", "alpaca_eval": "win_rate", "pandalm": "win_rate",
-    **{f"{y}_{a}_{b}": "bleu" for y, p in (("wmt14", "fr"), ("wmt16", "de"), ("wmt16", "ro")) for a, b in (("en", p), (p, "en"))},
+    **dict.fromkeys(WMT_TASKS, "bleu"),
 }  # fmt: skip
 
 
