@@ -12,9 +12,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from plwlab.alpaca import DataError
-from plwlab.config import ConfigError, register
-from plwlab.module import ModelLoadError
-from plwlab.train import RunError, record_failure, train
+from plwlab.config import ConfigError, register, world_size
+from plwlab.model import ModelLoadError
+from plwlab.rundir import RunError, record_failure
+from plwlab.train import train
 
 register()
 log = logging.getLogger("train")
@@ -22,8 +23,15 @@ log = logging.getLogger("train")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
+        if multirun and hydra_cfg.launcher._target_.endswith("BasicLauncher") and world_size(cfg.trainer) > 1:
+            raise SystemExit(
+                "error: a sweep with the basic launcher runs in one process group, so it cannot start "
+                f"{world_size(cfg.trainer)} processes per run; use hydra/launcher=torchrun (this node, one run after "
+                "another) or hydra/launcher=slurm"
+            )
         metrics = train(cfg)
     except (ConfigError, DataError, ModelLoadError, RunError) as e:
         if multirun:  # one failing run must not stop the sweep; the summary lists it

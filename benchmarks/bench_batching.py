@@ -9,7 +9,7 @@ from pathlib import Path
 
 from plwlab.alpaca import load_records
 from plwlab.data import GlobalBatchSampler, cached_tokenize, pack_examples, padding_share
-from plwlab.module import load_tokenizer
+from plwlab.model import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,5 +1,6 @@
-"""GPU training throughput: a 1.1B LLaMA (TinyLlama-1.1B shape), random weights, bf16, packed 2048-token rows,
-the PLW loss (chunked), AdamW. Reports tokens/s and MFU (model FLOPs utilisation).
+"""GPU training throughput: a 1.1B LLaMA (TinyLlama-1.1B shape), random weights, fp32 master weights and AdamW
+state with bf16 compute (autocast, as trainer=gpu), packed 2048-token rows, the PLW loss (chunked), fused AdamW.
+Reports tokens/s and MFU (model FLOPs utilisation).
 
     python benchmarks/bench_gpu.py [--seq 2048] [--rows 8] [--steps 20] [--peak-tflops 989]
 
@@ -31,8 +32,8 @@ def main() -> None:
         print("skipped: no CUDA GPU")
         return
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation=args.attn)).cuda().to(torch.bfloat16)
-    model.gradient_checkpointing_enable()
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation=args.attn)).cuda()  # fp32 master weights
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     ids = torch.randint(0, CONFIG["vocab_size"], (args.rows, args.seq), device="cuda")
@@ -45,8 +46,9 @@ def main() -> None:
     for step in range(args.steps + 3):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        hidden = model.model(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        nll = chunked_next_token_nll(hidden, model.lm_head.weight, ids, 4096)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            hidden = model.model(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            nll = chunked_next_token_nll(hidden, model.lm_head.weight, ids, 4096)
         prompt_weighted_loss(nll, completion, token_mask, 0.1).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ import torch
 
 from plwlab.alpaca import alpaca_prompt, load_records
 from plwlab.data import cached_tokenize, tokenize_examples
-from plwlab.module import load_tokenizer
+from plwlab.model import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

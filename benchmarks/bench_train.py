@@ -13,7 +13,8 @@ import torch
 from plwlab.config import ASSETS
 from plwlab.data import AlpacaDataModule
 from plwlab.loss import prompt_weighted_loss
-from plwlab.module import PLWModule, load_model
+from plwlab.model import load_model
+from plwlab.module import PLWModule
 
 TINY = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
         "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 1024}  # fmt: skip

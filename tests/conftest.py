@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from plwlab.config import ASSETS, register  # noqa: E402
-from plwlab.module import LoadedModel, load_model  # noqa: E402
+from plwlab.model import LoadedModel, load_model  # noqa: E402
 
 torch.set_num_threads(1)
 register()

@@ -149,7 +149,7 @@ def test_cli_stats_build_and_recommend(tmp_path, capsys):
 
 
 def test_alpaca_52k_stats_with_llama_tokenizer():
-    from plwlab.module import load_tokenizer
+    from plwlab.model import load_tokenizer
 
     alpaca, spm = SHARED_DATA / "alpaca" / "alpaca_data.json", SHARED_DATA / "tokenizer" / "llama_tokenizer.model"
     if not (alpaca.exists() and spm.exists()):

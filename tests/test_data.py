@@ -143,7 +143,7 @@ def test_empty_completion_policies(tiny, policy, caplog):
 def test_shared_alpaca_with_llama_tokenizer():
     from conftest import SHARED_DATA
 
-    from plwlab.module import load_tokenizer
+    from plwlab.model import load_tokenizer
 
     alpaca, spm = SHARED_DATA / "alpaca" / "alpaca_data.json", SHARED_DATA / "tokenizer" / "llama_tokenizer.model"
     if not (alpaca.exists() and spm.exists()):

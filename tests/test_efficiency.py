@@ -132,7 +132,7 @@ def test_segment_tokenization_equals_plain_tokenization():
 
     from plwlab.alpaca import alpaca_prompt
     from plwlab.data import _newline_safe_backend, batch_token_ids
-    from plwlab.module import load_tokenizer
+    from plwlab.model import load_tokenizer
 
     tiny = tiny_model().tokenizer
     assert _newline_safe_backend(tiny) is None  # byte-level BPE: plain batched path

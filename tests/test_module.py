@@ -4,13 +4,13 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import SAMPLE, tiny_model
 
 from plwlab.callbacks import LossRSD, ParamDistance
 from plwlab.data import AlpacaDataModule, collate
 from plwlab.loss import next_token_nll, prompt_weighted_loss
-from plwlab.module import ModelLoadError, PLWModule, load_model
-
-from conftest import SAMPLE, tiny_model
+from plwlab.model import ModelLoadError, load_model
+from plwlab.module import PLWModule
 
 
 class GradCapture(PLWModule):
@@ -85,19 +85,45 @@ def test_param_distance_excludes_added_embedding_rows():
     loaded.model.resize_token_embeddings(n + 8)  # as if [PAD] etc. had been added to the tokenizer
     module = PLWModule(loaded.model, pretrained_vocab_size=n)
     cb = ParamDistance()
-    cb.setup(SimpleNamespace(), module, "fit")
-    assert cb.distances(module)["total"] == 0
+    trainer = SimpleNamespace(strategy=SimpleNamespace(restore_checkpoint_after_setup=False))
+    cb.setup(trainer, module, "fit")
+    assert cb.distances(trainer, module)["total"] == 0
     with torch.no_grad():
         loaded.model.get_input_embeddings().weight[n:] += 5.0  # added rows: no pretrained value, ignored
         loaded.model.get_output_embeddings().weight[n:] += 5.0
-    assert cb.distances(module)["total"] == 0
+    assert cb.distances(trainer, module)["total"] == 0
     with torch.no_grad():
         loaded.model.get_input_embeddings().weight[3, :4] += 1.0  # 4 entries moved by 1 -> distance 2
         loaded.model.model.layers[1].mlp.up_proj.weight[0, :9] += 1.0  # 9 entries -> distance 3
-    d = cb.distances(module)
+    d = cb.distances(trainer, module)
     assert d["total"] == pytest.approx(13**0.5)
     assert d["embed_tokens"] == pytest.approx(2.0) and d["layer_01"] == pytest.approx(3.0)
     assert d["layer_00"] == 0 and d["lm_head"] == 0
+
+
+def test_param_distance_of_lora_is_the_norm_of_delta_w():
+    loaded = tiny_model("float64", lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    module = PLWModule(loaded.model, pretrained_vocab_size=loaded.pretrained_vocab_size)
+    cb = ParamDistance()
+    trainer = SimpleNamespace(strategy=SimpleNamespace(restore_checkpoint_after_setup=False))
+    cb.setup(trainer, module, "fit")
+    assert cb.distances(trainer, module)["total"] == 0  # B starts at 0: ΔW = 0, however far A is from anything
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in loaded.model.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    # peft's own merge: the change each adapted layer's weight would get
+    from peft.tuners.lora import LoraLayer
+
+    expected: dict[str, float] = {}
+    for name, m in loaded.model.named_modules():
+        if isinstance(m, LoraLayer):
+            layer = f"layer_{int(name.split('.layers.')[1].split('.')[0]):02d}"
+            expected[layer] = expected.get(layer, 0.0) + m.get_delta_weight("default").pow(2).sum().item()
+    d = cb.distances(trainer, module)
+    assert d["total"] == pytest.approx(sum(expected.values()) ** 0.5, rel=1e-12)
+    assert {k: d[k] for k in expected} == pytest.approx({k: v**0.5 for k, v in expected.items()}, rel=1e-12)
 
 
 def test_loss_rsd_over_five_step_windows():

@@ -8,18 +8,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from plwlab.config import ConfigError
-from plwlab.train import AtomicCheckpointIO, RunError, train
-
 from conftest import ROOT, compose_train
+from safetensors.torch import load_file
 from test_train import QUICK, run_cli, train_losses
 
-RESUMABLE = ["data.limit=100", "data.val_size=4", "trainer.max_epochs=2", "callbacks.checkpoint.every_n_train_steps=5",
+from plwlab.checkpointing import CheckpointError, RunCheckpoint
+from plwlab.config import ConfigError
+from plwlab.train import train
+
+RESUMABLE = ["data.limit=100", "data.val_size=4", "trainer.max_epochs=2", "callbacks.checkpoint.every_n_steps=5",
              "callbacks.progress=null", "model.config.hidden_size=256", "model.config.intermediate_size=688"]  # fmt: skip
 
 
@@ -89,20 +90,63 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     assert blocker.read_text() == "not a directory"  # nothing overwritten
 
 
-def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
-    path = tmp_path / "last.ckpt"
-    io.save_checkpoint({"step": 1}, path)
+class SavingTrainer(SimpleNamespace):
+    """What RunCheckpoint needs of a Trainer: one process, a step counter, and save_checkpoint."""
 
-    def full_disk(obj, f):
-        Path(f).write_bytes(b"partial")
+    def __init__(self, sharded: bool) -> None:
+        super().__init__(global_step=0, is_global_zero=True, loggers=[], sharded=sharded,
+                         strategy=SimpleNamespace(barrier=lambda *a: None, broadcast=lambda x: x))  # fmt: skip
+
+    def save_checkpoint(self, path):
+        if self.sharded:  # a folder of shards, like ModelParallelStrategy's
+            path.mkdir()
+            (path / "__0_0.distcp").write_text(f"shard {self.global_step}")
+            (path / ".metadata").write_text("")
+        else:
+            torch.save({"step": self.global_step}, path)
+
+
+def read_last(directory: Path, sharded: bool):
+    last = directory / "last.ckpt"
+    return (last / "__0_0.distcp").read_text() if sharded else torch.load(last, weights_only=False)["step"]
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, sharded):
+    trainer, cb = SavingTrainer(sharded), RunCheckpoint(str(tmp_path), every_n_steps=1)
+    trainer.global_step = 1
+    cb.on_train_batch_end(trainer, None)
+    before = read_last(tmp_path, sharded)
+
+    def full_disk(path):
+        if sharded:
+            path.mkdir()
+            (path / "__0_0.distcp").write_text("partial")  # one rank's shard half written, no .metadata
+        else:
+            path.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(RunError, match="No space left on device; the previous checkpoint is intact"):
-        io.save_checkpoint({"step": 2}, path)
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=False) == {"step": 1} and not list(tmp_path.glob(".*tmp*"))
+    trainer.save_checkpoint, trainer.global_step = full_disk, 2
+    with pytest.raises(CheckpointError, match="No space left on device; the previous checkpoint is intact"):
+        cb.on_train_batch_end(trainer, None)
+    assert read_last(tmp_path, sharded) == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.ckpt", "step-00000001.ckpt"]  # fmt: skip
+
+
+def test_checkpoints_are_published_by_an_atomic_link_flip(tmp_path):
+    trainer, cb = SavingTrainer(sharded=True), RunCheckpoint(str(tmp_path), every_n_steps=2)
+    for step in range(1, 6):
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, None)
+        cb.on_train_batch_end(trainer, None)  # an accumulation micro-batch: no second save
+    assert (tmp_path / "last.ckpt").is_symlink() and read_last(tmp_path, True) == "shard 4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step-00000004.ckpt"]  # older ones deleted
+    timed = RunCheckpoint(str(tmp_path / "timed"), every_n_steps=None, every_minutes=1e-9)
+    trainer.global_step = 7
+    timed.on_train_batch_end(trainer, None)
+    assert read_last(tmp_path / "timed", True) == "shard 7"
+    timed.discard()
+    assert not (tmp_path / "timed").exists()
 
 
 def test_submitit_local_launcher(tmp_path):
@@ -112,28 +156,21 @@ def test_submitit_local_launcher(tmp_path):
     assert statuses == ["finished", "finished"]
 
 
-def test_two_process_fsdp2_equals_one_process(tmp_path):
-    common = ["data.limit=60", "data.val_size=4", "trainer.max_steps=5", "model.dtype=float64", "callbacks.progress=null",
-              "callbacks.param_distance.every_n_steps=5", "plw=0.1"]  # fmt: skip
-    single = run_cli(*common, "data.batch_size=4", f"hydra.run.dir={tmp_path / 'single'}")
-    assert single.returncode == 0, single.stderr[-3000:]
-    sharded = run_cli(*common, "data.batch_size=2", "trainer.devices=2", "strategy=fsdp2", f"hydra.run.dir={tmp_path / 'fsdp2'}")
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
-    assert train_losses(tmp_path / "fsdp2") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-9)
-    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("single", "fsdp2"))
-    assert b["param_distance"] == pytest.approx(a["param_distance"], rel=1e-9)  # gathered from DTensor shards
-    wa, wb = (load_file(tmp_path / d / "hf_model" / "model.safetensors") for d in ("single", "fsdp2"))
-    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-9
-    assert (tmp_path / "fsdp2" / "checkpoints" / "last.ckpt").is_dir()  # a sharded (distributed) checkpoint
-
-
-def test_fsdp_strategy_config_instantiates(tmp_path):
+def test_paper_preset_is_the_papers_node(tmp_path):
     from hydra.utils import instantiate
-    from lightning.pytorch.strategies import FSDPStrategy
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    cfg = compose_train(["strategy=fsdp", "model=llama2", "trainer=gpu"], tmp_path)
-    strategy = instantiate(cfg.strategy)
-    assert isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy.name == "FULL_SHARD"
-    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
-    assert cfg.trainer.precision == "bf16-mixed" and cfg.model.dtype == "bfloat16"
+    from plwlab.config import accumulation, validate
+    from plwlab.train import make_strategy
+
+    cfg = compose_train(["experiment=paper"], tmp_path)
+    validate(cfg)
+    assert (cfg.trainer.devices, cfg.data.batch_size, accumulation(cfg), cfg.global_batch_size) == (4, 4, 8, 128)
+    assert (cfg.model.dtype, cfg.trainer.precision, cfg.matmul_precision) == ("float32", "bf16-mixed", "high")
+    assert (cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.weight_decay, cfg.trainer.max_epochs) == (2e-5, 0.03, 0, 3)
+    assert cfg.loss.denominator_scope == "micro_batch" and cfg.data.max_length == 512 and cfg.seed == 42
+    assert cfg.model.gradient_checkpointing and cfg.trainer.gradient_clip_val == 1.0
+    strategy = make_strategy(cfg)
+    assert type(strategy).__name__ == "ModelParallelStrategy" and strategy._data_parallel_size == 4
+    assert strategy._tensor_parallel_size == 1
+    grid = compose_train(["experiment=paper_grid"], tmp_path)
+    assert accumulation(grid) == 8 and grid.name == "paper_grid" and instantiate(grid.callbacks.checkpoint).every_minutes == 30

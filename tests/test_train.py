@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, compose_train
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from plwlab.config import ConfigError
 from plwlab.train import train
-
-from conftest import ROOT, compose_train
 
 QUICK = ["data.limit=48", "data.val_size=4", "trainer.max_epochs=1", "callbacks.progress=null"]
 
@@ -26,9 +25,15 @@ def train_losses(run_dir: Path) -> list[float]:
     return [float(r["train/loss"]) for r in read_metrics_csv(run_dir) if r.get("train/loss")]
 
 
+def cli_env() -> dict[str, str]:
+    """The test process's environment for a train.py subprocess, without the W&B service that an in-process W&B
+    run of an earlier test started (a child would register its runs there)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=cli_env(), capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 
 
@@ -36,7 +41,7 @@ def test_schema_makes_plw_a_float(tmp_path):
     cfg = compose_train(["plw=0"], tmp_path)
     assert isinstance(cfg.plw, float) and cfg.plw == 0.0
     llama = compose_train(["model=llama2"], tmp_path)
-    assert llama.model.name_or_path == "meta-llama/Llama-2-7b-hf" and llama.model.dtype == "bfloat16"
+    assert llama.model.name_or_path == "meta-llama/Llama-2-7b-hf" and llama.model.dtype == "float32"  # fp32 master weights
     assert llama.optim.lr == 2e-5 and llama.optim.warmup_ratio == 0.03 and llama.optim.weight_decay == 0
     assert compose_train(["model=llama1"], tmp_path).model.name_or_path == "huggyllama/llama-7b"
 
@@ -48,11 +53,14 @@ def test_invalid_plw(tmp_path, override, message):
 
 
 def test_end_to_end_run_directory_and_hf_export(tmp_path):
-    metrics = train(compose_train([*QUICK, "plw=0.05", "callbacks.param_distance.every_n_steps=2"], tmp_path))
+    overrides = [*QUICK, "plw=0.05", "callbacks.param_distance.every_n_steps=2", "callbacks.checkpoint.keep=true"]
+    metrics = train(compose_train(overrides, tmp_path))
     for name in ("config.yaml", "metrics.csv", "metrics.json", "checkpoints/last.ckpt", "hf_model/plwlab.json"):
         assert (tmp_path / name).exists(), name
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
     assert metrics["plw"] == 0.05 and metrics["global_steps"] == 6  # 44 train examples / batch 8
+    assert (tmp_path / "checkpoints" / "last.ckpt").resolve().name == "step-00000006.ckpt"  # keep: the final state
+    assert (metrics["param_dtype"], metrics["compute_dtype"], metrics["optimizer_state_dtype"]) == ("float32",) * 3
     assert metrics["loss_rsd"] > 0 and metrics["param_distance"] > 0 and metrics["val/loss"] > 0
 
     rows = read_metrics_csv(tmp_path)
@@ -129,7 +137,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
               "callbacks.param_distance.every_n_steps=5", "plw=0.1"]  # fmt: skip
     single = run_cli(*common, "data.batch_size=4", f"hydra.run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = run_cli(*common, "data.batch_size=1", "trainer.accumulate_grad_batches=2", "trainer.devices=2",
+    ddp = run_cli(*common, "data.batch_size=1", "global_batch_size=4", "trainer.devices=2",
                   "strategy=ddp", f"hydra.run.dir={tmp_path / 'ddp'}")  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "MEMBER: 2/2" in ddp.stdout + ddp.stderr  # really two processes
@@ -146,12 +154,57 @@ def test_wandb_offline_logger(tmp_path, monkeypatch):
     cfg = compose_train([*QUICK, "logger=wandb", "name=sweep-a", "plw=0.01"], tmp_path)
     assert cfg.logger.wandb.group == "sweep-a"
     assert list(cfg.logger.wandb.tags) == ["alpaca_sample", "tiny-llama", "plw=0.01"]
-    train(cfg)
-    import wandb
-
-    wandb.finish()  # flush the offline run
+    train(cfg)  # finishes its W&B run itself
     assert (tmp_path / "metrics.csv").exists()  # the CSV logger stays on
     runs = list(tmp_path.rglob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
     history = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
     assert b"param_distance/total" in history  # callbacks log to every logger, not only the first
+
+
+def test_each_run_of_a_sweep_gets_its_own_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    result = run_cli("-m", "plw=0,1", *QUICK, "logger=wandb", f"paths.output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reuse this run" not in result.stderr
+    runs = sorted(tmp_path.glob("plwlab/*/status.json"))
+    ids = [json.loads(p.read_text())["wandb_id"] for p in runs]
+    assert len(runs) == 2 and len(set(ids)) == 2
+    for status, run_id in zip(runs, ids):
+        (offline,) = (status.parent / "wandb").glob("offline-run-*")
+        history = b"".join(p.read_bytes() for p in offline.glob("*.wandb"))
+        assert offline.name.endswith(run_id) and b"train/loss" in history
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.dtype=bfloat16"], "model.dtype=bfloat16 makes AdamW update bfloat16 weights"),
+        (["trainer.precision=bf16-true"], "trainer.precision=bf16-true makes AdamW update bf16 weights"),
+        (["trainer.devices=-1"], "trainer.devices=-1 makes the global batch depend on the devices visible"),
+        (["global_batch_size=12"], "global_batch_size=12 is not a multiple of data.batch_size 8 x 1 processes"),
+        (["+trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches is derived"),
+    ],
+)
+def test_batch_geometry_and_precision_are_checked(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        train(compose_train([*QUICK, *overrides], tmp_path))
+
+
+def test_bf16_weights_when_allowed_and_for_a_lora_base(tmp_path):
+    metrics = train(compose_train([*QUICK, "trainer.max_steps=1", "model.dtype=bfloat16", "allow_low_precision_weights=true",
+                                   "callbacks.hf_export=null"], tmp_path / "a"))  # fmt: skip
+    assert metrics["param_dtype"] == metrics["optimizer_state_dtype"] == "bfloat16"
+    lora = "model.lora={r:4,lora_alpha:8,target_modules:[q_proj,v_proj]}"  # frozen bf16 base, fp32 adapter
+    metrics = train(compose_train([*QUICK, "trainer.max_steps=1", "model.dtype=bfloat16", lora], tmp_path / "b"))
+    assert metrics["param_dtype"] == metrics["optimizer_state_dtype"] == "float32"
+
+
+def test_a_7b_model_on_cpu_is_refused_before_loading(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32).save_pretrained(tmp_path / "llama-7b")  # config only, no weights  # fmt: skip
+    cfg = compose_train(["model=llama2", f"model.name_or_path={tmp_path / 'llama-7b'}"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="model llama2-7b has 6.7B parameters and trainer.accelerator=cpu"):
+        train(cfg)

@@ -12,7 +12,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from plwlab.module import PLWModule, is_sharded
+from plwlab.module import PLWModule
+from plwlab.sharding import is_sharded, local_part, reshard
 
 
 class LossRSD(L.Callback):
@@ -65,17 +66,25 @@ def _layer_group(name: str) -> str:
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (possibly sharded) parameter: DTensor shards are gathered, one parameter at a time."""
+    """The whole tensor of a (possibly sharded) parameter."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-class ParamDistance(L.Callback):
-    """L2 distance of the trainable weights from the pretrained weights: total and per decoder layer.
+def _is_lora_factor(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
 
-    The pretrained weights are copied to CPU memory (in their own dtype) when fitting starts, before a
-    checkpoint is restored or the model is moved to the GPU; distances are computed one parameter at a time, so
-    no second full copy lives on the accelerator. Embedding rows added for new tokens (index >=
-    ``PLWModule.pretrained_vocab_size``) are excluded: they have no pretrained value.
+
+class ParamDistance(L.Callback):
+    """L2 distance of the weights from the pretrained weights: total and per decoder layer.
+
+    Full fine-tuning: ``||θ - θ₀||`` over the trainable parameters. LoRA: the distance of the *effective* weights,
+    ``||ΔW||`` with ``ΔW = scaling · B·A`` per adapted layer (computed as ``scaling² · Σ (BᵀB) ⊙ (AAᵀ)``, never
+    forming ΔW), plus any other trainable parameter's own distance.
+
+    Each rank keeps a CPU copy of only its own shard of the pretrained weights (memory O(params / world) under
+    FSDP2, in the parameters' dtype), taken at the last moment before a checkpoint is restored; a measurement
+    sums squared differences shard by shard and adds them up over ranks with one all-reduce. Embedding rows added
+    for new tokens (index >= ``PLWModule.pretrained_vocab_size``) are excluded: they have no pretrained value.
     Logged every ``every_n_steps`` optimizer steps and at the end of training as ``param_distance/total`` and
     ``param_distance/<layer_NN|embed_tokens|lm_head|norm>``.
     """
@@ -86,40 +95,78 @@ class ParamDistance(L.Callback):
         self.last: dict[str, float] = {}
         self._seen_step = 0
 
-    def _rows(self, pl_module: PLWModule) -> dict[int, int]:
+    def _pretrained_rows(self, pl_module: PLWModule) -> dict[int, int]:
         """id(param) -> pretrained row count, for the input/output embedding matrices."""
         n = pl_module.pretrained_vocab_size
         model = pl_module.model
         embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
         return {id(m.weight): n for m in embeddings if m is not None and n is not None}
 
-    def setup(self, trainer: L.Trainer, pl_module: PLWModule, stage: str) -> None:
-        if stage != "fit" or self.reference:
+    def _local(self, p: torch.Tensor, rows: dict[int, int]) -> torch.Tensor:
+        """This rank's part of ``p`` without the rows added after pretraining."""
+        local, first_row = local_part(p.detach())
+        if id(p) in rows:
+            local = local[: max(0, rows[id(p)] - first_row)]
+        return local
+
+    def _take_reference(self, pl_module: PLWModule) -> None:
+        if self.reference:
             return
-        rows = self._rows(pl_module)
+        reshard(pl_module.model)
+        rows = self._pretrained_rows(pl_module)
         for name, p in pl_module.model.named_parameters():
+            if _is_lora_factor(name):
+                continue
+            if ".lora_" in name:
+                raise ValueError(f"ParamDistance measures ΔW of LoRA linear layers only, not {name}")
             if p.requires_grad:
-                ref = _full(p.detach())
-                self.reference[name] = ref[: rows.get(id(p))].to("cpu", copy=True)
+                self.reference[name] = self._local(p, rows).to("cpu", copy=True)
+
+    def setup(self, trainer: L.Trainer, pl_module: PLWModule, stage: str) -> None:
+        if stage == "fit" and not trainer.strategy.restore_checkpoint_after_setup:
+            self._take_reference(pl_module)  # DDP / one device: the checkpoint is restored before the model is set up
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: PLWModule) -> None:
+        self._take_reference(pl_module)  # FSDP2: after sharding, before the checkpoint is restored
 
     @torch.no_grad()
-    def distances(self, pl_module: PLWModule) -> dict[str, float]:
-        rows = self._rows(pl_module)
-        sq: dict[str, float] = {}
+    def distances(self, trainer: L.Trainer, pl_module: PLWModule) -> dict[str, float]:
+        reshard(pl_module.model)
+        rows = self._pretrained_rows(pl_module)
+        groups: dict[str, int] = {}
+        sharded: list[tuple[int, torch.Tensor]] = []  # summed over ranks
+        replicated: list[tuple[int, torch.Tensor]] = []  # the same on every rank
         for name, p in pl_module.model.named_parameters():
             if name not in self.reference:
                 continue
-            current = _full(p.detach())[: rows.get(id(p))]
-            d = (current.float() - self.reference[name].to(current.device).float()).pow(2).sum().item()
-            group = _layer_group(name)
-            sq[group] = sq.get(group, 0.0) + d
+            current = self._local(p, rows)
+            dtype = torch.promote_types(current.dtype, torch.float32)
+            d = (current.to(dtype) - self.reference[name].to(current.device, dtype)).pow(2).sum(dtype=torch.float64)
+            g = groups.setdefault(_layer_group(name), len(groups))
+            (sharded if hasattr(p, "to_local") else replicated).append((g, d))
+        for name, module in pl_module.model.named_modules():
+            for adapter in getattr(module, "active_adapters", []) if hasattr(module, "lora_A") else []:
+                if adapter in module.lora_A:
+                    a = _full(module.lora_A[adapter].weight).double()
+                    b = _full(module.lora_B[adapter].weight).double()
+                    d = module.scaling[adapter] ** 2 * ((b.T @ b) * (a @ a.T)).sum()
+                    replicated.append((groups.setdefault(_layer_group(f"{name}."), len(groups)), d))
+        device = pl_module.device
+        sums = torch.zeros(len(groups), dtype=torch.float64, device=device)
+        for g, d in sharded:
+            sums[g] += d.to(device)
+        if sharded:
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        for g, d in replicated:
+            sums[g] += d.to(device)
+        sq = dict(zip(groups, sums.tolist()))
         out = {"total": sum(sq.values()) ** 0.5}
         if self.per_layer:
             out.update({g: v**0.5 for g, v in sorted(sq.items())})
         return out
 
     def _log(self, trainer: L.Trainer, pl_module: PLWModule) -> None:
-        self.last = self.distances(pl_module)
+        self.last = self.distances(trainer, pl_module)
         if trainer.is_global_zero:
             for logger in trainer.loggers:  # CSV and W&B alike
                 logger.log_metrics({f"param_distance/{k}": v for k, v in self.last.items()}, step=trainer.global_step)
@@ -143,13 +190,14 @@ class HFExport(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: PLWModule) -> None:
         state_dict = None
-        if is_sharded(pl_module.model):  # FSDP2: every rank takes part in gathering the full weights
+        if is_sharded(pl_module.model):  # FSDP2: every rank takes part in gathering the full weights onto rank 0
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             state_dict = get_model_state_dict(pl_module.model, options=options)
         if trainer.is_global_zero:
             self._save(trainer, pl_module, state_dict)
+        trainer.strategy.barrier()
 
     def _save(self, trainer: L.Trainer, pl_module: PLWModule, state_dict: dict[str, Any] | None) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,10 @@ from plwlab.module import DENOMINATOR_SCOPES
 ASSETS = Path(__file__).parent / "assets"
 
 
+HALF_DTYPES = ("bfloat16", "float16")
+HALF_TRUE_PRECISIONS = ("bf16-true", "16-true")  # Lightning casts every weight to half precision
+
+
 class ConfigError(ValueError):
     """An invalid configuration value."""
 
@@ -73,6 +77,11 @@ class OptimConfig:  # optimizer arguments of plwlab.module.PLWModule (Stanford A
 class TrainConfig:
     plw: float = 0.1
     allow_plw_above_one: bool = False
+    # sequences (packed rows) per optimizer step over all devices; null = data.batch_size x devices (no
+    # accumulation). Gradient accumulation = global_batch_size / (data.batch_size x devices x nodes).
+    global_batch_size: Optional[int] = None
+    allow_low_precision_weights: bool = False  # let AdamW update bf16/fp16 parameters (no fp32 master weights)
+    matmul_precision: Optional[str] = None  # torch.set_float32_matmul_precision: "high" = TF32 on Ampere+
     resume: bool = True  # skip a finished run, resume an interrupted one from checkpoints/last.ckpt
     plan_only: bool = False  # with -m: print the sweep plan and stop
     seed: int = 42
@@ -95,6 +104,36 @@ def register() -> None:
         OmegaConf.register_new_resolver("plwlab.asset", lambda name: str(ASSETS / name))
 
 
+def to_dict(node: DictConfig) -> dict[str, Any]:
+    """A config node as plain Python containers, interpolations resolved."""
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def world_size(trainer: DictConfig) -> int:
+    """Processes of a run: ``trainer.devices`` (a count or a list of device ids) x ``trainer.num_nodes``."""
+    devices = trainer.get("devices", 1)
+    count = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, list) else devices
+    if not isinstance(count, int) or count < 1:
+        raise ConfigError(
+            f"trainer.devices={devices} makes the global batch depend on the devices visible; name the count "
+            "(e.g. trainer.devices=4)"
+        )
+    return count * int(trainer.get("num_nodes", 1))
+
+
+def accumulation(cfg: DictConfig) -> int:
+    """Micro-batches accumulated per optimizer step: ``global_batch_size / (data.batch_size x world size)``."""
+    per_step = cfg.data.batch_size * world_size(cfg.trainer)
+    if cfg.global_batch_size is None:
+        return 1
+    if cfg.global_batch_size < per_step or cfg.global_batch_size % per_step:
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} is not a multiple of data.batch_size {cfg.data.batch_size} x "
+            f"{world_size(cfg.trainer)} processes = {per_step}"
+        )
+    return cfg.global_batch_size // per_step
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` with a one-line message for values that cannot be right."""
     if cfg.plw < 0:
@@ -115,3 +154,24 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.batching must be one of {BATCHING}, got {cfg.data.batching!r}")
     if not 0 <= cfg.data.val_size:
         raise ConfigError(f"data.val_size must be a fraction in [0, 1) or a count, got {cfg.data.val_size}")
+    if "accumulate_grad_batches" in cfg.trainer:
+        raise ConfigError("trainer.accumulate_grad_batches is derived: set global_batch_size (= data.batch_size x "
+                          "accumulation x devices x nodes) instead")  # fmt: skip
+    accumulation(cfg)
+    check_master_weights(cfg)
+
+
+def check_master_weights(cfg: DictConfig) -> None:
+    """Refuse a config that would make AdamW update bf16/fp16 parameters, unless ``allow_low_precision_weights``."""
+    if cfg.allow_low_precision_weights:
+        return
+    if cfg.model.dtype in HALF_DTYPES and not cfg.model.lora:
+        setting, dtype = f"model.dtype={cfg.model.dtype}", cfg.model.dtype
+    elif str(cfg.trainer.get("precision")) in HALF_TRUE_PRECISIONS:
+        setting, dtype = f"trainer.precision={cfg.trainer.precision}", cfg.trainer.precision.removesuffix("-true")
+    else:
+        return
+    raise ConfigError(
+        f"{setting} makes AdamW update {dtype} weights (most lr 2e-5 updates round away); keep fp32 master weights "
+        "(model.dtype=float32 with trainer.precision=bf16-mixed) or set allow_low_precision_weights=true"
+    )

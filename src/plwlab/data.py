@@ -11,7 +11,7 @@ import copy
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,8 +23,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from plwlab.alpaca import (
-    ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, DataError, alpaca_prompt, build_variant, load_records,
-    token_lengths, tokenizer_fingerprint,
+    ALPACA_PROMPT_INPUT,
+    ALPACA_PROMPT_NO_INPUT,
+    DataError,
+    alpaca_prompt,
+    build_variant,
+    load_records,
+    token_lengths,
+    tokenizer_fingerprint,
 )  # fmt: skip
 from plwlab.files import atomic_write
 
@@ -272,7 +278,7 @@ class GlobalBatchSampler(Sampler[int]):
     def resume_from(self, epoch: int, batches: int) -> None:
         """Skip the first ``batches`` micro-batches of ``epoch`` (they were trained before an interruption).
         ``len()`` stays the full epoch: Lightning counts the skipped batches as done."""
-        self.resume_epoch, self.resume_batches = epoch, batches
+        self.epoch, self.resume_epoch, self.resume_batches = epoch, epoch, batches
 
     def global_order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -286,13 +292,33 @@ class GlobalBatchSampler(Sampler[int]):
         return order
 
     def __iter__(self) -> Iterator[int]:
+        # a generator: the epoch and the resume position are read when the first index is drawn, not when
+        # iteration is set up (Lightning may set it up before it restores a checkpoint)
         mine = self.global_order()[self.rank :: self.world]
         if self.epoch == self.resume_epoch:
             mine = mine[self.resume_batches * self.micro_batch :]
-        return iter(mine)
+        yield from mine
 
     def __len__(self) -> int:
         return self.total // self.world
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch. Lightning keeps :meth:`state_dict` (the epoch and the
+    micro-batches of it already trained, read from the fit loop by ``progress``) in every checkpoint and hands it
+    back through :meth:`load_state_dict` when it resumes; the :class:`GlobalBatchSampler` then skips what was
+    trained, so a resumed run sees exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.progress()
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.resume_from(state_dict["epoch"], state_dict["batches"])
 
 
 def padding_share(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
@@ -349,7 +375,6 @@ class AlpacaDataModule(L.LightningDataModule):
         self.num_workers, self.empty_completion, self.on_invalid = num_workers, empty_completion, on_invalid
         self.variant, self.target_rg, self.cache_dir = variant, target_rg, cache_dir
         self.manifest: dict[str, Any] | None = None
-        self._resume = (-1, 0)  # (epoch, micro-batches done) restored from a checkpoint
         self.train_set: TokenizedDataset | None = None
         self.val_set: TokenizedDataset | None = None
         self.stats: dict[str, float] = {}
@@ -397,14 +422,15 @@ class AlpacaDataModule(L.LightningDataModule):
         }
         log.info("data %s: %s", self.name, self.stats)
 
-    def _loader(self, dataset: TokenizedDataset, batch_size: int, sampler: Any) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: TokenizedDataset, batch_size: int, sampler: Any, **kwargs: Any) -> DataLoader:
+        return (ResumableDataLoader if "progress" in kwargs else DataLoader)(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
             persistent_workers=self.num_workers > 0,
+            **kwargs,
         )
 
     def _world(self) -> tuple[int, int]:
@@ -416,22 +442,16 @@ class AlpacaDataModule(L.LightningDataModule):
         group = 50 * self.batch_size * world if self.batching == "length_grouped" else 0
         return GlobalBatchSampler(lengths, self.batch_size, world, rank, self.seed, group_size=group)
 
-    def train_dataloader(self) -> DataLoader:
-        sampler = self.train_sampler(*self._world())
-        sampler.resume_from(*self._resume)
-        return self._loader(self.train_set, self.batch_size, sampler)
+    def batches_per_epoch(self, world: int) -> int:
+        """Micro-batches each of ``world`` ranks draws per epoch (the last global batch is filled by repetition)."""
+        return -(-len(self.train_set) // (self.batch_size * world))
 
-    def state_dict(self) -> dict[str, int]:
-        """Saved in every Lightning checkpoint: how far into which epoch training got, so a resumed run continues
-        with the next micro-batch (exact mid-epoch resume) instead of restarting the epoch."""
-        if self.trainer is None:
-            return {}
+    def _progress(self) -> tuple[int, int]:
         loop = self.trainer.fit_loop
-        return {"epoch": loop.epoch_progress.current.processed, "batches": loop.epoch_loop.batch_progress.current.processed}
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        if state_dict:
-            self._resume = (state_dict["epoch"], state_dict["batches"])
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, self.train_sampler(*self._world()), progress=self._progress)
 
     def val_dataloader(self) -> DataLoader:
         world, rank = self._world()

@@ -3,98 +3,18 @@
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Any, NamedTuple
+from types import MethodType
+from typing import Any
 
 import lightning as L
 import torch
 from torchmetrics import SumMetric
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedModel
-from transformers import get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from plwlab.loss import NORMALIZATIONS, chunked_next_token_nll, loss_denominator, next_token_nll, prompt_weighted_loss
+from plwlab.sharding import is_sharded, shard_model
 
 DENOMINATOR_SCOPES = ("step", "micro_batch")
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer could not be loaded (bad path, offline hub, bad preset)."""
-
-
-class LoadedModel(NamedTuple):
-    model: PreTrainedModel
-    tokenizer: Any
-    pretrained_vocab_size: int  # embedding rows before any added token: excluded from weight distances
-
-
-def load_tokenizer(tokenizer: str) -> Any:
-    """A tokenizer from a hub id, a local directory, or a bare SentencePiece ``.model`` file (LLaMA)."""
-    path = Path(tokenizer).expanduser()
-    try:
-        if path.is_file() and path.suffix == ".model":
-            with tempfile.TemporaryDirectory() as tmp:
-                shutil.copy(path, Path(tmp) / "tokenizer.model")
-                return LlamaTokenizer.from_pretrained(tmp)
-        return AutoTokenizer.from_pretrained(str(path) if path.exists() else tokenizer)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load tokenizer {tokenizer!r}: {str(e).splitlines()[0]}") from e
-
-
-def load_model(
-    name: str,
-    tokenizer: str,
-    name_or_path: str | None = None,
-    config: dict[str, Any] | None = None,
-    dtype: str = "float32",
-    add_pad_token: bool = False,
-    attn_implementation: str | None = None,
-    gradient_checkpointing: bool = False,
-    lora: dict[str, Any] | None = None,
-) -> LoadedModel:
-    """Load a pretrained causal LM (``name_or_path``: hub id or local dir) or build a randomly initialised one
-    from ``config`` (kwargs of ``AutoConfig.for_model``, e.g. ``model_type: llama``), plus its tokenizer.
-
-    A tokenizer without a pad token gets ``[PAD]`` added (embeddings resized, as Stanford Alpaca does) when
-    ``add_pad_token``, else reuses its unk/eos token (padding never enters the loss). ``lora`` holds
-    ``peft.LoraConfig`` kwargs to train a LoRA adapter instead of all weights.
-    """
-    if (name_or_path is None) == (config is None):
-        raise ModelLoadError(f"model preset {name!r}: set exactly one of name_or_path (pretrained) or config (random init)")
-    if not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ModelLoadError(f"model preset {name!r}: unknown dtype {dtype!r}")
-    tok = load_tokenizer(tokenizer)
-    if tok.pad_token is None:
-        if add_pad_token:
-            tok.add_special_tokens({"pad_token": "[PAD]"})
-        else:
-            tok.pad_token = tok.unk_token or tok.eos_token
-    kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": attn_implementation}
-    if name_or_path is not None:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
-    else:
-        special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        model_config = AutoConfig.for_model(**{"vocab_size": len(tok), **special, **config})
-        model = AutoModelForCausalLM.from_config(model_config, **kwargs)
-    pretrained_vocab_size = model.get_input_embeddings().weight.shape[0]
-    if len(tok) > pretrained_vocab_size:
-        model.resize_token_embeddings(len(tok))
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if lora:
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **lora))
-    return LoadedModel(model, tok, pretrained_vocab_size)
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True once the model's parameters are DTensors (sharded by FSDP2)."""
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
 class PLWModule(L.LightningModule):
@@ -128,6 +48,7 @@ class PLWModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         pretrained_vocab_size: int | None = None,
+        total_steps: int | None = None,
     ) -> None:
         super().__init__()
         if normalization not in NORMALIZATIONS:
@@ -136,11 +57,14 @@ class PLWModule(L.LightningModule):
             raise ValueError(f"denominator_scope must be one of {DENOMINATOR_SCOPES}, got {denominator_scope!r}")
         if plw < 0:
             raise ValueError(f"plw must be >= 0, got {plw}")
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "total_steps"])
         self.model = model
         self.plw, self.normalization, self.denominator_scope = float(plw), normalization, denominator_scope
         self.pretrained_vocab_size = pretrained_vocab_size
         self.chunk_tokens = chunk_tokens
+        self.total_steps = total_steps
+        self.compute_dtype: str | None = None  # dtype the model computed its outputs in (seen in the first step)
+        model.plw_chunked_nll = MethodType(_chunked_nll, model)
         # Running sums since the last optimizer step:
         # [Σwℓ, Σ micro-batch losses, n micro-batches, prompt NLL, n prompt, completion NLL, n completion]
         self._step_sums = torch.zeros(7, dtype=torch.float64)
@@ -148,19 +72,18 @@ class PLWModule(L.LightningModule):
         self.val_sums = torch.nn.ModuleList(SumMetric() for _ in range(4))
 
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy`` (FSDP2): shard every decoder layer (HF's ``_no_split_modules``), then the
-        whole model, over the data-parallel mesh. Other strategies leave the model as it is."""
+        """Under ``ModelParallelStrategy`` (``strategy=fsdp``): shard the model with FSDP2, one unit per decoder
+        layer (:func:`plwlab.sharding.shard_model`), computing in the trainer's precision over the parameters' own
+        dtype. Other strategies leave the model as it is."""
         mesh = getattr(self, "device_mesh", None)
         if mesh is None or is_sharded(self.model):
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import register_fsdp_forward_method
 
-        dp_mesh = mesh["data_parallel"]
-        layer_names = set(getattr(self.model, "_no_split_modules", None) or [])
-        for module in self.model.modules():
-            if type(module).__name__ in layer_names:
-                fully_shard(module, mesh=dp_mesh)
-        fully_shard(self.model, mesh=dp_mesh)
+        shard_model(self.model, mesh["data_parallel"], self.trainer.precision)
+        # the chunked loss reads the LM head outside the model's forward: run it as a forward of the root unit, so
+        # FSDP gathers the root's parameters (embeddings, norm, LM head) for it
+        register_fsdp_forward_method(self.model, "plw_chunked_nll")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-token next-token NLL (B, L-1) of a padded or packed batch."""
@@ -171,10 +94,12 @@ class PLWModule(L.LightningModule):
         else:
             inputs["attention_mask"] = batch["token_mask"]
         if self.chunk_tokens is None:
-            return next_token_nll(self.model(**inputs).logits, batch["input_ids"])
-        causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        hidden = causal.base_model(**inputs).last_hidden_state
-        return chunked_next_token_nll(hidden, causal.get_output_embeddings().weight, batch["input_ids"], self.chunk_tokens)
+            logits = self.model(**inputs).logits
+            nll, compute_dtype = next_token_nll(logits, batch["input_ids"]), logits.dtype
+        else:
+            nll, compute_dtype = self.model.plw_chunked_nll(inputs, self.chunk_tokens)
+        self.compute_dtype = self.compute_dtype or str(compute_dtype).removeprefix("torch.")
+        return nll
 
     def _loss(self, batch: dict[str, torch.Tensor], plw: float, normalization: str, denominator: float | None = None):
         return prompt_weighted_loss(
@@ -222,13 +147,57 @@ class PLWModule(L.LightningModule):
         self.log("val/loss", c_nll / n_c.clamp(min=1), prog_bar=True, sync_dist=False)
         self.log("val/prompt_loss", p_nll / n_p.clamp(min=1), sync_dist=False)
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:  # fmt: skip
+        """Clip the norm over *all* parameters (DTensor shards included: the norm is all-reduced), after the exact
+        PLW rescale of :meth:`on_before_optimizer_step`, and log that norm (before clipping) as ``train/grad_norm``."""
+        if gradient_clip_algorithm == "value":
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if gradient_clip_val is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.log("train/grad_norm", norm.item(), on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def precision_report(self) -> dict[str, str | None]:
+        """What the run really used: dtypes of the trainable parameters (the master weights), of the model's
+        outputs (compute) and of the optimizer state (AdamW's moments)."""
+
+        def name(dtypes: set[torch.dtype]) -> str | None:
+            return ",".join(sorted(str(d).removeprefix("torch.") for d in dtypes)) or None
+
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        state: set[torch.dtype] = set()
+        for optimizer in self.trainer.optimizers if self._trainer is not None else []:
+            for values in optimizer.state.values():
+                state.update(v.dtype for k, v in values.items() if k in ("exp_avg", "exp_avg_sq"))
+        return {"param_dtype": name({p.dtype for p in trainable}), "compute_dtype": self.compute_dtype,
+                "optimizer_state_dtype": name(state)}  # fmt: skip
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps,
             weight_decay=self.hparams.weight_decay,
         )  # fmt: skip
-        total = int(self.trainer.estimated_stepping_batches)
+        # train.py passes total_steps: estimated_stepping_batches would build the train dataloader now, before a
+        # checkpoint is restored under strategies that restore after setup (FSDP2), and so lose its resume position
+        total = self.total_steps or int(self.trainer.estimated_stepping_batches)
         warmup = math.ceil(self.hparams.warmup_ratio * total)
         scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _chunked_nll(
+    model: PreTrainedModel, inputs: dict[str, torch.Tensor], chunk_tokens: int
+) -> tuple[torch.Tensor, torch.dtype]:
+    """Per-token NLL from the final hidden states and the LM head, ``chunk_tokens`` targets at a time
+    (:func:`plwlab.loss.chunked_next_token_nll`), and the dtype of the hidden states. Bound to the model (a LoRA
+    model too) as ``plw_chunked_nll``."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal.base_model(**inputs).last_hidden_state
+    head = causal.get_output_embeddings().weight
+    return chunked_next_token_nll(hidden, head, inputs["input_ids"], chunk_tokens), hidden.dtype

@@ -32,7 +32,7 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*choices)]
 
 
-def _dirname(overrides: list[str], config: DictConfig) -> str:
+def override_dirname(overrides: list[str], config: DictConfig) -> str:
     """Hydra's ``override_dirname`` of a job (sorted key=value pairs, excluded keys dropped)."""
     spec = config.hydra.job.config.override_dirname
     kept = sorted(o for o in overrides if o.split("=", 1)[0] not in set(spec.exclude_keys))
@@ -55,7 +55,7 @@ class SweepCallback(Callback):
         table.add_column("state")
         counts: dict[str, int] = {}
         for i, job in enumerate(jobs):
-            state = statuses.get(_dirname(job, config), {}).get("status", "new")
+            state = statuses.get(override_dirname(job, config), {}).get("status", "new")
             state = {"finished": "done (skip)", "running": "interrupted (resume)", "interrupted": "interrupted (resume)",
                      "failed": "failed (retry)"}.get(state, state)  # fmt: skip
             counts[state] = counts.get(state, 0) + 1
@@ -69,7 +69,7 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         statuses = read_statuses(sweep_dir) if sweep_dir.exists() else {}
-        this_sweep = {_dirname(job, config) for job in sweep_jobs(config)}
+        this_sweep = {override_dirname(job, config) for job in sweep_jobs(config)}
         statuses = {run: st for run, st in statuses.items() if run in this_sweep}
         summary: dict[str, list[str]] = {"finished": [], "skipped": [], "resumed": [], "failed": [], "other": []}
         for run, st in statuses.items():

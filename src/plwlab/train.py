@@ -1,132 +1,94 @@
-"""train(cfg): build model, data, callbacks and loggers from a composed config, fit, and write the run directory.
-
-A run directory is resumable: a finished run is skipped, an interrupted one continues from
-``checkpoints/last.ckpt`` (model, optimizer, schedule, loop and data position), and ``status.json`` records
-every attempt.
-"""
+"""train(cfg): assemble model, data, callbacks, loggers and the Lightning Trainer from a composed config, fit, and
+write the run directory (whose state machine is :mod:`plwlab.rundir`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import secrets
 import time
-import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from plwlab.callbacks import LossRSD, ParamDistance
-from plwlab.config import ConfigError, validate
+from plwlab.checkpointing import CheckpointError, RunCheckpoint
+from plwlab.config import ConfigError, accumulation, to_dict, validate, world_size
 from plwlab.data import AlpacaDataModule
-from plwlab.files import atomic_write
-from plwlab.module import PLWModule, load_model
+from plwlab.model import load_model, parameter_count
+from plwlab.module import PLWModule
+from plwlab.rundir import RunError, prepare_run_dir, record_failure, write_json
 
 log = logging.getLogger(__name__)
-# keys that do not change what a run computes: they may differ between a run and its resumption
-NON_IDENTITY_KEYS = ("paths", "logger", "resume", "plan_only", "name")
+CPU_PARAMETER_LIMIT = 1_000_000_000  # a pretrained model above this on trainer=cpu is a mistake, not a plan
 
 
-class RunError(RuntimeError):
-    """A run could not be written or resumed (unwritable directory, full disk, corrupt checkpoint)."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temporary file and renamed into place, so an interruption or a full
-    disk never leaves a truncated checkpoint where the previous good one was."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        try:
-            with atomic_write(path) as tmp:
-                torch.save(checkpoint, tmp)
-        except OSError as e:
-            raise RunError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact") from e
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically replace ``path`` with ``data`` as JSON."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def record_failure(run_dir: Path, error: BaseException) -> None:
-    """Mark a run failed in its ``status.json`` (kept for the sweep summary), if the directory is writable."""
-    try:
-        status_file = run_dir / "status.json"
-        status = json.loads(status_file.read_text()) if status_file.exists() else {"attempts": 1}
-        status.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(status_file, status)
-    except OSError:
-        pass
-
-
-def _plain(node: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(node, resolve=True)
-
-
-def config_digest(cfg: DictConfig) -> str:
-    """Hash of everything that determines what a run computes (not where it writes or how it logs)."""
-    identity = {k: v for k, v in _plain(cfg).items() if k not in NON_IDENTITY_KEYS}
-    identity.get("callbacks", {}).pop("progress", None)
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _usable_checkpoint(path: Path) -> bool:
-    """A torch checkpoint is a zip archive (a truncated one has no readable central directory); a distributed
-    (sharded) checkpoint is a directory whose ``.metadata`` is written last."""
-    if path.is_dir():
-        return (path / ".metadata").exists()
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return bool(archive.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
-def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[str, Path | None, dict[str, Any]]:
-    """Decide what to do with ``run_dir``: ("skip", None, status) when the same config already finished there,
-    ("resume", checkpoint, status) when it was interrupted, ("start", None, status) otherwise."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from e
-    status_file = run_dir / "status.json"
-    status = json.loads(status_file.read_text()) if status_file.exists() else {"attempts": 0}
-    digest = config_digest(cfg)
-    if status.get("config_digest", digest) != digest:
+def check_model_fits_device(cfg: DictConfig) -> None:
+    """Refuse to fine-tune a billion-parameter model on CPU (e.g. ``model=llama2`` without ``trainer=gpu``)."""
+    if cfg.trainer.get("accelerator") != "cpu" or cfg.model.name_or_path is None:
+        return
+    n = parameter_count(cfg.model.name_or_path)
+    if n is not None and n > CPU_PARAMETER_LIMIT:
         raise ConfigError(
-            f"{run_dir} holds a run of a different config (digest {status['config_digest']} != {digest}); "
-            "use another name/run dir, or delete it"
+            f"model {cfg.model.name} has {n / 1e9:.1f}B parameters and trainer.accelerator=cpu: that would take "
+            "weeks; use trainer=gpu (or experiment=paper)"
         )
-    status["config_digest"] = digest
-    if status.get("status") == "finished" and cfg.resume:
-        return "skip", None, status
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if cfg.resume and last.exists():
-        if not _usable_checkpoint(last):
-            raise RunError(f"{last} is unreadable (truncated?); delete it to restart this run from scratch")
-        return "resume", last, status
-    return "start", None, status
+
+
+def make_strategy(cfg: DictConfig) -> Any:
+    """The configured Lightning strategy; FSDP2 (``ModelParallelStrategy``) shards over every process."""
+    if "_target_" not in cfg.strategy:
+        return "auto"
+    if cfg.strategy._target_.endswith("ModelParallelStrategy"):
+        return instantiate(cfg.strategy, data_parallel_size=world_size(cfg.trainer), tensor_parallel_size=1)
+    return instantiate(cfg.strategy)
+
+
+def total_steps(datamodule: AlpacaDataModule, cfg: DictConfig, accumulate: int) -> int:
+    """Optimizer steps of the whole run, as Lightning's fit loop takes them (a partial accumulation at the end of an
+    epoch still steps)."""
+    per_epoch = -(-datamodule.batches_per_epoch(world_size(cfg.trainer)) // accumulate)
+    steps = per_epoch * max(cfg.trainer.get("max_epochs") or 1, 1)
+    max_steps = cfg.trainer.get("max_steps") or -1
+    return min(steps, max_steps) if max_steps > 0 else steps
+
+
+def make_loggers(cfg: DictConfig, status: dict[str, Any]) -> list[Any]:
+    """The configured loggers. A W&B run keeps one id per run directory (in ``status.json``): a resumed attempt
+    continues the same W&B run."""
+    loggers = []
+    for c in cfg.logger.values():
+        if c is None:
+            continue
+        if c._target_.endswith("WandbLogger"):
+            status.setdefault("wandb_id", secrets.token_hex(4))
+            loggers.append(instantiate(c, id=status["wandb_id"], resume="allow"))
+        else:
+            loggers.append(instantiate(c))
+    return loggers
+
+
+def finish_wandb(loggers: list[Any], failed: bool) -> None:
+    """End this run's W&B run, so that the next run of a sweep in this process opens its own."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish(exit_code=1 if failed else 0)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with prompt loss weight ``cfg.plw``; return the final metrics.
 
     The run directory ``cfg.paths.run_dir`` receives ``config.yaml`` (resolved), ``status.json``, ``metrics.csv``
-    (CSV logger), ``checkpoints/``, ``hf_model/`` (HF export), ``metrics.json`` (the returned summary) and, for a
-    built dataset variant, ``data_manifest.json``. With ``resume=true`` (default) a finished run is skipped and an
-    interrupted one resumes from ``checkpoints/last.ckpt``.
+    (CSV logger), ``checkpoints/`` (while running; kept only with ``callbacks.checkpoint.keep=true``), ``hf_model/``
+    (HF export), ``metrics.json`` (the returned summary) and, for a built dataset variant, ``data_manifest.json``.
+    With ``resume=true`` (default) a finished run is skipped and an interrupted one resumes from
+    ``checkpoints/last.ckpt``.
     """
     validate(cfg)
     run_dir = Path(cfg.paths.run_dir)
@@ -135,6 +97,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("run dir %s: already finished, skipped (resume=false reruns it)", run_dir)
         write_json(run_dir / "status.json", {**status, "skipped": time.strftime("%Y-%m-%dT%H:%M:%S")})
         return {**json.loads((run_dir / "metrics.json").read_text()), "skipped": True}
+    check_model_fits_device(cfg)
+    accumulate = accumulation(cfg)
+    if cfg.matmul_precision:
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+    loggers = make_loggers(cfg, status)
     # before the Trainer exists: torchrun sets RANK, srun SLURM_PROCID, Lightning's launcher LOCAL_RANK (>0 only)
     is_zero = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("LOCAL_RANK") or 0) == 0
     if is_zero:
@@ -144,27 +111,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if ckpt_path is not None and (run_dir / "metrics.csv").exists():  # the CSV logger would overwrite it
             os.replace(run_dir / "metrics.csv", run_dir / f"metrics.attempt{status['attempts'] - 1}.csv")
     L.seed_everything(cfg.seed, workers=True)
-    # AlpacaDataModule saves and restores its position in the epoch itself (exact mid-epoch resume)
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
-    loaded = load_model(**_plain(cfg.model))
+    loaded = load_model(**to_dict(cfg.model))
+    datamodule = AlpacaDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, **to_dict(cfg.data))
+    datamodule.setup("fit")
     module = PLWModule(
         loaded.model, plw=cfg.plw, pretrained_vocab_size=loaded.pretrained_vocab_size,
-        **_plain(cfg.loss), **_plain(cfg.optim),
+        total_steps=total_steps(datamodule, cfg, accumulate), **to_dict(cfg.loss), **to_dict(cfg.optim),
     )  # fmt: skip
-    datamodule = AlpacaDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, **_plain(cfg.data))
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
-    strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else "auto"
-    sharded = type(strategy).__name__ in ("FSDPStrategy", "ModelParallelStrategy")  # they write their own layout
     trainer = L.Trainer(
         **cfg.trainer,
-        strategy=strategy,
+        accumulate_grad_batches=accumulate,
+        strategy=make_strategy(cfg),
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
+        enable_checkpointing=False,  # RunCheckpoint (callbacks.checkpoint) writes the checkpoints
         use_distributed_sampler=False,  # AlpacaDataModule shards data itself, identically for any world size
-        plugins=None if sharded else [AtomicCheckpointIO()],
     )
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -173,10 +137,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except BaseException as e:
         if trainer.is_global_zero:
+            finish_wandb(loggers, failed=True)
             if isinstance(e, KeyboardInterrupt):
                 write_json(run_dir / "status.json", {**status, "status": "interrupted"})
             else:
                 record_failure(run_dir, e)
+        if isinstance(e, CheckpointError):
+            raise RunError(str(e)) from e
         if isinstance(e, OSError):
             raise RunError(f"run {run_dir} failed writing its outputs: {e.strerror or e}") from e
         raise
@@ -188,6 +155,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         n_train=datamodule.stats["n_train"],
         n_empty_completion=datamodule.stats["n_empty_completion"],
         global_steps=trainer.global_step,
+        global_batch_size=cfg.data.batch_size * trainer.world_size * accumulate,
+        micro_batch_size=cfg.data.batch_size,
+        accumulate_grad_batches=accumulate,
+        world_size=trainer.world_size,
+        strategy=type(trainer.strategy).__name__,
+        precision=str(trainer.precision),
+        **module.precision_report(),
         fit_seconds=time.perf_counter() - start,
         final_train_loss=module.last_step_loss,
         resumed=ckpt_path is not None,
@@ -198,10 +172,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(cb, ParamDistance):
             metrics["param_distance"] = cb.last.get("total")
     if trainer.is_global_zero:
+        finish_wandb(loggers, failed=False)
         write_json(run_dir / "metrics.json", metrics)
         if datamodule.manifest is not None:
             write_json(run_dir / "data_manifest.json", datamodule.manifest)
         status.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
         write_json(run_dir / "status.json", status)
+        for cb in callbacks:
+            if isinstance(cb, RunCheckpoint) and not cb.keep:
+                cb.discard()  # the run is complete: hf_model/ is the result, the training state is no longer needed
         log.info("run dir %s: %s", run_dir, json.dumps(metrics))
     return metrics

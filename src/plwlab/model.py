@@ -1,0 +1,97 @@
+"""Loading an HF causal LM and its tokenizer: pretrained (hub id or local directory) or randomly initialised from
+a config, optionally with a LoRA adapter."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedModel
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded (bad path, offline hub, bad preset)."""
+
+
+class LoadedModel(NamedTuple):
+    model: PreTrainedModel
+    tokenizer: Any
+    pretrained_vocab_size: int  # embedding rows before any added token: excluded from weight distances
+
+
+def load_tokenizer(tokenizer: str) -> Any:
+    """A tokenizer from a hub id, a local directory, or a bare SentencePiece ``.model`` file (LLaMA)."""
+    path = Path(tokenizer).expanduser()
+    try:
+        if path.is_file() and path.suffix == ".model":
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copy(path, Path(tmp) / "tokenizer.model")
+                return LlamaTokenizer.from_pretrained(tmp)
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else tokenizer)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load tokenizer {tokenizer!r}: {str(e).splitlines()[0]}") from e
+
+
+def load_model(
+    name: str,
+    tokenizer: str,
+    name_or_path: str | None = None,
+    config: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    add_pad_token: bool = False,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+    lora: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Load a pretrained causal LM (``name_or_path``: hub id or local dir) or build a randomly initialised one
+    from ``config`` (kwargs of ``AutoConfig.for_model``, e.g. ``model_type: llama``), plus its tokenizer.
+
+    A tokenizer without a pad token gets ``[PAD]`` added (embeddings resized, as Stanford Alpaca does) when
+    ``add_pad_token``, else reuses its unk/eos token (padding never enters the loss). ``lora`` holds
+    ``peft.LoraConfig`` kwargs to train a LoRA adapter instead of all weights.
+    """
+    if (name_or_path is None) == (config is None):
+        raise ModelLoadError(f"model preset {name!r}: set exactly one of name_or_path (pretrained) or config (random init)")
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ModelLoadError(f"model preset {name!r}: unknown dtype {dtype!r}")
+    tok = load_tokenizer(tokenizer)
+    if tok.pad_token is None:
+        if add_pad_token:
+            tok.add_special_tokens({"pad_token": "[PAD]"})
+        else:
+            tok.pad_token = tok.unk_token or tok.eos_token
+    kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": attn_implementation}
+    if name_or_path is not None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
+    else:
+        special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        model_config = AutoConfig.for_model(**{"vocab_size": len(tok), **special, **config})
+        model = AutoModelForCausalLM.from_config(model_config, **kwargs)
+    pretrained_vocab_size = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > pretrained_vocab_size:
+        model.resize_token_embeddings(len(tok))
+    if gradient_checkpointing:  # per decoder layer; non-reentrant, as FSDP2 needs
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **lora))
+    return LoadedModel(model, tok, pretrained_vocab_size)
+
+
+def parameter_count(name_or_path: str) -> int | None:
+    """Parameters of a pretrained model, counted from its config alone (on the meta device, no weights read);
+    None when the config cannot be read (e.g. a hub id while offline: loading reports that)."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,91 @@
+"""The run directory's state machine: a run directory holds one config (its digest), and ``status.json`` says
+whether the run is new, running, interrupted, failed or finished, how many attempts it took and what it resumed
+from. :func:`prepare_run_dir` decides whether to start, resume from ``checkpoints/last.ckpt`` or skip."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from plwlab.config import ConfigError, to_dict
+from plwlab.files import atomic_write
+
+# keys that do not change what a run computes: they may differ between a run and its resumption
+NON_IDENTITY_KEYS = ("paths", "logger", "resume", "plan_only", "name")
+
+
+class RunError(RuntimeError):
+    """A run could not be written or resumed (unwritable directory, full disk, corrupt checkpoint)."""
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically replace ``path`` with ``data`` as JSON."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """Mark a run failed in its ``status.json`` (kept for the sweep summary), if the directory is writable."""
+    try:
+        status_file = run_dir / "status.json"
+        status = json.loads(status_file.read_text()) if status_file.exists() else {"attempts": 1}
+        status.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(status_file, status)
+    except OSError:
+        pass
+
+
+def config_digest(cfg: DictConfig) -> str:
+    """Hash of everything that determines what a run computes (not where it writes or how it logs)."""
+    identity = {k: v for k, v in to_dict(cfg).items() if k not in NON_IDENTITY_KEYS}
+    for name in ("progress", "checkpoint"):  # how a run shows progress and how often it checkpoints
+        identity.get("callbacks", {}).pop(name, None)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _usable_checkpoint(path: Path) -> bool:
+    """A torch checkpoint is a zip archive (a truncated one has no readable central directory); a distributed
+    (sharded) checkpoint is a directory with its ``.metadata``. ``last.ckpt`` is a link to one of them."""
+    if path.is_dir():
+        return (path / ".metadata").exists()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[str, Path | None, dict[str, Any]]:
+    """Decide what to do with ``run_dir``: ("skip", None, status) when the same config already finished there,
+    ("resume", checkpoint, status) when it was interrupted, ("start", None, status) otherwise."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from e
+    status_file = run_dir / "status.json"
+    status = json.loads(status_file.read_text()) if status_file.exists() else {"attempts": 0}
+    digest = config_digest(cfg)
+    if status.get("config_digest", digest) != digest:
+        raise ConfigError(
+            f"{run_dir} holds a run of a different config (digest {status['config_digest']} != {digest}); "
+            "use another name/run dir, or delete it"
+        )
+    status["config_digest"] = digest
+    if status.get("status") == "finished" and cfg.resume:
+        return "skip", None, status
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume and (last.exists() or last.is_symlink()):
+        if not _usable_checkpoint(last):
+            raise RunError(f"{last} is unreadable (truncated?); delete it to restart this run from scratch")
+        return "resume", last, status
+    return "start", None, status

@@ -1,0 +1,129 @@
+"""The sharded path (strategy=fsdp: FSDP2) run for real on 2 CPU processes (gloo): equal to 1 process with gradient
+clipping, every default callback, the chunked loss, activation checkpointing and LoRA; exact resume after kill -9;
+fp32 master weights; one torchrun process group per sweep point; one W&B run per run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+from test_train import cli_env, read_metrics_csv, run_cli, train_losses
+
+# float64 so that 1 and 2 processes agree to 1e-9 (only the summation order differs)
+COMMON = ["data.limit=60", "data.val_size=4", "model.dtype=float64", "callbacks.progress=null", "plw=0.1",
+          "callbacks.param_distance.every_n_steps=5", "trainer.gradient_clip_val=0.3", "loss.chunk_tokens=64",
+          "model.gradient_checkpointing=true", "global_batch_size=4"]  # fmt: skip
+SHARDED = ["trainer.devices=2", "strategy=fsdp", "data.batch_size=2"]
+SINGLE = ["data.batch_size=4"]
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def weights(run_dir: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "hf_model" / name)
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_fsdp_on_two_processes_equals_one_process(tmp_path):
+    args = [*COMMON, "trainer.max_steps=6"]
+    single = run_cli(*args, *SINGLE, f"hydra.run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = run_cli(*args, *SHARDED, f"hydra.run.dir={tmp_path / 'fsdp'}")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    a, b = metrics(tmp_path / "single"), metrics(tmp_path / "fsdp")
+    assert b["strategy"] == "ModelParallelStrategy" and b["world_size"] == 2 and b["global_batch_size"] == 4
+    assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-9)
+    norms = [[float(r["train/grad_norm"]) for r in read_metrics_csv(tmp_path / d) if r.get("train/grad_norm")]
+             for d in ("single", "fsdp")]  # fmt: skip
+    assert norms[1] == pytest.approx(norms[0], rel=1e-9) and len(norms[0]) == 6
+    assert max(norms[0]) > 0.3  # clipping was active, and clipped the sharded gradients identically
+    for key in ("param_distance", "loss_rsd", "final_train_loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-9), key
+    assert max_diff(weights(tmp_path / "single"), weights(tmp_path / "fsdp")) <= 1e-9  # gathered export
+    assert b["param_dtype"] == b["optimizer_state_dtype"] == b["compute_dtype"] == "float64"
+    assert not (tmp_path / "fsdp" / "checkpoints").exists()  # removed once finished (keep=false)
+
+
+def test_fsdp_lora_on_two_processes_equals_one_process(tmp_path):
+    args = [*COMMON, "trainer.max_steps=4", "model.lora={r:4,lora_alpha:8,target_modules:[q_proj,v_proj]}"]
+    for name, extra in (("single", SINGLE), ("fsdp", SHARDED)):
+        result = run_cli(*args, *extra, f"hydra.run.dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = metrics(tmp_path / "single"), metrics(tmp_path / "fsdp")
+    assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-9)
+    assert b["param_distance"] == pytest.approx(a["param_distance"], rel=1e-9) and a["param_distance"] > 0  # ΔW
+    adapter = "adapter_model.safetensors"
+    assert max_diff(weights(tmp_path / "single", adapter), weights(tmp_path / "fsdp", adapter)) <= 1e-9
+
+
+def test_fsdp_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = [*COMMON, "data.limit=100", "trainer.max_epochs=2", "callbacks.checkpoint.every_n_steps=5", "logger=wandb"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run_cli(*args, *SINGLE, f"hydra.run.dir={whole}").returncode == 0
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, *SHARDED, f"hydra.run.dir={broken}"],
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 240
+    while not (broken / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its second rank
+    proc.wait()
+    meta = torch.load(broken / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=False)
+    assert 0 < meta["global_step"] < 24  # mid-way through the first of two 24-step epochs
+    first = json.loads((broken / "status.json").read_text())
+    resumed = run_cli(*args, *SHARDED, f"hydra.run.dir={broken}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr  # Lightning knows the loader resumes mid-epoch
+    a, b = metrics(whole), metrics(broken)
+    assert b["resumed"] and b["global_steps"] == a["global_steps"] == 48
+    for key in ("final_train_loss", "param_distance", "loss_rsd", "val/loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), key
+    assert max_diff(weights(whole), weights(broken)) <= 1e-6
+    status = json.loads((broken / "status.json").read_text())
+    assert status["status"] == "finished" and status["attempts"] == 2
+    assert status["wandb_id"] == first["wandb_id"]  # the resumed attempt continues the same W&B run
+    runs = sorted((broken / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(status["wandb_id"]) for r in runs)
+
+
+def test_sweep_through_the_torchrun_launcher(tmp_path, monkeypatch):
+    """Each sweep point in its own 2-process group, bf16 compute over fp32 master weights, one W&B run each."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    result = run_cli("-m", "plw=0,1", "hydra/launcher=torchrun", *SHARDED, "data.limit=40", "data.val_size=4",
+                     "trainer.max_steps=3", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0",
+                     "callbacks.progress=null", "logger=wandb", f"paths.output_dir={tmp_path}", timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "plwlab"
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert len(summary["finished"]) == 2 and not summary["failed"], summary
+    runs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    assert [metrics(r)["plw"] for r in runs] == [0.0, 1.0]
+    for r in runs:
+        m = metrics(r)
+        assert (m["world_size"], m["precision"]) == (2, "bf16-mixed")
+        assert (m["param_dtype"], m["compute_dtype"], m["optimizer_state_dtype"]) == ("float32", "bfloat16", "float32")
+    ids = [json.loads((r / "status.json").read_text())["wandb_id"] for r in runs]
+    assert len(set(ids)) == 2
+    for r, run_id in zip(runs, ids):
+        (offline,) = (r / "wandb").glob("offline-run-*")
+        assert offline.name.endswith(run_id) and list(offline.glob("*.wandb"))
+
+
+def test_basic_launcher_refuses_a_multi_process_sweep(tmp_path):
+    result = run_cli("-m", "plw=0,1", "trainer.devices=2", "strategy=fsdp", f"paths.output_dir={tmp_path}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "use hydra/launcher=torchrun" in result.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.rglob("status.json"))  # refused before any run started
