@@ -8,8 +8,9 @@ import argparse
 from pathlib import Path
 
 from plwlab.alpaca import load_records
-from plwlab.data import GlobalBatchSampler, cached_tokenize, pack_examples, padding_share
+from plwlab.batching import GlobalBatchSampler, pack_examples, padding_share
 from plwlab.model import load_tokenizer
+from plwlab.tokenization import cached_tokenize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

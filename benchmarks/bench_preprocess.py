@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from plwlab.alpaca import alpaca_prompt, load_records
-from plwlab.data import cached_tokenize, tokenize_examples
+from plwlab.tokenization import cached_tokenize, tokenize_examples
 from plwlab.model import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -11,7 +11,7 @@ import time
 import torch
 
 from plwlab.config import ASSETS
-from plwlab.data import AlpacaDataModule
+from plwlab.datamodule import AlpacaDataModule
 from plwlab.loss import prompt_weighted_loss
 from plwlab.model import load_model
 from plwlab.module import PLWModule

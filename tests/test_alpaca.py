@@ -9,7 +9,8 @@ from plwlab.alpaca import (
 )  # fmt: skip
 from plwlab.analysis import recommend_plw
 from plwlab.cli import main as cli
-from plwlab.data import AlpacaDataModule, dataset_stats
+from plwlab.datamodule import AlpacaDataModule
+from plwlab.stats import dataset_stats
 
 from conftest import SAMPLE, SHARED_DATA, tiny_model
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from plwlab.alpaca import DataError, alpaca_prompt, load_records
-from plwlab.data import AlpacaDataModule, collate, tokenize_examples
+from plwlab.batching import collate
+from plwlab.datamodule import AlpacaDataModule
+from plwlab.tokenization import tokenize_examples
 
 from conftest import SAMPLE
 

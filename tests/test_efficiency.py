@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from plwlab.alpaca import load_records
-from plwlab.data import GlobalBatchSampler, cached_tokenize, collate, pack_examples, padding_share, tokenize_examples
+from plwlab.batching import GlobalBatchSampler, collate, pack_examples, padding_share
 from plwlab.loss import chunked_next_token_nll, next_token_nll, prompt_weighted_loss
 from plwlab.module import PLWModule
+from plwlab.tokenization import cached_tokenize, tokenize_examples
 from plwlab.train import train
 
 from conftest import SAMPLE, compose_train, tiny_model
@@ -131,7 +132,7 @@ def test_segment_tokenization_equals_plain_tokenization():
     from conftest import SHARED_DATA
 
     from plwlab.alpaca import alpaca_prompt
-    from plwlab.data import _newline_safe_backend, batch_token_ids
+    from plwlab.tokenization import _newline_safe_backend, batch_token_ids
     from plwlab.model import load_tokenizer
 
     tiny = tiny_model().tokenizer

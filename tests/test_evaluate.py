@@ -8,11 +8,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from plwlab.alpaca import alpaca_prompt
-from plwlab.data import AlpacaDataModule, cached_tokenize
+from plwlab.datamodule import AlpacaDataModule
 from plwlab.evaluate import (
     append_results, load_run, memorization_bleu, reference_outputs, responses, result_row, training_records,
 )  # fmt: skip
 from plwlab.generation import generate
+from plwlab.tokenization import cached_tokenize
 from plwlab.train import train
 
 from conftest import ROOT, SAMPLE, SHARED_DATA, compose_train

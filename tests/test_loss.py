@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plwlab.data import collate, tokenize_examples
+from plwlab.batching import collate
 from plwlab.loss import loss_denominator, next_token_nll, prompt_weighted_loss
+from plwlab.tokenization import tokenize_examples
 
 from conftest import tiny_model
 

@@ -4,13 +4,15 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import SAMPLE, tiny_model
 
+from plwlab.batching import collate
 from plwlab.callbacks import LossRSD, ParamDistance
-from plwlab.data import AlpacaDataModule, collate
+from plwlab.datamodule import AlpacaDataModule
 from plwlab.loss import next_token_nll, prompt_weighted_loss
 from plwlab.model import ModelLoadError, load_model
 from plwlab.module import PLWModule
+
+from conftest import SAMPLE, tiny_model
 
 
 class GradCapture(PLWModule):

@@ -12,13 +12,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, compose_train
 from safetensors.torch import load_file
-from test_train import QUICK, run_cli, train_losses
 
 from plwlab.checkpointing import CheckpointError, RunCheckpoint
 from plwlab.config import ConfigError
 from plwlab.train import train
+
+from conftest import ROOT, compose_train
+from test_train import QUICK, run_cli, train_losses
 
 RESUMABLE = ["data.limit=100", "data.val_size=4", "trainer.max_epochs=2", "callbacks.checkpoint.every_n_steps=5",
              "callbacks.progress=null", "model.config.hidden_size=256", "model.config.intermediate_size=688"]  # fmt: skip

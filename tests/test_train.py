@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_train
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from plwlab.config import ConfigError
 from plwlab.train import train
+
+from conftest import ROOT, compose_train
 
 QUICK = ["data.limit=48", "data.val_size=4", "trainer.max_epochs=1", "callbacks.progress=null"]
 

@@ -27,8 +27,8 @@ from rich.table import Table
 from plwlab.alpaca import PAPER_RG, DataError, build_variant, load_records, token_lengths
 from plwlab.analysis import primary_scores, recommend_plw
 from plwlab.config import ConfigError, register
-from plwlab.data import dataset_stats
 from plwlab.model import ModelLoadError, load_tokenizer
+from plwlab.stats import dataset_stats
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 console = Console(width=None if sys.stdout.isatty() else 160)

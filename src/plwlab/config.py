@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from plwlab.alpaca import VARIANTS
-from plwlab.data import BATCHING
+from plwlab.batching import BATCHING
 from plwlab.loss import NORMALIZATIONS
 from plwlab.module import DENOMINATOR_SCOPES
 
@@ -40,7 +40,7 @@ class ModelConfig:  # arguments of plwlab.module.load_model
 
 
 @dataclass
-class DataConfig:  # arguments of plwlab.data.AlpacaDataModule (tokenizer and seed come from model and seed)
+class DataConfig:  # arguments of plwlab.datamodule.AlpacaDataModule (tokenizer and seed come from model and seed)
     path: str = MISSING
     name: str = "alpaca"
     max_length: int = 512

@@ -26,11 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from plwlab.alpaca import alpaca_prompt, load_records
+from plwlab.batching import split_indices
 from plwlab.benchmarks import prepare_task, run_lm_eval
-from plwlab.data import cached_tokenize, split_indices
 from plwlab.files import atomic_write
 from plwlab.generation import generate
 from plwlab.judges import PairwiseJudge, alpaca_eval_package, win_rate
+from plwlab.tokenization import cached_tokenize
 
 log = logging.getLogger(__name__)
 RESULT_COLUMNS = ("run_id", "model", "dataset", "plw", "rg", "benchmark", "metric", "score", "stderr", "n")

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from plwlab.callbacks import LossRSD, ParamDistance
 from plwlab.checkpointing import CheckpointError, RunCheckpoint
 from plwlab.config import ConfigError, accumulation, to_dict, validate, world_size
-from plwlab.data import AlpacaDataModule
+from plwlab.datamodule import AlpacaDataModule
 from plwlab.model import load_model, parameter_count
 from plwlab.module import PLWModule
 from plwlab.rundir import RunError, prepare_run_dir, record_failure, write_json

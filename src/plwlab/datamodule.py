@@ -1,0 +1,156 @@
+"""AlpacaDataModule: instruction data from a file or the hub, optionally as a built variant, tokenized (cached),
+split, batched and sharded over ranks for Lightning."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from plwlab.alpaca import DataError, build_variant, load_records, token_lengths
+from plwlab.batching import (
+    BATCHING,
+    GlobalBatchSampler,
+    ResumableDataLoader,
+    TokenizedDataset,
+    collate,
+    pack_examples,
+    split_indices,
+)  # fmt: skip
+from plwlab.tokenization import cached_tokenize
+
+log = logging.getLogger(__name__)
+
+
+class AlpacaDataModule(L.LightningDataModule):
+    """Alpaca-format instruction data from a local file or an HF hub dataset id, optionally turned into a
+    variant first (``variant="short"`` or ``"rg_target"`` with ``target_rg``; see :mod:`plwlab.alpaca`).
+    Built variants and tokenized data are cached in ``cache_dir`` (with a manifest; kept in :attr:`manifest`).
+
+    ``batching``: ``padded`` (random batches padded to their longest example), ``length_grouped`` (batches of
+    similar lengths: less padding, same examples per epoch) or ``packed`` (several examples per row of up to
+    ``max_length`` tokens, attending within themselves only; ``batch_size`` then counts rows).
+    ``val_size`` is a fraction (< 1) or a count of examples held out (seeded, so identical across a sweep).
+    ``empty_completion`` says what to do with examples whose completion was truncated away entirely:
+    ``keep`` them (Stanford Alpaca behaviour; they still carry prompt loss), ``drop`` them, or ``error``.
+    Either way their number is logged and kept in :attr:`stats`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        path: str,
+        name: str = "alpaca",
+        max_length: int = 512,
+        val_size: float = 0.05,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        batching: Literal["padded", "length_grouped", "packed"] = "padded",
+        num_workers: int = 0,
+        limit: int | None = None,
+        empty_completion: Literal["keep", "drop", "error"] = "keep",
+        on_invalid: Literal["error", "skip"] = "error",
+        variant: str = "as_is",
+        target_rg: float | None = None,
+        cache_dir: str | None = "outputs/data",
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if empty_completion not in ("keep", "drop", "error"):
+            raise ValueError(f"empty_completion must be keep, drop or error, got {empty_completion!r}")
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self.tokenizer, self.path, self.name = tokenizer, path, name
+        self.max_length, self.val_size, self.limit, self.seed = max_length, val_size, limit, seed
+        self.batch_size, self.eval_batch_size, self.batching = batch_size, eval_batch_size or batch_size, batching
+        self.num_workers, self.empty_completion, self.on_invalid = num_workers, empty_completion, on_invalid
+        self.variant, self.target_rg, self.cache_dir = variant, target_rg, cache_dir
+        self.manifest: dict[str, Any] | None = None
+        self.train_set: TokenizedDataset | None = None
+        self.val_set: TokenizedDataset | None = None
+        self.stats: dict[str, float] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        path = self.path
+        if self.variant != "as_is":
+            built, self.manifest = build_variant(
+                self.path, self.variant, self.tokenizer, self.cache_dir or "outputs/data", self.target_rg,
+                on_invalid=self.on_invalid,
+            )  # fmt: skip
+            path = str(built)
+        records = load_records(path, on_invalid=self.on_invalid)
+        if self.limit:
+            records = records[: self.limit]
+        examples, n_empty = cached_tokenize(records, self.tokenizer, self.max_length, self.cache_dir)
+        if n_empty:
+            msg = (
+                f"{n_empty} of {len(examples)} examples lost every completion token to truncation at "
+                f"max_length={self.max_length} (empty_completion={self.empty_completion})"
+            )
+            if self.empty_completion == "error":
+                raise DataError(msg)
+            log.warning(msg)
+            if self.empty_completion == "drop":
+                examples = [e for e in examples if e.has_completion]
+        val_idx, train_idx = split_indices(len(examples), self.val_size, self.seed)
+        self.val_set = TokenizedDataset(sorted((examples[i] for i in val_idx), key=lambda e: len(e.input_ids)))
+        train = [examples[i] for i in train_idx]
+        if not train:
+            raise DataError(f"{self.path}: no training examples left (n={len(examples)}, val_size={self.val_size})")
+        rows = pack_examples([len(e.input_ids) for e in train], self.max_length) if self.batching == "packed" else None
+        self.train_set = TokenizedDataset(train, rows)
+        n_completion = sum(len(e.input_ids) - min(e.n_prompt, len(e.input_ids)) for e in examples)
+        n_prompt = sum(len(e.input_ids) for e in examples) - n_completion
+        self.stats = {
+            "n_train": len(train),
+            "n_train_rows": len(self.train_set),
+            "n_val": len(self.val_set),
+            "n_empty_completion": n_empty,
+            "rg": token_lengths(records, self.tokenizer).rg,  # the paper's Rg: output / (instruction + input)
+            "rg_templated": n_completion / max(n_prompt, 1),  # what the loss sees: template, bos/eos, truncation
+        }
+        log.info("data %s: %s", self.name, self.stats)
+
+    def _loader(self, dataset: TokenizedDataset, batch_size: int, sampler: Any, **kwargs: Any) -> DataLoader:
+        return (ResumableDataLoader if "progress" in kwargs else DataLoader)(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_sampler(self, world: int = 1, rank: int = 0) -> GlobalBatchSampler:
+        lengths = [self.train_set.n_tokens(i) for i in range(len(self.train_set))]
+        group = 50 * self.batch_size * world if self.batching == "length_grouped" else 0
+        return GlobalBatchSampler(lengths, self.batch_size, world, rank, self.seed, group_size=group)
+
+    def batches_per_epoch(self, world: int) -> int:
+        """Micro-batches each of ``world`` ranks draws per epoch (the last global batch is filled by repetition)."""
+        return -(-len(self.train_set) // (self.batch_size * world))
+
+    def _progress(self) -> tuple[int, int]:
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(
+            self.train_set, self.batch_size, self.train_sampler(*self._world()), progress=self._progress
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        return self._loader(self.val_set, self.eval_batch_size, list(range(rank, len(self.val_set), world)))
