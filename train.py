@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from plwlab.alpaca import DataError
 from plwlab.config import ConfigError, register, world_size
 from plwlab.model import ModelLoadError
+from plwlab.module import TrainingDiverged
 from plwlab.rundir import RunError, record_failure
 from plwlab.train import train
 
@@ -33,7 +34,7 @@ def main(cfg: DictConfig) -> float | None:
                 "another) or hydra/launcher=slurm"
             )
         metrics = train(cfg)
-    except (ConfigError, DataError, ModelLoadError, RunError) as e:
+    except (ConfigError, DataError, ModelLoadError, RunError, TrainingDiverged) as e:
         if multirun:  # one failing run must not stop the sweep; the summary lists it
             log.error("run failed: %s", e)
             record_failure(Path(HydraConfig.get().runtime.output_dir), e)

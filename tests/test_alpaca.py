@@ -7,7 +7,7 @@ import pytest
 from plwlab.alpaca import (
     INVERT_NO_INPUT, DataError, build_variant, invert, load_records, rg_target_variant, short_variant, token_lengths,
 )  # fmt: skip
-from plwlab.analysis import recommend_plw
+from plwlab.recommend import recommend_plw
 from plwlab.cli import main as cli
 from plwlab.datamodule import AlpacaDataModule
 from plwlab.stats import dataset_stats

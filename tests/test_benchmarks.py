@@ -1,6 +1,7 @@
 """lm-eval presets: local official files converted to the hub schema, task YAMLs, prompts lm-eval really builds."""
 
 import json
+import logging
 
 import pytest
 import yaml
@@ -126,14 +127,16 @@ def test_lm_eval_builds_the_paper_prompts(lm_eval_samples):
     assert len(samples["truthfulqa_mc2"][0]["arguments"]) == 4  # one loglikelihood per mc2 answer
 
 
-def test_run_lm_eval_rows(lm_eval_samples):
+def test_run_lm_eval_rows(lm_eval_samples, caplog):
     tiny, task_dir, reference = lm_eval_samples
+    caplog.set_level(logging.INFO)
     rows = run_lm_eval(tiny.model, tiny.tokenizer, ["piqa", "truthfulqa_mc2", "wmt14_en_fr"], task_dir, limit=3, batch_size=4)
     by_key = {(b, m): (s, e, n) for b, m, s, e, n in rows}
     assert set(by_key) == {("piqa", "acc"), ("piqa", "acc_norm"), ("truthfulqa_mc2", "acc"), ("wmt14_en_fr", "bleu"),
                            ("wmt14_en_fr", "chrf"), ("wmt14_en_fr", "ter")}  # fmt: skip
     assert by_key["piqa", "acc"][0] == pytest.approx(reference["results"]["piqa"]["acc,none"])
     assert all(n == 3 for *_, n in rows) and 0 <= by_key["truthfulqa_mc2", "acc"][0] <= 1
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval") and r.levelno < logging.WARNING]
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")

@@ -147,15 +147,19 @@ def test_loss_rsd_over_five_step_windows():
     assert restored.value == cb.value and restored.losses == losses
 
 
-def test_load_model_errors_and_pad_token():
+def test_load_model_errors_and_pad_token(tmp_path):
     with pytest.raises(ModelLoadError, match="exactly one"):
         load_model(name="x", tokenizer="unused")
-    with pytest.raises(ModelLoadError, match="cannot load tokenizer"):
+    with pytest.raises(ModelLoadError, match="tokenizer directory /nonexistent/tokenizer does not exist"):
         load_model(name="x", tokenizer="/nonexistent/tokenizer", config={"model_type": "llama"})
+    tiny = tiny_model()
+    tiny.tokenizer.save_pretrained(tmp_path / "tok")
+    with pytest.raises(ModelLoadError, match="model directory /nonexistent/model does not exist"):
+        load_model(name="x", tokenizer=str(tmp_path / "tok"), name_or_path="/nonexistent/model")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")  # not a model HF can build
     with pytest.raises(ModelLoadError, match="cannot load model"):
-        tiny = tiny_model()
-        tiny.tokenizer.save_pretrained("/tmp/plwlab-test-tok")
-        load_model(name="x", tokenizer="/tmp/plwlab-test-tok", name_or_path="/nonexistent/model")
+        load_model(name="x", tokenizer=str(tmp_path / "tok"), name_or_path=str(tmp_path / "broken"))
 
 
 def test_lora_trains_only_the_adapter():

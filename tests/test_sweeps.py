@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from plwlab.checkpointing import CheckpointError, RunCheckpoint
-from plwlab.config import ConfigError
+from plwlab.rundir import RunRefused
 from plwlab.train import train
 
 from conftest import ROOT, compose_train
@@ -57,14 +57,14 @@ def test_same_seed_same_loss_curve_and_finished_runs_are_skipped(tmp_path):
     assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")  # bit-identical on CPU
     again = train(compose_train([*QUICK, "plw=0.3"], tmp_path / "a"))
     assert again["skipped"] and again["final_train_loss"] == a["final_train_loss"] == b["final_train_loss"]
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(RunRefused, match="different config"):
         train(compose_train([*QUICK, "plw=0.3", "optim.lr=0.01"], tmp_path / "a"))
 
 
 def test_sweep_isolates_failures_summarises_and_relaunch_skips(tmp_path):
     args = ["-m", "plw=0,7", *QUICK, f"paths.output_dir={tmp_path}"]
     first = run_cli(*args)
-    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.returncode == 1 and "FAILED data.limit=48" in first.stdout, first.stderr[-2000:]  # both ran, one failed
     summary = json.loads((tmp_path / "plwlab" / "sweep_summary.json").read_text())
     assert len(summary["finished"]) == 1 and len(summary["failed"]) == 1 and "allow_plw_above_one" in summary["failed"][0]
     plan = run_cli(*args, "plan_only=true")

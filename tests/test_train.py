@@ -102,6 +102,7 @@ def test_lora_run(tmp_path):
     ("override", "message"),
     [
         ("plw=-1", "error: plw must be >= 0, got -1.0"),
+        ("plw=nan", "error: plw must be a finite number, got nan"),
         ("plw=2", "error: plw=2.0 > 1 up-weights prompts over completions; set allow_plw_above_one=true if meant"),
         ("data.path=/nonexistent/data.json", "error: data file not found: /nonexistent/data.json"),
         ("loss.normalization=mean", "error: loss.normalization must be one of"),
@@ -183,7 +184,7 @@ def test_each_run_of_a_sweep_gets_its_own_wandb_run(tmp_path, monkeypatch):
         (["model.dtype=bfloat16"], "model.dtype=bfloat16 makes AdamW update bfloat16 weights"),
         (["trainer.precision=bf16-true"], "trainer.precision=bf16-true makes AdamW update bf16 weights"),
         (["trainer.devices=-1"], "trainer.devices=-1 makes the global batch depend on the devices visible"),
-        (["global_batch_size=12"], "global_batch_size=12 is not a multiple of data.batch_size 8 x 1 processes"),
+        (["global_batch_size=12"], "global_batch_size=12 is not a positive multiple of data.batch_size 8 x 1 processes"),
         (["+trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches is derived"),
     ],
 )

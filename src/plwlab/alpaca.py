@@ -74,12 +74,16 @@ def load_records(path: str, split: str = "train", on_invalid: str = "error") -> 
     if local.is_file():
         text = local.read_text(encoding="utf-8")
         try:
-            if local.suffix == ".jsonl":
-                raw = [json.loads(line) for line in text.splitlines() if line.strip()]
-            else:
-                raw = json.loads(text)
+            raw = json.loads(text) if local.suffix != ".jsonl" else None
         except json.JSONDecodeError as e:
             raise DataError(f"{local}: invalid JSON ({e})") from e
+        if raw is None:  # JSON lines: report a broken line by its own number
+            raw = []
+            for number, line in enumerate(text.splitlines(), start=1):
+                try:
+                    raw.extend([json.loads(line)] if line.strip() else [])
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{local}: invalid JSON on line {number} ({e.msg}, column {e.colno})") from e
         if not isinstance(raw, list):
             raise DataError(f"{local}: expected a JSON list of records, got {type(raw).__name__}")
     elif local.exists() or path.startswith((".", "/", "~")) or path.endswith((".json", ".jsonl")):
@@ -102,6 +106,8 @@ def load_records(path: str, split: str = "train", on_invalid: str = "error") -> 
             problems.append(problem)
     if problems:
         log.warning("%s: skipped %d invalid records, e.g. %s", path, len(problems), "; ".join(problems[:3]))
+    if not records:
+        raise DataError(f"{path}: no usable records ({len(raw)} in the file, {len(problems)} invalid)")
     return records
 
 

@@ -200,6 +200,7 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], task_dir: str 
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown what a user needs
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, bootstrap_iters=1000,

@@ -5,7 +5,7 @@
     plwlab build-data data=alpaca_data_medium data.path=/data/alpaca_data_cleaned.json model=llama2
     plwlab recommend --rg 0.8          |   plwlab recommend data=alpaca_data_short model=llama2
     plwlab recommend --rg 0.8 --model-file outputs/analysis/gam.json
-    plwlab analyze results.csv --out outputs/analysis [--runs outputs/plwlab/sweeps/2026-...]
+    plwlab analyze results.csv --out outputs/analysis [--runs outputs/plwlab]      # --runs: a sweep dir
     plwlab judge-check ../shared/data/pandalm/testset-v1.json --model WeOpenML/PandaLM-7B-v1 --device cuda
 
 Overrides are Hydra overrides of ``conf/train.yaml``: the same ``data=`` and ``model=`` as train.py.
@@ -19,22 +19,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from plwlab.alpaca import PAPER_RG, DataError, build_variant, load_records, token_lengths
-from plwlab.analysis import primary_scores, recommend_plw
-from plwlab.config import ConfigError, register
-from plwlab.model import ModelLoadError, load_tokenizer
-from plwlab.stats import dataset_stats
+# Each command imports what it needs when it runs: ``plwlab recommend --rg`` must not pay for torch or Lightning.
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-def compose_config(overrides: list[str], config_dir: Path = CONF_DIR) -> DictConfig:
+def compose_config(overrides: list[str], config_dir: Path = CONF_DIR) -> Any:
+    """The train config (a DictConfig) as train.py composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from plwlab.config import ConfigError, register
+
     if not (config_dir / "train.yaml").exists():
         raise ConfigError(f"no conf/train.yaml in {config_dir}; pass --config-dir")
     register()
@@ -50,7 +49,9 @@ def _expand_data(overrides: list[str]) -> list[list[str]]:
     return [overrides]
 
 
-def _records(cfg: DictConfig, tokenizer: Any) -> tuple[list[dict[str, str]], str]:
+def _records(cfg: Any, tokenizer: Any) -> tuple[list[dict[str, str]], str]:
+    from plwlab.alpaca import build_variant, load_records
+
     d = cfg.data
     path = d.path
     if d.variant != "as_is":
@@ -61,6 +62,10 @@ def _records(cfg: DictConfig, tokenizer: Any) -> tuple[list[dict[str, str]], str
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
+    from plwlab.alpaca import PAPER_RG
+    from plwlab.model import load_tokenizer
+    from plwlab.stats import dataset_stats
+
     rows = []
     for overrides in _expand_data(args.overrides):
         cfg = compose_config(overrides, args.config_dir)
@@ -95,6 +100,10 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_build_data(args: argparse.Namespace) -> None:
+    from plwlab.alpaca import build_variant
+    from plwlab.config import ConfigError
+    from plwlab.model import load_tokenizer
+
     cfg = compose_config(args.overrides, args.config_dir)
     d = cfg.data
     if d.variant == "as_is":
@@ -110,8 +119,13 @@ def cmd_build_data(args: argparse.Namespace) -> None:
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
+    from plwlab.recommend import recommend_plw
+
     rg = args.rg
     if rg is None:
+        from plwlab.alpaca import token_lengths
+        from plwlab.model import load_tokenizer
+
         cfg = compose_config(args.overrides, args.config_dir)
         tokenizer = load_tokenizer(cfg.model.tokenizer)
         records, _ = _records(cfg, tokenizer)
@@ -123,13 +137,17 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 def cmd_analyze(args: argparse.Namespace) -> None:
     import pandas as pd
 
+    from plwlab.analysis import primary_scores
     from plwlab.report import analyze, collect_runs
 
     try:
         metrics = dict(m.split("=", 1) for m in args.metric)
     except ValueError:
         raise ValueError(f"--metric takes BENCHMARK=METRIC, got {args.metric}") from None
-    results = primary_scores(pd.read_csv(args.results), metrics)
+    table = pd.read_csv(args.results)
+    if table.empty:
+        raise ValueError(f"{args.results} has no result rows (run evaluate.py on trained runs first)")
+    results = primary_scores(table, metrics)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.backend == "r":
@@ -206,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ConfigError, DataError, ModelLoadError, ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError) as e:  # plwlab's ConfigError, DataError, ModelLoadError too
         sys.exit(f"error: {e}")
 
 

@@ -3,6 +3,7 @@ turn bad values into one-line errors."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -12,8 +13,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from plwlab.alpaca import VARIANTS
 from plwlab.batching import BATCHING
-from plwlab.loss import NORMALIZATIONS
-from plwlab.module import DENOMINATOR_SCOPES
+from plwlab.files import safe_dirname
+from plwlab.loss import DENOMINATOR_SCOPES, NORMALIZATIONS
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -98,10 +99,13 @@ class TrainConfig:
 
 
 def register() -> None:
-    """Register the schema and the ``${plwlab.asset:NAME}`` resolver (path of a bundled asset)."""
+    """Register the schema and the resolvers ``${plwlab.asset:NAME}`` (path of a bundled asset) and
+    ``${plwlab.safe_dirname:TEXT}`` (a flat run-directory name)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     if not OmegaConf.has_resolver("plwlab.asset"):
         OmegaConf.register_new_resolver("plwlab.asset", lambda name: str(ASSETS / name))
+    if not OmegaConf.has_resolver("plwlab.safe_dirname"):
+        OmegaConf.register_new_resolver("plwlab.safe_dirname", safe_dirname)
 
 
 def to_dict(node: DictConfig) -> dict[str, Any]:
@@ -128,7 +132,7 @@ def accumulation(cfg: DictConfig) -> int:
         return 1
     if cfg.global_batch_size < per_step or cfg.global_batch_size % per_step:
         raise ConfigError(
-            f"global_batch_size={cfg.global_batch_size} is not a multiple of data.batch_size {cfg.data.batch_size} x "
+            f"global_batch_size={cfg.global_batch_size} is not a positive multiple of data.batch_size {cfg.data.batch_size} x "
             f"{world_size(cfg.trainer)} processes = {per_step}"
         )
     return cfg.global_batch_size // per_step
@@ -136,6 +140,8 @@ def accumulation(cfg: DictConfig) -> int:
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` with a one-line message for values that cannot be right."""
+    if not math.isfinite(cfg.plw):
+        raise ConfigError(f"plw must be a finite number, got {cfg.plw}")
     if cfg.plw < 0:
         raise ConfigError(f"plw must be >= 0, got {cfg.plw}")
     if cfg.plw > 1 and not cfg.allow_plw_above_one:
@@ -144,6 +150,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"loss.normalization must be one of {NORMALIZATIONS}, got {cfg.loss.normalization!r}")
     if cfg.loss.denominator_scope not in DENOMINATOR_SCOPES:
         raise ConfigError(f"loss.denominator_scope must be one of {DENOMINATOR_SCOPES}, got {cfg.loss.denominator_scope!r}")
+    if cfg.data.max_length < 2:
+        raise ConfigError(f"data.max_length must be >= 2 (a token and its successor), got {cfg.data.max_length}")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     if cfg.data.variant not in VARIANTS:

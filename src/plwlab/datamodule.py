@@ -3,6 +3,8 @@ split, batched and sharded over ranks for Lightning."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from functools import partial
 from typing import Any, Literal
@@ -115,6 +117,8 @@ class AlpacaDataModule(L.LightningDataModule):
             "n_empty_completion": n_empty,
             "rg": token_lengths(records, self.tokenizer).rg,  # the paper's Rg: output / (instruction + input)
             "rg_templated": n_completion / max(n_prompt, 1),  # what the loss sees: template, bos/eos, truncation
+            "data_path": path,  # what this run really read (a built variant's file for a variant)
+            "data_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16],
         }
         log.info("data %s: %s", self.name, self.stats)
 

@@ -12,6 +12,8 @@ from torch.utils.checkpoint import checkpoint
 
 Normalization = Literal["weight_sum", "nonzero", "completion"]
 NORMALIZATIONS: tuple[str, ...] = ("weight_sum", "nonzero", "completion")
+# over which tokens D is taken: the whole optimizer step (all micro-batches and ranks) or each micro-batch
+DENOMINATOR_SCOPES: tuple[str, ...] = ("step", "micro_batch")
 
 
 class PLWLoss(NamedTuple):

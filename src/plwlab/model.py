@@ -22,9 +22,26 @@ class LoadedModel(NamedTuple):
     pretrained_vocab_size: int  # embedding rows before any added token: excluded from weight distances
 
 
+def _looks_local(name_or_path: str) -> bool:
+    """A path rather than a hub id (``owner/name``): absolute, relative with ./ or ../, home-relative, or existing."""
+    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).expanduser().exists()
+
+
+def _check_local_dir(name_or_path: str, what: str, marker: str) -> None:
+    """A one-line error for a local model or tokenizer directory that is missing or holds no ``marker`` file."""
+    path = Path(name_or_path).expanduser()
+    if not _looks_local(name_or_path) or path.is_file():
+        return
+    if not path.exists():
+        raise ModelLoadError(f"{what} directory {name_or_path} does not exist")
+    if not any(path.glob(marker)):
+        raise ModelLoadError(f"{what} directory {name_or_path} has no {marker} (not a HF {what} folder?)")
+
+
 def load_tokenizer(tokenizer: str) -> Any:
     """A tokenizer from a hub id, a local directory, or a bare SentencePiece ``.model`` file (LLaMA)."""
     path = Path(tokenizer).expanduser()
+    _check_local_dir(tokenizer, "tokenizer", "tokenizer*")
     try:
         if path.is_file() and path.suffix == ".model":
             with tempfile.TemporaryDirectory() as tmp:
@@ -57,6 +74,8 @@ def load_model(
         raise ModelLoadError(f"model preset {name!r}: set exactly one of name_or_path (pretrained) or config (random init)")
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ModelLoadError(f"model preset {name!r}: unknown dtype {dtype!r}")
+    if name_or_path is not None:
+        _check_local_dir(name_or_path, "model", "config.json")
     tok = load_tokenizer(tokenizer)
     if tok.pad_token is None:
         if add_pad_token:
@@ -90,7 +109,7 @@ def parameter_count(name_or_path: str) -> int | None:
     None when the config cannot be read (e.g. a hub id while offline: loading reports that)."""
     try:
         config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # a missing or broken model: loading it says what is wrong
         return None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

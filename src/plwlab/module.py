@@ -11,10 +11,15 @@ import torch
 from torchmetrics import SumMetric
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
-from plwlab.loss import NORMALIZATIONS, chunked_next_token_nll, loss_denominator, next_token_nll, prompt_weighted_loss
+from plwlab.loss import (
+    DENOMINATOR_SCOPES, NORMALIZATIONS, chunked_next_token_nll, loss_denominator, next_token_nll, prompt_weighted_loss,
+)  # fmt: skip
 from plwlab.sharding import is_sharded, shard_model
 
-DENOMINATOR_SCOPES = ("step", "micro_batch")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss or the gradient norm became NaN or infinite: the run stops as failed, naming the step."""
 
 
 class PLWModule(L.LightningModule):
@@ -55,8 +60,8 @@ class PLWModule(L.LightningModule):
             raise ValueError(f"unknown loss normalization {normalization!r}; choose one of {NORMALIZATIONS}")
         if denominator_scope not in DENOMINATOR_SCOPES:
             raise ValueError(f"denominator_scope must be one of {DENOMINATOR_SCOPES}, got {denominator_scope!r}")
-        if plw < 0:
-            raise ValueError(f"plw must be >= 0, got {plw}")
+        if not (math.isfinite(plw) and plw >= 0):
+            raise ValueError(f"plw must be a finite number >= 0, got {plw}")
         self.save_hyperparameters(ignore=["model", "total_steps"])
         self.model = model
         self.plw, self.normalization, self.denominator_scope = float(plw), normalization, denominator_scope
@@ -130,6 +135,8 @@ class PLWModule(L.LightningModule):
             step_loss = weighted / denominator
         else:
             step_loss = loss_sum / n_micro
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(f"training loss is {step_loss} at step {self.global_step + 1}; the run stops here")
         self.last_step_loss = step_loss
         metrics = {"train/loss": step_loss, "train/prompt_loss": p_nll / max(n_p, 1)}
         metrics["train/completion_loss"] = c_nll / max(n_c, 1)
@@ -160,6 +167,8 @@ class PLWModule(L.LightningModule):
         if gradient_clip_val is not None:
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if not torch.isfinite(norm):
+            raise TrainingDiverged(f"gradient norm is {norm.item()} at step {self.global_step + 1}; the run stops here")
         self.log("train/grad_norm", norm.item(), on_step=True, on_epoch=False, rank_zero_only=True)
 
     def precision_report(self) -> dict[str, str | None]:

@@ -4,16 +4,21 @@ from. :func:`prepare_run_dir` decides whether to start, resume from ``checkpoint
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from plwlab.config import ConfigError, to_dict
+from plwlab.config import to_dict
 from plwlab.files import atomic_write
 
 # keys that do not change what a run computes: they may differ between a run and its resumption
@@ -24,6 +29,10 @@ class RunError(RuntimeError):
     """A run could not be written or resumed (unwritable directory, full disk, corrupt checkpoint)."""
 
 
+class RunRefused(RunError):
+    """A run directory holds another config's run, or another process is training in it: it is left untouched."""
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically replace ``path`` with ``data`` as JSON."""
     with atomic_write(path) as tmp:
@@ -31,10 +40,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def record_failure(run_dir: Path, error: BaseException) -> None:
-    """Mark a run failed in its ``status.json`` (kept for the sweep summary), if the directory is writable."""
+    """Mark a run failed in its ``status.json`` (kept for the sweep summary), if the directory is writable. A
+    refusal is recorded beside the run (``refused.json``), never in it, and a finished run is never marked failed."""
     try:
+        if isinstance(error, RunRefused):
+            write_json(run_dir / "refused.json", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "error": str(error)})
+            return
         status_file = run_dir / "status.json"
         status = json.loads(status_file.read_text()) if status_file.exists() else {"attempts": 1}
+        if status.get("status") == "finished":
+            return
         status.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000])
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(status_file, status)
@@ -62,6 +77,33 @@ def _usable_checkpoint(path: Path) -> bool:
         return False
 
 
+@contextmanager
+def run_dir_lock(run_dir: Path, rank: int = 0) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` (rank 0; the OS releases it when the process dies, even by kill -9) while a run
+    trains there: a second launcher of the same run is refused instead of resuming from a live checkpoint."""
+    if rank != 0:
+        yield
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / ".lock", "a+")
+    except OSError as e:
+        raise RunError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from e
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise RunRefused(f"{run_dir} is in use by another training process ({handle.read().strip()}); skipped") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[str, Path | None, dict[str, Any]]:
     """Decide what to do with ``run_dir``: ("skip", None, status) when the same config already finished there,
     ("resume", checkpoint, status) when it was interrupted, ("start", None, status) otherwise."""
@@ -76,7 +118,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[str, Path | None, d
     status = json.loads(status_file.read_text()) if status_file.exists() else {"attempts": 0}
     digest = config_digest(cfg)
     if status.get("config_digest", digest) != digest:
-        raise ConfigError(
+        raise RunRefused(
             f"{run_dir} holds a run of a different config (digest {status['config_digest']} != {digest}); "
             "use another name/run dir, or delete it"
         )

@@ -16,6 +16,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from plwlab.files import safe_dirname
+
 console = Console()
 
 
@@ -33,10 +35,11 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
 
 
 def override_dirname(overrides: list[str], config: DictConfig) -> str:
-    """Hydra's ``override_dirname`` of a job (sorted key=value pairs, excluded keys dropped)."""
+    """A job's run-directory name: Hydra's ``override_dirname`` (sorted key=value pairs, excluded keys dropped) made
+    flat and safe, as ``hydra.sweep.subdir`` in conf/train.yaml does."""
     spec = config.hydra.job.config.override_dirname
     kept = sorted(o for o in overrides if o.split("=", 1)[0] not in set(spec.exclude_keys))
-    return spec.item_sep.join(kept)
+    return safe_dirname(spec.item_sep.join(kept))
 
 
 def read_statuses(sweep_dir: Path) -> dict[str, dict[str, Any]]:
@@ -71,7 +74,8 @@ class SweepCallback(Callback):
         statuses = read_statuses(sweep_dir) if sweep_dir.exists() else {}
         this_sweep = {override_dirname(job, config) for job in sweep_jobs(config)}
         statuses = {run: st for run, st in statuses.items() if run in this_sweep}
-        summary: dict[str, list[str]] = {"finished": [], "skipped": [], "resumed": [], "failed": [], "other": []}
+        summary: dict[str, list[str]] = {"finished": [], "skipped": [], "resumed": [], "failed": [], "refused": [],
+                                         "other": []}  # fmt: skip
         for run, st in statuses.items():
             if st.get("status") == "failed":
                 summary["failed"].append(f"{run}: {st.get('error')}")
@@ -81,7 +85,14 @@ class SweepCallback(Callback):
                 summary["resumed" if st.get("resumed_from") else "finished"].append(run)
             else:
                 summary["other"].append(f"{run}: {st.get('status')}")
+        for run in sorted(this_sweep):  # refused runs were left untouched; the refusal is recorded beside them
+            refusal = sweep_dir / run / "refused.json"
+            if refusal.exists() and json.loads(refusal.read_text())["time"] >= getattr(self, "started", ""):
+                summary["refused"].append(f"{run}: {json.loads(refusal.read_text())['error']}")
         (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         console.print("Sweep summary: " + ", ".join(f"{len(v)} {k}" for k, v in summary.items() if v), markup=False)
-        for line in summary["failed"]:
-            console.print(f"  FAILED {line}", markup=False)
+        for kind in ("failed", "refused"):
+            for line in summary[kind]:
+                console.print(f"  {kind.upper()} {line}", markup=False)
+        if summary["failed"] or summary["refused"]:  # scripts, SLURM dependencies and CI rely on the exit code
+            raise SystemExit(1)

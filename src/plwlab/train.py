@@ -22,7 +22,7 @@ from plwlab.config import ConfigError, accumulation, to_dict, validate, world_si
 from plwlab.datamodule import AlpacaDataModule
 from plwlab.model import load_model, parameter_count
 from plwlab.module import PLWModule
-from plwlab.rundir import RunError, prepare_run_dir, record_failure, write_json
+from plwlab.rundir import RunError, prepare_run_dir, record_failure, run_dir_lock, write_json
 
 log = logging.getLogger(__name__)
 CPU_PARAMETER_LIMIT = 1_000_000_000  # a pretrained model above this on trainer=cpu is a mistake, not a plan
@@ -92,6 +92,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     validate(cfg)
     run_dir = Path(cfg.paths.run_dir)
+    # before the Trainer exists: torchrun sets RANK, srun SLURM_PROCID, Lightning's launcher LOCAL_RANK (>0 only)
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("LOCAL_RANK") or 0)
+    with run_dir_lock(run_dir, rank):
+        return _train(cfg, run_dir, rank == 0)
+
+
+def _train(cfg: DictConfig, run_dir: Path, is_zero: bool) -> dict[str, Any]:
     action, ckpt_path, status = prepare_run_dir(cfg, run_dir)
     if action == "skip":
         log.info("run dir %s: already finished, skipped (resume=false reruns it)", run_dir)
@@ -102,43 +109,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.matmul_precision:
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     loggers = make_loggers(cfg, status)
-    # before the Trainer exists: torchrun sets RANK, srun SLURM_PROCID, Lightning's launcher LOCAL_RANK (>0 only)
-    is_zero = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("LOCAL_RANK") or 0) == 0
     if is_zero:
         status.update(status="running", attempts=status["attempts"] + 1, resumed_from=str(ckpt_path) if ckpt_path else None,
                       started=time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
         write_json(run_dir / "status.json", status)
         if ckpt_path is not None and (run_dir / "metrics.csv").exists():  # the CSV logger would overwrite it
             os.replace(run_dir / "metrics.csv", run_dir / f"metrics.attempt{status['attempts'] - 1}.csv")
-    L.seed_everything(cfg.seed, workers=True)
-
-    loaded = load_model(**to_dict(cfg.model))
-    datamodule = AlpacaDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, **to_dict(cfg.data))
-    datamodule.setup("fit")
-    module = PLWModule(
-        loaded.model, plw=cfg.plw, pretrained_vocab_size=loaded.pretrained_vocab_size,
-        total_steps=total_steps(datamodule, cfg, accumulate), **to_dict(cfg.loss), **to_dict(cfg.optim),
-    )  # fmt: skip
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    trainer = L.Trainer(
-        **cfg.trainer,
-        accumulate_grad_batches=accumulate,
-        strategy=make_strategy(cfg),
-        callbacks=callbacks,
-        logger=loggers or False,
-        default_root_dir=str(run_dir),
-        enable_checkpointing=False,  # RunCheckpoint (callbacks.checkpoint) writes the checkpoints
-        use_distributed_sampler=False,  # AlpacaDataModule shards data itself, identically for any world size
-    )
-    if trainer.is_global_zero:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    start = time.perf_counter()
+    trainer = None
     try:
+        L.seed_everything(cfg.seed, workers=True)
+        loaded = load_model(**to_dict(cfg.model))
+        datamodule = AlpacaDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, **to_dict(cfg.data))
+        datamodule.setup("fit")
+        module = PLWModule(
+            loaded.model, plw=cfg.plw, pretrained_vocab_size=loaded.pretrained_vocab_size,
+            total_steps=total_steps(datamodule, cfg, accumulate), **to_dict(cfg.loss), **to_dict(cfg.optim),
+        )  # fmt: skip
+        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+        trainer = L.Trainer(
+            **cfg.trainer,
+            accumulate_grad_batches=accumulate,
+            strategy=make_strategy(cfg),
+            callbacks=callbacks,
+            logger=loggers or False,
+            default_root_dir=str(run_dir),
+            enable_checkpointing=False,  # RunCheckpoint (callbacks.checkpoint) writes the checkpoints
+            use_distributed_sampler=False,  # AlpacaDataModule shards data itself, identically for any world size
+        )
+        if is_zero:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except BaseException as e:
-        if trainer.is_global_zero:
+        if is_zero:  # every failure after the run started is recorded, also one before fit (bad model path, ...)
             finish_wandb(loggers, failed=True)
-            if isinstance(e, KeyboardInterrupt):
+            # Lightning turns Ctrl-C into SystemExit(1) after marking the trainer interrupted
+            if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and trainer is not None and trainer.interrupted):
                 write_json(run_dir / "status.json", {**status, "status": "interrupted"})
             else:
                 record_failure(run_dir, e)
@@ -152,6 +158,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(
         plw=cfg.plw,
         rg=datamodule.stats["rg"],
+        data=cfg.data.name,
+        data_path=datamodule.stats["data_path"],
+        data_sha256=datamodule.stats["data_sha256"],
         n_train=datamodule.stats["n_train"],
         n_empty_completion=datamodule.stats["n_empty_completion"],
         global_steps=trainer.global_step,
