@@ -3,6 +3,7 @@
 import csv
 import json
 import multiprocessing
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -40,7 +41,7 @@ def run_dir(tmp_path_factory):
 
 def test_load_run_and_batched_generation_matches_one_by_one(run_dir):
     run = load_run(run_dir)
-    assert run.meta["plw"] == 0.1 and run.run_id == run_dir.name and run.tokenizer.padding_side == "left"
+    assert run.meta["plw"] == 0.1 and run.run_id == f"plwlab/{run_dir.name}" and run.tokenizer.padding_side == "left"
     prompts = [alpaca_prompt("Name a colour."), alpaca_prompt("Write a very long story about a dragon and a knight."),
                alpaca_prompt("Add the numbers.", "2 and 3")]  # fmt: skip
     batched = generate(run.model, run.tokenizer, prompts, max_new_tokens=12, batch_size=3, progress=False)
@@ -144,9 +145,9 @@ def test_a_broken_run_does_not_stop_the_others(tmp_path, run_dir):
         shutil.copy(run_dir / "config.yaml", sweep / name / "config.yaml")
     next((sweep / "a" / "hf_model").glob("*.safetensors")).unlink()  # a: weights lost
     cfg = compose_eval([f"run_dir={sweep}/*", f"results={tmp_path / 'r.csv'}", *MEMORIZATION_ONLY])
-    with pytest.raises(RuntimeError, match=r"1 of 2 runs failed: a \("):
+    with pytest.raises(RuntimeError, match=r"1 evaluations failed \(the others. rows are in .*\): a \("):
         evaluate(cfg)
-    assert [r["run_id"] for r in csv.DictReader((tmp_path / "r.csv").open())] == ["b"]
+    assert [r["run_id"] for r in csv.DictReader((tmp_path / "r.csv").open())] == ["plwlab/b"]
 
 
 def _evaluate_cli(tmp_path, *overrides, multirun=False):
@@ -168,7 +169,7 @@ def test_evaluate_cli_default_quick_preset_over_a_sweep_glob(tmp_path, run_dir):
         assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(results.open()))
     keys = [(r["benchmark"], r["metric"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 28 and {r["run_id"] for r in rows} == {run_dir.name}
+    assert len(keys) == len(set(keys)) == 28 and {r["run_id"] for r in rows} == {f"plwlab/{run_dir.name}"}
     assert {b for b, _ in keys} == {"memorization", "alpaca_eval", "pandalm", "arc_challenge", "piqa", "truthfulqa_mc2",
                                     "winogrande", "truthfulqa_gen", "wmt14_en_fr"}  # fmt: skip
     by_key = {(r["benchmark"], r["metric"]): r for r in rows}
@@ -191,7 +192,7 @@ def test_multirun_shards_split_the_runs(tmp_path, run_dir):
                          multirun=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(results.open()))
-    assert sorted(r["run_id"] for r in rows) == ["plw=0", "plw=0.1", "plw=1"]
+    assert sorted(r["run_id"] for r in rows) == ["plwlab/plw=0", "plwlab/plw=0.1", "plwlab/plw=1"]
     logs = [(tmp_path / "hs" / str(job) / "evaluate.log").read_text() for job in (0, 1)]
     evaluated = [sorted(line.rsplit("/", 1)[1] for line in log.splitlines() if "] evaluating " in line) for log in logs]
     assert evaluated == [["plw=0", "plw=1"], ["plw=0.1"]]  # each run once, over two jobs
@@ -254,7 +255,7 @@ def test_a_local_judge_model_is_loaded_once_for_all_runs(tmp_path, run_dir, monk
     rows = evaluate(cfg)
     assert loads == [(str(judge_dir), "float32", "cpu")]
     win = [r for r in rows if r["metric"] == "win_rate"]
-    assert [(r["run_id"], r["n"]) for r in win] == [("a", 6), ("b", 6)]
+    assert [(r["run_id"], r["n"]) for r in win] == [("sweep/a", 6), ("sweep/b", 6)]  # no config.yaml: the folder
     assert win[0]["score"] == win[1]["score"]  # same weights, same judge, same seeded order
 
 
@@ -265,5 +266,93 @@ def test_a_lora_run_is_evaluated_with_its_base_model(tmp_path, run_dir):
     base = f"model.name_or_path={run_dir / 'hf_model'}"
     train(compose_train([*QUICK, "model.config=null", base, lora, "callbacks.param_distance=null"], tmp_path / "lora"))
     run = load_run(tmp_path / "lora")
-    assert type(run.model).__name__ == "PeftModelForCausalLM" and run.run_id == "lora"
+    assert type(run.model).__name__ == "PeftModelForCausalLM" and run.run_id == "plwlab/lora"
     assert len(generate(run.model, run.tokenizer, ["### Instruction:\nSay hi."], max_new_tokens=3, progress=False)[0]) <= 3
+
+
+def _copy_run(run_dir: Path, to: Path, name: str) -> Path:
+    """A copy of the trained run as if it had been trained with ``name=<name>``."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    shutil.copytree(run_dir / "hf_model", to / "hf_model")
+    for f in ("status.json", "metrics.json"):
+        shutil.copy(run_dir / f, to / f)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.name = name
+    OmegaConf.save(cfg, to / "config.yaml")
+    return to
+
+
+def test_sweeps_with_the_same_overrides_keep_their_own_rows(tmp_path, run_dir):
+    from plwlab.evaluate import evaluate
+
+    a = _copy_run(run_dir, tmp_path / "a" / "plw=0.1", "a")
+    b = _copy_run(run_dir, tmp_path / "b" / "plw=0.1", "b")
+    shared = tmp_path / "shared.csv"
+    for run in (a, b):
+        evaluate(compose_eval([f"run_dir='{run}'", f"results={shared}", *MEMORIZATION_ONLY]))
+    rows = list(csv.DictReader(shared.open()))
+    assert sorted(r["run_id"] for r in rows) == ["a/plw=0.1", "b/plw=0.1"]  # not one replacing the other
+    assert {r["config_digest"] for r in rows} == {json.loads((run_dir / "status.json").read_text())["config_digest"]}
+    assert {r["train_steps"] for r in rows} == {"6"}
+    evaluate(compose_eval([f"run_dir='{a}'", *MEMORIZATION_ONLY]))  # default: the sweep's own table
+    assert [r["run_id"] for r in csv.DictReader((tmp_path / "a" / "results.csv").open())] == ["a/plw=0.1"]
+    with pytest.raises(ValueError, match="the runs lie in 2 sweep directories; name the results table"):
+        evaluate(compose_eval([f"run_dir='{tmp_path}/*/plw=0.1'", *MEMORIZATION_ONLY]))
+
+
+@pytest.mark.parametrize("bad", ["extra fields", "truncated last line"])
+def test_a_malformed_results_table_stops_before_any_work(tmp_path, run_dir, bad):
+    from plwlab.evaluate import RESULT_COLUMNS, evaluate
+
+    run = _copy_run(run_dir, tmp_path / "sweep" / "plw=0.1", "plwlab")
+    table = tmp_path / "r.csv"
+    good = "plwlab/x,m,d,0.1,1.0,piqa,acc,0.5,0.01,6,abc,6"
+    lines = {"extra fields": [good, good + ",1,2"], "truncated last line": [good, "plwlab/y,m,d,0.1,1.0,pi"]}[bad]
+    table.write_text("\n".join([",".join(RESULT_COLUMNS), *lines]) + ("\n" if bad == "extra fields" else ""))
+    before = table.read_text()
+    with pytest.raises(ValueError, match="r.csv: line 3 has .* fields, not 12"):
+        evaluate(compose_eval([f"run_dir='{run}'", f"results={table}", *MEMORIZATION_ONLY]))
+    assert table.read_text() == before and not (run / "eval").exists()  # nothing rewritten, nothing evaluated
+
+
+def test_a_failing_judge_keeps_the_other_benchmarks_rows(tmp_path, run_dir, monkeypatch):
+    import plwlab.evaluate as ev
+
+    run = _copy_run(run_dir, tmp_path / "sweep" / "plw=0.1", "plwlab")
+
+    def crash(*args, **kwargs):
+        raise TypeError("Invalid value '1.5' for dtype 'int64'")  # what alpaca_eval 0.6.6 raises with pandas 3
+
+    monkeypatch.setattr(ev, "judge_rows", crash)
+    cfg = compose_eval([f"run_dir='{run}'", "eval.memorization.n=2", "eval.memorization.max_new_tokens=4",
+                        "~eval.judges.pandalm", *(f"~eval.lm_eval.tasks.{t}" for t in
+                        ("arc_challenge", "truthfulqa_mc2", "winogrande", "truthfulqa_gen", "wmt14_en_fr"))])  # fmt: skip
+    with pytest.raises(RuntimeError, match="1 evaluations failed .*: plw=0.1 alpaca_eval: TypeError: Invalid value"):
+        ev.evaluate(cfg)
+    rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    assert {r["benchmark"] for r in rows} == {"memorization", "alpaca_eval", "pandalm", "piqa"}  # kept
+    status = json.loads((run / "eval" / "status.json").read_text())
+    assert status["piqa"] == "ok" and status["alpaca_eval"].startswith("failed: TypeError")
+
+
+def test_cached_responses_are_keyed_by_dtype_and_weights(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import plwlab.evaluate as ev
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "hf_model", copy / "hf_model")
+    records = [{"instruction": "Say hi.", "input": ""}]
+    calls = []
+    real = ev.generate
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    ev.responses(load_run(copy), copy, "demo", records, max_new_tokens=4, batch_size=1)
+    ev.responses(load_run(copy), copy, "demo", records, max_new_tokens=4, batch_size=1)  # cached
+    ev.responses(load_run(copy, dtype="float64"), copy, "demo", records, max_new_tokens=4, batch_size=1)
+    weights = next((copy / "hf_model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # the run was trained again: new weight files
+    ev.responses(load_run(copy, dtype="float64"), copy, "demo", records, max_new_tokens=4, batch_size=1)
+    assert len(calls) == 3

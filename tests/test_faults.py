@@ -159,3 +159,6 @@ def test_analyze_refuses_two_datasets_under_one_name():
                          "benchmark": "piqa", "score": [0.5, 0.6, 0.55]})  # fmt: skip
     with pytest.raises(ValueError, match="dataset 'alpaca_sample' has 2 different Rg values for model 'm'"):
         relative_scores(rows)
+    rows["rg"], rows["train_steps"] = 3.0, [18, 18, 6]  # a 3-epoch and a 1-epoch study in one table
+    with pytest.raises(ValueError, match="has 2 different training lengths"):
+        relative_scores(rows)

@@ -52,13 +52,15 @@ def relative_scores(results: pd.DataFrame) -> pd.DataFrame:
     missing = {"model", "dataset", "rg", "plw", "benchmark", "score"} - set(results.columns)
     if missing:
         raise ValueError(f"results table lacks columns {sorted(missing)}")
-    mixed = results.groupby(["dataset", "model"])["rg"].nunique()
-    if (mixed > 1).any():
-        (dataset, model), n = mixed.idxmax(), mixed.max()
-        raise ValueError(
-            f"dataset {dataset!r} has {n} different Rg values for model {model!r}: runs on different data under one "
-            "name would be fitted as one dataset; give each data file its own data.name"
-        )
+    for column, what, fix in (("rg", "Rg values", "give each data file its own data.name"),
+                              ("train_steps", "training lengths (steps)", "analyse one study at a time")):  # fmt: skip
+        if column not in results.columns:
+            continue
+        mixed = results.groupby(["dataset", "model"])[column].nunique()
+        if (mixed > 1).any():
+            (dataset, model), n = mixed.idxmax(), mixed.max()
+            raise ValueError(f"dataset {dataset!r} has {n} different {what} for model {model!r}: different runs "
+                             f"would be fitted as one group; {fix}")  # fmt: skip
     out = results.copy()
     group = out.groupby(["dataset", "benchmark"])["score"]
     lo, hi = group.transform("min"), group.transform("max")

@@ -4,7 +4,10 @@ Per run, as ``cfg.eval`` asks: memorization BLEU on training prompts; greedy res
 PandaLM instruction sets (cached in ``<run>/eval/generations/``) and their lengths; lm-eval-harness benchmarks
 (:mod:`plwlab.benchmarks`); pairwise judges against reference responses (:mod:`plwlab.judges`).
 
-Rows: run_id, model, dataset, plw, rg, benchmark, metric, score, stderr, n.
+Rows: run_id (``<training name>/<run dir>``), model, dataset, plw, rg, benchmark, metric, score, stderr, n,
+config_digest and train_steps (which run exactly, trained how long). Each benchmark's rows are written as soon as
+they are done; a failing benchmark is logged, recorded in ``<run>/eval/status.json`` and makes the exit code
+non-zero, and the other benchmarks' rows stay.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from __future__ import annotations
 import csv
 import fcntl
 import glob
+import hashlib
 import json
 import logging
+import os
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,9 @@ from plwlab.judges import PairwiseJudge, alpaca_eval_package, win_rate
 from plwlab.tokenization import cached_tokenize
 
 log = logging.getLogger(__name__)
-RESULT_COLUMNS = ("run_id", "model", "dataset", "plw", "rg", "benchmark", "metric", "score", "stderr", "n")
+RESULT_COLUMNS = ("run_id", "model", "dataset", "plw", "rg", "benchmark", "metric", "score", "stderr", "n",
+                  "config_digest", "train_steps")  # fmt: skip
+LEGACY_COLUMNS = RESULT_COLUMNS[:10]  # tables written before config_digest and train_steps existed
 ROW_KEY = ("run_id", "benchmark", "metric")
 
 
@@ -43,7 +51,18 @@ class LoadedRun:
     model: Any
     tokenizer: Any
     meta: dict[str, Any]  # plwlab.json: plw, model, data, rg, ...
-    run_id: str
+    run_id: str  # <training name>/<run dir name>: unique across sweeps that share overrides
+    config_digest: str | None = None  # status.json: the training config's identity
+    train_steps: int | None = None  # metrics.json: optimizer steps trained
+    weights: str = ""  # fingerprint of the exported weight files: cached responses are only reused for the same
+
+
+def weights_fingerprint(export: Path) -> str:
+    """Short hash of the export's weight files' names, sizes and modification times (cheap at 7B; changes when
+    the run is trained again)."""
+    files = sorted(p for p in export.iterdir() if p.suffix in (".safetensors", ".bin"))
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
 
 
 def load_run(run_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> LoadedRun:
@@ -62,8 +81,15 @@ def load_run(run_dir: str | Path, dtype: str = "float32", device: str = "cpu") -
         model = AutoModelForCausalLM.from_pretrained(export, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(export)
     tokenizer.padding_side = "left"
-    run_id = export.parent.name if export.name == "hf_model" else export.name
-    return LoadedRun(model.to(device).eval(), tokenizer, json.loads((export / "plwlab.json").read_text()), run_id)
+    run = export.parent if export.name == "hf_model" else export
+    train_cfg, status, metrics = run / "config.yaml", run / "status.json", run / "metrics.json"
+    name = OmegaConf.load(train_cfg).get("name") if train_cfg.exists() else run.parent.name
+    return LoadedRun(
+        model.to(device).eval(), tokenizer, json.loads((export / "plwlab.json").read_text()), f"{name}/{run.name}",
+        config_digest=json.loads(status.read_text()).get("config_digest") if status.exists() else None,
+        train_steps=json.loads(metrics.read_text()).get("global_steps") if metrics.exists() else None,
+        weights=weights_fingerprint(export),
+    )  # fmt: skip
 
 
 def memorization_bleu(
@@ -84,25 +110,64 @@ def memorization_bleu(
 def result_row(run: LoadedRun, benchmark: str, metric: str, score: float, stderr: float | None, n: int) -> dict[str, Any]:
     meta = run.meta
     return {"run_id": run.run_id, "model": meta.get("model"), "dataset": meta.get("data"), "plw": meta.get("plw"),
-            "rg": meta.get("rg"), "benchmark": benchmark, "metric": metric, "score": score, "stderr": stderr, "n": n}  # fmt: skip
+            "rg": meta.get("rg"), "benchmark": benchmark, "metric": metric, "score": score, "stderr": stderr, "n": n,
+            "config_digest": run.config_digest, "train_steps": run.train_steps}  # fmt: skip
+
+
+def read_results(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a results table, checked: plwlab's header and every line complete. A malformed table is an
+    error naming its first bad line (evaluate.py reads it before doing any work)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return []
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = tuple(next(reader))
+        if header not in (RESULT_COLUMNS, LEGACY_COLUMNS):
+            raise ValueError(f"{path}: line 1 is not a plwlab results header (expected {','.join(RESULT_COLUMNS)})")
+        rows = []
+        for fields in reader:
+            if len(fields) != len(header):
+                raise ValueError(f"{path}: line {reader.line_num} has {len(fields)} fields, not {len(header)} "
+                                 "(truncated or hand-edited?); fix or remove that line")  # fmt: skip
+            rows.append(dict(zip(header, fields)))
+    return rows
 
 
 def append_results(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     """Add ``rows`` to the CSV results table at ``path``: a row with the same (run_id, benchmark, metric) is
-    replaced, never duplicated; the file is rewritten atomically under an exclusive lock, so the jobs of a
-    multirun can append concurrently and an interruption never truncates it."""
+    replaced, never duplicated (with a warning if it came from another training config); the file is rewritten
+    atomically under an exclusive lock, so the jobs of a multirun can append concurrently and an interruption
+    never truncates it. If the table cannot be read or written, the new rows are saved beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        existing = list(csv.DictReader(path.open())) if path.exists() else []
-        new_keys = {tuple(str(r[k]) for k in ROW_KEY) for r in rows}
-        kept = [r for r in existing if tuple(r[k] for k in ROW_KEY) not in new_keys]
-        with atomic_write(path) as tmp, tmp.open("w", newline="") as f:
+    try:
+        with open(path.with_name(path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            existing = read_results(path)
+            new = {tuple(str(r[k]) for k in ROW_KEY): r for r in rows}
+            kept = []
+            for old in existing:
+                replacement = new.get(tuple(old[k] for k in ROW_KEY))
+                if replacement is None:
+                    kept.append(old)
+                elif old.get("config_digest") and old["config_digest"] != str(replacement.get("config_digest")):
+                    log.warning("%s: replacing %s %s of %s, which came from another training config (%s, now %s)",
+                                path, old["benchmark"], old["metric"], old["run_id"], old["config_digest"],
+                                replacement.get("config_digest"))  # fmt: skip
+            with atomic_write(path) as tmp, tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+                writer.writeheader()
+                writer.writerows({k: r.get(k) for k in RESULT_COLUMNS} for r in kept)
+                writer.writerows({k: r.get(k) for k in RESULT_COLUMNS} for r in rows)
+    except (OSError, ValueError) as e:
+        pending = path.with_name(f"{path.stem}.pending-{os.getpid()}.csv")
+        with pending.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-            writer.writeheader()
-            writer.writerows(kept)
+            if f.tell() == 0:
+                writer.writeheader()
             writer.writerows({k: r.get(k) for k in RESULT_COLUMNS} for r in rows)
+        raise RuntimeError(f"{e}; the {len(rows)} new rows are kept in {pending}") from e
 
 
 def training_records(run_dir: Path, tokenizer: Any) -> list[dict[str, str]]:
@@ -133,19 +198,23 @@ def responses(run: LoadedRun, run_dir: Path, name: str, records: Sequence[dict[s
               batch_size: int) -> list[dict[str, Any]]:  # fmt: skip
     """The run's greedy responses to ``records`` (Alpaca template), as AlpacaEval-style records (instruction,
     input, output, generator, length in tokens). Cached in ``<run_dir>/eval/generations/<name>.json`` and reused
-    while the instructions and ``max_new_tokens`` are the same."""
+    while what determines them is the same: the instructions, ``max_new_tokens``, the dtype the model ran in and
+    its weight files."""
     cache = run_dir / "eval" / "generations" / f"{name}.json"
+    dtype = str(next(run.model.parameters()).dtype).removeprefix("torch.")
     if cache.exists():
         cached = json.loads(cache.read_text())
-        same = [(r["instruction"], r["input"], r["max_new_tokens"]) for r in cached]
-        if same == [(r["instruction"], r["input"], max_new_tokens) for r in records]:
+        key = ("instruction", "input", "max_new_tokens", "dtype", "weights")
+        same = [tuple(r.get(k) for k in key) for r in cached]
+        if same == [(r["instruction"], r["input"], max_new_tokens, dtype, run.weights) for r in records]:
             log.info("%s: reusing %d %s responses from %s", run.run_id, len(cached), name, cache)
             return cached
     ids = generate(run.model, run.tokenizer, [alpaca_prompt(r["instruction"], r["input"]) for r in records],
                    max_new_tokens, batch_size, description=f"{name} responses")  # fmt: skip
     texts = run.tokenizer.batch_decode(ids, skip_special_tokens=True)
     out = [{"instruction": r["instruction"], "input": r["input"], "output": t.strip(), "generator": run.run_id,
-            "length": len(i), "max_new_tokens": max_new_tokens} for r, t, i in zip(records, texts, ids)]  # fmt: skip
+            "length": len(i), "max_new_tokens": max_new_tokens, "dtype": dtype, "weights": run.weights}
+           for r, t, i in zip(records, texts, ids)]  # fmt: skip
     with atomic_write(cache) as tmp:
         tmp.write_text(json.dumps(out, indent=1, ensure_ascii=False))
     return out
@@ -173,13 +242,13 @@ def reference_outputs(reference: str, records: Sequence[dict[str, Any]], generat
 
 
 def judge_rows(run: LoadedRun, name: str, spec: DictConfig, outputs: list[dict[str, Any]], reference: list[str],
-               judges: dict[str, PairwiseJudge], cfg: DictConfig) -> list[dict[str, Any]]:  # fmt: skip
+               judges: dict[str, PairwiseJudge], cfg: DictConfig, results: Path) -> list[dict[str, Any]]:  # fmt: skip
     """Win rate of the run's ``outputs`` against ``reference`` by the judge of ``spec`` (and the count of verdicts
     that could not be parsed)."""
     if spec.backend == "alpaca_eval":
         refs = [{**o, "output": ref, "generator": "reference"} for o, ref in zip(outputs, reference)]
         score, stderr, n = alpaca_eval_package(outputs, refs, spec.annotators_config,
-                                               str(Path(cfg.results).parent / "alpaca_eval" / run.run_id))  # fmt: skip
+                                               str(results.parent / "alpaca_eval" / run.run_id))  # fmt: skip
         return [result_row(run, name, "win_rate", score, stderr, n)]
     if spec.backend != "local":
         raise ValueError(f"judge backend must be 'local' or 'alpaca_eval', got {spec.backend!r}")
@@ -204,43 +273,83 @@ def judge_rows(run: LoadedRun, name: str, spec: DictConfig, outputs: list[dict[s
             result_row(run, name, "unparsed_verdicts", float(invalid), None, len(verdicts))]  # fmt: skip
 
 
-def evaluate_run(cfg: DictConfig, run_dir: Path, judges: dict[str, PairwiseJudge]) -> list[dict[str, Any]]:
-    """The evaluations of ``cfg.eval`` for one run, as result rows."""
+def evaluate_run(
+    cfg: DictConfig, run_dir: Path, judges: dict[str, PairwiseJudge], results: Path
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The evaluations of ``cfg.eval`` for one run. Each benchmark's rows go into ``results`` as soon as they are
+    done; a benchmark that fails is logged and recorded in ``<run_dir>/eval/status.json`` and the others go on.
+    Returns the rows and the failures ("benchmark: error")."""
     run = load_run(run_dir, cfg.dtype, cfg.device)
     ev = cfg.eval
-    rows = []
+    rows: list[dict[str, Any]] = []
+    status: dict[str, str] = {}
+    generated: dict[str, list[dict[str, Any]]] = {}
+
+    def step(name: str, work: Callable[[], list[dict[str, Any]]]) -> None:
+        try:
+            new = work()
+        except Exception as e:  # one failing benchmark or judge must not take the others' rows with it
+            log.error("%s: %s failed: %s: %s", run.run_id, name, type(e).__name__, e)
+            status[name] = f"failed: {type(e).__name__}: {e}"[:2000]
+            return
+        append_results(results, new)
+        rows.extend(new)
+        status[name] = "ok"
+
     if ev.get("memorization"):
-        mem = ev.memorization
-        records = training_records(run_dir, run.tokenizer)
-        score, signature, n = memorization_bleu(run, records, mem.n, cfg.seed, mem.max_new_tokens, cfg.batch_size)
-        log.info("%s memorization BLEU %.2f over %d prompts [%s]", run.run_id, score, n, signature)
-        rows.append(result_row(run, "memorization", "bleu", score, None, n))
-    generated = {}
+
+        def memorization() -> list[dict[str, Any]]:
+            mem = ev.memorization
+            records = training_records(run_dir, run.tokenizer)
+            score, signature, n = memorization_bleu(run, records, mem.n, cfg.seed, mem.max_new_tokens, cfg.batch_size)
+            log.info("%s memorization BLEU %.2f over %d prompts [%s]", run.run_id, score, n, signature)
+            return [result_row(run, "memorization", "bleu", score, None, n)]
+
+        step("memorization", memorization)
     for name, spec in (ev.get("generations") or {}).items():
-        outputs = responses(run, run_dir, name, read_instructions(spec.instructions, spec.limit), spec.max_new_tokens,
-                            cfg.batch_size)  # fmt: skip
-        lengths = torch.tensor([o["length"] for o in outputs], dtype=torch.float64)
-        stderr = float(lengths.std() / len(lengths) ** 0.5) if len(lengths) > 1 else None
-        rows.append(result_row(run, name, "generation_length", float(lengths.mean()), stderr, len(lengths)))
-        generated[name] = outputs
+
+        def generation(name: str = name, spec: DictConfig = spec) -> list[dict[str, Any]]:
+            outputs = responses(run, run_dir, name, read_instructions(spec.instructions, spec.limit),
+                                spec.max_new_tokens, cfg.batch_size)  # fmt: skip
+            lengths = torch.tensor([o["length"] for o in outputs], dtype=torch.float64)
+            stderr = float(lengths.std() / len(lengths) ** 0.5) if len(lengths) > 1 else None
+            generated[name] = outputs
+            return [result_row(run, name, "generation_length", float(lengths.mean()), stderr, len(lengths))]
+
+        step(f"{name} generations", generation)
     if ev.get("lm_eval") and ev.lm_eval.tasks:
         task_dir = run_dir / "eval" / "lm_eval_tasks"
-        tasks = [prepare_task(b, task_dir, t.num_fewshot, t.get("data"), t.get("fewshot_data"), ev.lm_eval.max_gen_toks)
-                 for b, t in ev.lm_eval.tasks.items()]  # fmt: skip
-        for benchmark, metric, score, stderr, n in run_lm_eval(run.model, run.tokenizer, tasks, task_dir, ev.lm_eval.limit,
-                                                               cfg.batch_size, cfg.device):  # fmt: skip
-            rows.append(result_row(run, benchmark, metric, score, stderr, n))
+        for benchmark, t in ev.lm_eval.tasks.items():
+
+            def lm_eval(benchmark: str = benchmark, t: DictConfig = t) -> list[dict[str, Any]]:
+                task = prepare_task(benchmark, task_dir, t.num_fewshot, t.get("data"), t.get("fewshot_data"),
+                                    ev.lm_eval.max_gen_toks)  # fmt: skip
+                return [result_row(run, b, m, score, stderr, n) for b, m, score, stderr, n in
+                        run_lm_eval(run.model, run.tokenizer, [task], task_dir, ev.lm_eval.limit, cfg.batch_size,
+                                    cfg.device)]  # fmt: skip
+
+            step(benchmark, lm_eval)
     for name, spec in (ev.get("judges") or {}).items():
-        if spec.generations not in generated:
+        if spec.generations not in (ev.get("generations") or {}):
             raise ValueError(f"judge {name} compares eval.generations.{spec.generations}, which this preset lacks")
         if spec.reference is None:
             log.warning("%s: judge %s skipped: no reference (set eval.judges.%s.reference)", run.run_id, name, name)
             continue
-        outputs = generated[spec.generations]
-        max_new_tokens = ev.generations[spec.generations].max_new_tokens
-        reference = reference_outputs(spec.reference, outputs, spec.generations, max_new_tokens, cfg)
-        rows += judge_rows(run, name, spec, outputs, reference, judges, cfg)
-    return rows
+
+        def judge(name: str = name, spec: DictConfig = spec) -> list[dict[str, Any]]:
+            if spec.generations not in generated:
+                raise RuntimeError(f"its responses ({spec.generations}) could not be generated")
+            outputs = generated[spec.generations]
+            max_new_tokens = ev.generations[spec.generations].max_new_tokens
+            reference = reference_outputs(spec.reference, outputs, spec.generations, max_new_tokens, cfg)
+            return judge_rows(run, name, spec, outputs, reference, judges, cfg, results)
+
+        step(name, judge)
+    with atomic_write(run_dir / "eval" / "status.json") as tmp:
+        tmp.write_text(json.dumps({"run_id": run.run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **status}, indent=2))
+    if cfg.wandb.enabled and rows:
+        log_to_wandb(cfg, run_dir, rows)
+    return rows, [f"{name}: {state[len('failed: '):]}" for name, state in status.items() if state != "ok"]
 
 
 def log_to_wandb(cfg: DictConfig, run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -259,34 +368,46 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, rows: Sequence[dict[str, Any]])
         w.log({"results": wandb.Table(columns=list(RESULT_COLUMNS), data=[[r[c] for c in RESULT_COLUMNS] for r in rows])})
 
 
+def results_path(cfg: DictConfig, runs: Sequence[Path]) -> Path:
+    """``cfg.results``, or by default ``results.csv`` in the sweep directory that holds the runs (one table per
+    study, never a global one that pools unrelated studies)."""
+    if cfg.results:
+        return Path(cfg.results)
+    parents = {run.parent for run in runs}
+    if len(parents) > 1:
+        raise ValueError(f"the runs lie in {len(parents)} sweep directories; name the results table: results=PATH.csv")
+    return parents.pop() / "results.csv"
+
+
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate every run matching ``cfg.run_dir`` (a run directory or a glob over a sweep; with ``num_shards``
-    > 1 only every ``num_shards``-th run from ``shard``) and append the rows to ``cfg.results``."""
+    > 1 only every ``num_shards``-th run from ``shard``) and append the rows to the results table
+    (:func:`results_path`). Raises after all runs if any run or benchmark failed (their rows stay)."""
     matches = {Path(p).resolve() for p in glob.glob(str(cfg.run_dir))}  # resolved: a linked run counts once
     runs = sorted(p for p in matches if (p / "hf_model" / "plwlab.json").exists())
     if not runs:
         raise FileNotFoundError(f"no finished training run (with hf_model/plwlab.json) matches {cfg.run_dir}")
     if not 0 <= cfg.shard < cfg.num_shards:
         raise ValueError(f"shard must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
+    results = results_path(cfg, runs)
+    read_results(results)  # a malformed table is an error now, not after hours of evaluation
     runs = runs[cfg.shard :: cfg.num_shards]
-    rows: list[dict[str, Any]] = []
     judges: dict[str, PairwiseJudge] = {}
+    rows: list[dict[str, Any]] = []
     failed = []
     for i, run_dir in enumerate(runs):
         log.info("[%d/%d] evaluating %s", i + 1, len(runs), run_dir)
         try:
-            run_rows = evaluate_run(cfg, run_dir, judges)
+            run_rows, failures = evaluate_run(cfg, run_dir, judges, results)
         except Exception as e:  # one broken run must not stop a sweep's evaluation; reported at the end
             if len(runs) == 1:
                 raise
             log.exception("evaluating %s failed", run_dir)
             failed.append(f"{run_dir.name} ({type(e).__name__}: {e})")
             continue
-        append_results(cfg.results, run_rows)  # per run: an interruption keeps what is done
-        if cfg.wandb.enabled:
-            log_to_wandb(cfg, run_dir, run_rows)
         rows += run_rows
-    log.info("%d rows for %d runs appended to %s", len(rows), len(runs) - len(failed), cfg.results)
+        failed += [f"{run_dir.name} {failure}" for failure in failures]
+    log.info("%d rows for %d runs written to %s", len(rows), len(runs), results)
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed: " + "; ".join(failed))
+        raise RuntimeError(f"{len(failed)} evaluations failed (the others' rows are in {results}): " + "; ".join(failed))
     return rows
