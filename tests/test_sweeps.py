@@ -87,7 +87,8 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     assert ours.returncode != 0 and "Traceback" not in ours.stderr
     assert ours.stderr.strip().splitlines()[-1] == f"error: cannot write to run directory {blocker / 'run'}: Not a directory"
     hydras = run_cli(*QUICK, f"hydra.run.dir={blocker / 'run'}")  # Hydra creates its own output dir first
-    assert hydras.returncode != 0 and f"Not a directory: '{blocker / 'run'}'" in hydras.stderr
+    assert hydras.returncode != 0 and "Traceback" not in hydras.stderr
+    assert hydras.stderr.strip().splitlines()[-1] == f"error: cannot write to run directory {blocker / 'run'}: Not a directory"
     assert blocker.read_text() == "not a directory"  # nothing overwritten
 
 

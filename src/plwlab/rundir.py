@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from plwlab.config import to_dict
@@ -75,6 +76,24 @@ def _usable_checkpoint(path: Path) -> bool:
             return bool(archive.namelist())
     except (OSError, zipfile.BadZipFile):
         return False
+
+
+class OutputDirCheck(Callback):
+    """Hydra callback: an output directory that cannot be created is one line of error before Hydra tries (and
+    fails with a traceback)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(config.hydra.sweep.dir)
+
+
+def _check_writable(directory: str) -> None:
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to run directory {directory}: {e.strerror or e}") from None
 
 
 @contextmanager
