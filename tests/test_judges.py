@@ -142,6 +142,8 @@ def test_alpaca_eval_package_backend(tmp_path):
     assert n == 6 and 0 <= score <= 100 and stderr > 0
     board = pd.read_csv(tmp_path / "out" / "leaderboard.csv", index_col=0)
     assert board.loc["run-7", "win_rate"] == pytest.approx(score)
+    # again, with the annotation cache now warm (crashed with pandas 3: pyproject bounds pandas for this extra)
+    assert alpaca_eval_package(outputs, reference, str(config), str(tmp_path / "out")) == (score, stderr, n)
 
 
 def test_alpaca_eval_package_missing(monkeypatch):
