@@ -297,6 +297,7 @@ def test_sweeps_with_the_same_overrides_keep_their_own_rows(tmp_path, run_dir):
     assert sorted(r["run_id"] for r in rows) == ["a/plw=0.1", "b/plw=0.1"]  # not one replacing the other
     assert {r["config_digest"] for r in rows} == {json.loads((run_dir / "status.json").read_text())["config_digest"]}
     assert {r["train_steps"] for r in rows} == {"6"}
+    assert {r["data_sha256"] for r in rows} == {json.loads((run_dir / "metrics.json").read_text())["data_sha256"]}
     evaluate(compose_eval([f"run_dir='{a}'", *MEMORIZATION_ONLY]))  # default: the sweep's own table
     assert [r["run_id"] for r in csv.DictReader((tmp_path / "a" / "results.csv").open())] == ["a/plw=0.1"]
     with pytest.raises(ValueError, match="the runs lie in 2 sweep directories; name the results table"):
@@ -309,11 +310,11 @@ def test_a_malformed_results_table_stops_before_any_work(tmp_path, run_dir, bad)
 
     run = _copy_run(run_dir, tmp_path / "sweep" / "plw=0.1", "plwlab")
     table = tmp_path / "r.csv"
-    good = "plwlab/x,m,d,0.1,1.0,piqa,acc,0.5,0.01,6,abc,6"
+    good = "plwlab/x,m,d,0.1,1.0,piqa,acc,0.5,0.01,6,abc,6,f00d"
     lines = {"extra fields": [good, good + ",1,2"], "truncated last line": [good, "plwlab/y,m,d,0.1,1.0,pi"]}[bad]
     table.write_text("\n".join([",".join(RESULT_COLUMNS), *lines]) + ("\n" if bad == "extra fields" else ""))
     before = table.read_text()
-    with pytest.raises(ValueError, match="r.csv: line 3 has .* fields, not 12"):
+    with pytest.raises(ValueError, match="r.csv: line 3 has .* fields, not 13"):
         evaluate(compose_eval([f"run_dir='{run}'", f"results={table}", *MEMORIZATION_ONLY]))
     assert table.read_text() == before and not (run / "eval").exists()  # nothing rewritten, nothing evaluated
 

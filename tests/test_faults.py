@@ -159,6 +159,24 @@ def test_analyze_refuses_two_datasets_under_one_name():
                          "benchmark": "piqa", "score": [0.5, 0.6, 0.55]})  # fmt: skip
     with pytest.raises(ValueError, match="dataset 'alpaca_sample' has 2 different Rg values for model 'm'"):
         relative_scores(rows)
-    rows["rg"], rows["train_steps"] = 3.0, [18, 18, 6]  # a 3-epoch and a 1-epoch study in one table
+    rows["rg"], rows["data_sha256"] = 3.0, ["a1", "a1", "b2"]  # same Rg by chance, different files
+    with pytest.raises(ValueError, match="has 2 different data files"):
+        relative_scores(rows)
+    rows["data_sha256"], rows["train_steps"] = "a1", [18, 18, 6]  # a 3-epoch and a 1-epoch study in one table
     with pytest.raises(ValueError, match="has 2 different training lengths"):
         relative_scores(rows)
+    assert len(relative_scores(rows.assign(train_steps=18))) == 3
+
+
+def test_a_new_run_prints_no_warning_about_deleting_old_logs(tmp_path):
+    result = run_cli(*QUICK, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "exists and is not empty" not in result.stderr  # Hydra's own files are there; nothing is deleted
+    assert (tmp_path / "metrics.csv").exists()
+
+
+def test_the_cli_help_points_at_the_real_layout():
+    import plwlab.cli
+
+    assert "sweeps/" not in plwlab.cli.__doc__  # run dirs are outputs/<name>/<overrides> and outputs/<name>/runs/<time>
+    assert "--runs outputs/plwlab]" in plwlab.cli.__doc__

@@ -53,6 +53,7 @@ def relative_scores(results: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"results table lacks columns {sorted(missing)}")
     for column, what, fix in (("rg", "Rg values", "give each data file its own data.name"),
+                              ("data_sha256", "data files (content hashes)", "give each data file its own data.name"),
                               ("train_steps", "training lengths (steps)", "analyse one study at a time")):  # fmt: skip
         if column not in results.columns:
             continue

@@ -5,7 +5,7 @@ PandaLM instruction sets (cached in ``<run>/eval/generations/``) and their lengt
 (:mod:`plwlab.benchmarks`); pairwise judges against reference responses (:mod:`plwlab.judges`).
 
 Rows: run_id (``<training name>/<run dir>``), model, dataset, plw, rg, benchmark, metric, score, stderr, n,
-config_digest and train_steps (which run exactly, trained how long). Each benchmark's rows are written as soon as
+config_digest, train_steps and data_sha256 (which run exactly, trained how long, on which data). Each benchmark's rows are written as soon as
 they are done; a failing benchmark is logged, recorded in ``<run>/eval/status.json`` and makes the exit code
 non-zero, and the other benchmarks' rows stay.
 """
@@ -41,8 +41,8 @@ from plwlab.tokenization import cached_tokenize
 
 log = logging.getLogger(__name__)
 RESULT_COLUMNS = ("run_id", "model", "dataset", "plw", "rg", "benchmark", "metric", "score", "stderr", "n",
-                  "config_digest", "train_steps")  # fmt: skip
-LEGACY_COLUMNS = RESULT_COLUMNS[:10]  # tables written before config_digest and train_steps existed
+                  "config_digest", "train_steps", "data_sha256")  # fmt: skip
+LEGACY_COLUMNS = RESULT_COLUMNS[:10]  # tables written before config_digest, train_steps and data_sha256 existed
 ROW_KEY = ("run_id", "benchmark", "metric")
 
 
@@ -111,7 +111,8 @@ def result_row(run: LoadedRun, benchmark: str, metric: str, score: float, stderr
     meta = run.meta
     return {"run_id": run.run_id, "model": meta.get("model"), "dataset": meta.get("data"), "plw": meta.get("plw"),
             "rg": meta.get("rg"), "benchmark": benchmark, "metric": metric, "score": score, "stderr": stderr, "n": n,
-            "config_digest": run.config_digest, "train_steps": run.train_steps}  # fmt: skip
+            "config_digest": run.config_digest, "train_steps": run.train_steps,
+            "data_sha256": meta.get("data_sha256")}  # fmt: skip
 
 
 def read_results(path: str | Path) -> list[dict[str, str]]:

@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,11 @@ def _train(cfg: DictConfig, run_dir: Path, is_zero: bool) -> dict[str, Any]:
         if is_zero:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with warnings.catch_warnings():
+            # Lightning's CSV logger warns that logs "will be deleted" whenever its folder is not empty, and the run
+            # directory always holds Hydra's files; a resumed run's earlier metrics.csv was moved aside above
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except BaseException as e:
         if is_zero:  # every failure after the run started is recorded, also one before fit (bad model path, ...)
             finish_wandb(loggers, failed=True)
