@@ -135,6 +135,17 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, sharded):
         "last.ckpt", "step-00000001.ckpt"]  # fmt: skip
 
 
+def test_the_checkpoint_runs_after_every_other_callback(tmp_path):
+    import lightning as L
+
+    from plwlab.callbacks import LossRSD
+
+    checkpoint, rsd = RunCheckpoint(str(tmp_path)), LossRSD()
+    trainer = L.Trainer(callbacks=[checkpoint, rsd], logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert trainer.callbacks.index(checkpoint) > trainer.callbacks.index(rsd)  # the step's loss is in the file
+    assert [cb for cb in trainer.callbacks if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint)] == []
+
+
 def test_checkpoints_are_published_by_an_atomic_link_flip(tmp_path):
     trainer, cb = SavingTrainer(sharded=True), RunCheckpoint(str(tmp_path), every_n_steps=2)
     for step in range(1, 6):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 
 log = logging.getLogger(__name__)
 LAST = "last.ckpt"
@@ -32,12 +33,13 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-class RunCheckpoint(L.Callback):
+class RunCheckpoint(Checkpoint):
     """Checkpoint the whole training state (model, optimizer, schedule, loop and data position, callbacks) every
     ``every_n_steps`` optimizer steps and/or every ``every_minutes`` minutes of training (rank 0's clock), as
     described in this module's docstring. ``keep=False`` (default): :meth:`discard` removes the checkpoints once the
     run has finished (train.py calls it after the HF export and ``status.json`` are written); ``keep=True`` also
-    saves the final state at the end of training and keeps it. Logs ``checkpoint/save_seconds``."""
+    saves the final state at the end of training and keeps it. Logs ``checkpoint/save_seconds``. A Lightning
+    ``Checkpoint``, so the Trainer runs it after every other callback: their state of the step is in the file."""
 
     def __init__(
         self, dirpath: str, every_n_steps: int | None = 50, every_minutes: float | None = None, keep: bool = False

@@ -134,7 +134,8 @@ def _train(cfg: DictConfig, run_dir: Path, is_zero: bool) -> dict[str, Any]:
             callbacks=callbacks,
             logger=loggers or False,
             default_root_dir=str(run_dir),
-            enable_checkpointing=False,  # RunCheckpoint (callbacks.checkpoint) writes the checkpoints
+            # RunCheckpoint (callbacks.checkpoint) writes the checkpoints; without it, Lightning must not add its own
+            enable_checkpointing=any(isinstance(cb, RunCheckpoint) for cb in callbacks),
             use_distributed_sampler=False,  # AlpacaDataModule shards data itself, identically for any world size
         )
         if is_zero:
