@@ -128,3 +128,15 @@ def test_padding_token_ids_do_not_matter(batch_and_logits):
     a = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), batch["completion_mask"], batch["token_mask"], 0.2)
     b = prompt_weighted_loss(next_token_nll(logits, ids), batch["completion_mask"], batch["token_mask"], 0.2)
     assert math.isclose(a.loss.item(), b.loss.item(), rel_tol=0, abs_tol=0)
+
+
+def test_next_token_nll_shifts_targets_not_logits():
+    """Same values and gradients as slicing the logits (the old formulation), without copying them."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 11, (3, 7))
+    sliced = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    (g_sliced,) = torch.autograd.grad((sliced * torch.arange(18)).sum(), logits)
+    nll = next_token_nll(logits, ids)
+    (g_nll,) = torch.autograd.grad((nll.flatten() * torch.arange(18)).sum(), logits)
+    assert nll.shape == (3, 6) and torch.equal(nll.flatten(), sliced) and torch.equal(g_nll, g_sliced)

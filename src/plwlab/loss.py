@@ -48,12 +48,13 @@ def loss_denominator(
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """``nll[b, t] = -log p(input_ids[b, t+1] | input_ids[b, :t+1])`` from full logits (B, L, V) -> (B, L-1).
 
-    Computed in at least float32 (bf16/fp16 logits are upcast; fp64 stays fp64).
+    Computed in at least float32 (bf16/fp16 logits are upcast; fp64 stays fp64). The *targets* are shifted, not the
+    logits: the last position gets target ``ignore_index`` and is dropped from the result, so no (B, L-1, V) copy
+    of the logits (and of their gradient) is made.
     """
-    logits = logits[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    targets = input_ids[:, 1:]
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # -100: cross_entropy's default ignore_index
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)[:, :-1]
 
 
 def chunked_next_token_nll(
@@ -68,8 +69,8 @@ def chunked_next_token_nll(
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    h = hidden[:, :-1].flatten(0, 1)
-    targets = input_ids[:, 1:].flatten()
+    h = hidden.flatten(0, 1)  # a view: targets are shifted instead (see next_token_nll)
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()
     dtype = torch.promote_types(hidden.dtype, torch.float32)
 
     def chunk_nll(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ def chunked_next_token_nll(
             pieces.append(checkpoint(chunk_nll, h[start:end], targets[start:end], use_reentrant=False))
         else:
             pieces.append(chunk_nll(h[start:end], targets[start:end]))
-    return torch.cat(pieces).view(input_ids.shape[0], -1)
+    return torch.cat(pieces).view_as(input_ids)[:, :-1]
 
 
 def prompt_weighted_loss(
