@@ -160,3 +160,20 @@ def test_benchmark_scripts_run(tmp_path):
     gpu = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py")], capture_output=True, text=True,
                          timeout=300, check=True).stdout  # fmt: skip
     assert "skipped: no CUDA GPU" in gpu or "tokens/s" in gpu
+
+
+def test_rg_is_cached_with_the_tokenized_data(tmp_path, monkeypatch):
+    """Runs 2..N of a sweep load tokens and Rg from the cache: the tokenizer is not called at all."""
+    from plwlab.datamodule import AlpacaDataModule
+
+    tok = tiny_model().tokenizer
+    first = AlpacaDataModule(tok, path=str(SAMPLE), limit=60, cache_dir=str(tmp_path))
+    first.setup()
+    calls = []
+    real = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    again = AlpacaDataModule(tok, path=str(SAMPLE), limit=60, cache_dir=str(tmp_path))
+    again.setup()
+    assert again.stats["rg"] == first.stats["rg"] > 0 and calls == []
+    AlpacaDataModule(tok, path=str(SAMPLE), limit=50, cache_dir=str(tmp_path)).setup()  # other records: computed
+    assert calls

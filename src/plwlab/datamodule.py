@@ -12,7 +12,7 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from plwlab.alpaca import DataError, build_variant, load_records, token_lengths
+from plwlab.alpaca import DataError, build_variant, load_records
 from plwlab.batching import (
     BATCHING,
     GlobalBatchSampler,
@@ -22,7 +22,7 @@ from plwlab.batching import (
     pack_examples,
     split_indices,
 )  # fmt: skip
-from plwlab.tokenization import cached_tokenize
+from plwlab.tokenization import cached_rg, cached_tokenize
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class AlpacaDataModule(L.LightningDataModule):
             "n_train_rows": len(self.train_set),
             "n_val": len(self.val_set),
             "n_empty_completion": n_empty,
-            "rg": token_lengths(records, self.tokenizer).rg,  # the paper's Rg: output / (instruction + input)
+            "rg": cached_rg(records, self.tokenizer, self.cache_dir),  # the paper's Rg: output / (instruction + input)
             "rg_templated": n_completion / max(n_prompt, 1),  # what the loss sees: template, bos/eos, truncation
             "data_path": path,  # what this run really read (a built variant's file for a variant)
             "data_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16],

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from plwlab.alpaca import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, alpaca_prompt, tokenizer_fingerprint
+from plwlab.alpaca import (
+    ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, alpaca_prompt, token_lengths, tokenizer_fingerprint,
+)  # fmt: skip
 from plwlab.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,26 @@ def tokenize_examples(
     return examples, sum(not e.has_completion for e in examples)
 
 
+def _cache_key(records: Sequence[dict[str, str]], tokenizer: Any, *extra: Any) -> str:
+    """Key of a cache entry: the records' content, the tokenizer's vocabulary and whatever else it depends on."""
+    text = json.dumps([records, *extra], ensure_ascii=False)
+    return hashlib.sha256(f"{text}|{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:16]
+
+
+def cached_rg(records: Sequence[dict[str, str]], tokenizer: Any, cache_dir: str | Path | None) -> float:
+    """The paper's Rg of ``records`` (fields tokenized alone, :func:`plwlab.alpaca.token_lengths`), cached in
+    ``cache_dir`` beside the tokenized data: runs 2..N of a sweep do not tokenize the dataset again for it."""
+    if cache_dir is None:
+        return token_lengths(records, tokenizer).rg
+    path = Path(cache_dir) / f"rg-{_cache_key(records, tokenizer)}.json"
+    if path.exists():
+        return json.loads(path.read_text())["rg"]
+    rg = token_lengths(records, tokenizer).rg
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps({"rg": rg}) + "\n")
+    return rg
+
+
 def cached_tokenize(
     records: Sequence[dict[str, str]], tokenizer: Any, max_length: int, cache_dir: str | Path | None
 ) -> tuple[list[TokenizedExample], int]:
@@ -119,8 +141,7 @@ def cached_tokenize(
     vocabulary, the prompt template and ``max_length``: every run of a sweep after the first loads it."""
     if cache_dir is None:
         return tokenize_examples(records, tokenizer, max_length)
-    key_text = json.dumps([records, ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, max_length], ensure_ascii=False)
-    key = hashlib.sha256(f"{key_text}|{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:16]
+    key = _cache_key(records, tokenizer, ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, max_length)
     path = Path(cache_dir) / f"tokenized-{key}.npz"
     if path.exists():
         data = np.load(path)
