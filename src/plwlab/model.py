@@ -33,7 +33,7 @@ def _check_local_dir(name_or_path: str, what: str, marker: str) -> None:
     if not _looks_local(name_or_path) or path.is_file():
         return
     if not path.exists():
-        raise ModelLoadError(f"{what} directory {name_or_path} does not exist")
+        raise ModelLoadError(f"{what} {'file' if path.suffix else 'directory'} {name_or_path} does not exist")
     if not any(path.glob(marker)):
         raise ModelLoadError(f"{what} directory {name_or_path} has no {marker} (not a HF {what} folder?)")
 
