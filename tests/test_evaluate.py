@@ -357,3 +357,14 @@ def test_cached_responses_are_keyed_by_dtype_and_weights(run_dir, tmp_path, monk
     weights.write_bytes(weights.read_bytes())  # the run was trained again: new weight files
     ev.responses(load_run(copy, dtype="float64"), copy, "demo", records, max_new_tokens=4, batch_size=1)
     assert len(calls) == 3
+
+
+def test_rows_that_cannot_be_added_are_kept_beside_the_table(tmp_path):
+    table = tmp_path / "r.csv"
+    table.write_text("not,a,results,table\n")  # e.g. overwritten by hand while a long evaluation ran
+    rows = [{"run_id": "s/r", "benchmark": "piqa", "metric": "acc", "score": 0.5}]
+    with pytest.raises(RuntimeError, match=r"line 1 is not a plwlab results header.*the 1 new rows are kept in"):
+        append_results(table, rows)
+    (pending,) = tmp_path.glob("r.pending-*.csv")
+    assert [(r["run_id"], r["score"]) for r in csv.DictReader(pending.open())] == [("s/r", "0.5")]
+    assert table.read_text() == "not,a,results,table\n"

@@ -157,18 +157,20 @@ def append_results(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
                                 path, old["benchmark"], old["metric"], old["run_id"], old["config_digest"],
                                 replacement.get("config_digest"))  # fmt: skip
             with atomic_write(path) as tmp, tmp.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-                writer.writeheader()
-                writer.writerows({k: r.get(k) for k in RESULT_COLUMNS} for r in kept)
-                writer.writerows({k: r.get(k) for k in RESULT_COLUMNS} for r in rows)
+                _write_rows(f, [*kept, *rows])
     except (OSError, ValueError) as e:
         pending = path.with_name(f"{path.stem}.pending-{os.getpid()}.csv")
         with pending.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerows({k: r.get(k) for k in RESULT_COLUMNS} for r in rows)
+            _write_rows(f, rows)
         raise RuntimeError(f"{e}; the {len(rows)} new rows are kept in {pending}") from e
+
+
+def _write_rows(f: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """``rows`` as CSV in plwlab's columns, after the header if ``f`` is at its start."""
+    writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+    if f.tell() == 0:
+        writer.writeheader()
+    writer.writerows({k: r.get(k) for k in RESULT_COLUMNS} for r in rows)
 
 
 def training_records(run_dir: Path, tokenizer: Any) -> list[dict[str, str]]:
