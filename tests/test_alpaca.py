@@ -118,13 +118,31 @@ def test_recommend_from_table4(rg, plw):
 def test_recommend_edges_and_model_file(tmp_path):
     assert recommend_plw(3.27).plw is None and "hardly matters" in str(recommend_plw(3.27))
     assert "outside" in recommend_plw(0.1).note and recommend_plw(2.2).plw == pytest.approx(0.239)
-    with pytest.raises(ValueError, match="not bundled"):
-        recommend_plw(1.0, column="mc")
+    assert recommend_plw(1.0, column="mc").plw == pytest.approx(0.183)
+    assert recommend_plw(1.25, column="mc").plw == pytest.approx((0.183 + 0.278) / 2)
+    assert recommend_plw(2.0, column="mc").plw is None  # starred in the paper
+    assert recommend_plw(1.0, column="gen").plw is None and recommend_plw(7.9, column="gen").plw == pytest.approx(0.654)
+    with pytest.raises(ValueError, match="column must be one of"):
+        recommend_plw(1.0, column="translation")
     fit = tmp_path / "fit.json"
     fit.write_text(json.dumps({"gam": {"optimal_plw": {"0.5": 0.2, "1.5": 0.4}}}))
     assert recommend_plw(1.0, model_file=fit).plw == pytest.approx(0.3)
     if FIXTURE_REFERENCE.exists():
         assert recommend_plw(1.0, model_file=FIXTURE_REFERENCE).plw == pytest.approx(0.397)
+
+
+def test_embedded_table4_equals_the_papers_table():
+    """plwlab's Table 4 (values and flat marks, all three columns) equals ../shared/paper/table4_optimal_plw.csv."""
+    from plwlab.recommend import TABLE4
+
+    path = SHARED_DATA.parent / "paper" / "table4_optimal_plw.csv"
+    if not path.exists():
+        pytest.skip("../shared/paper not present")
+    rows = {float(r["rg"]): r for r in csv.DictReader(path.open())}
+    assert set(rows) == set(TABLE4)
+    for rg, row in rows.items():
+        for col in ("all", "mc", "gen"):
+            assert TABLE4[rg][col] == (float(row[col]), row[f"{col}_flat"] == "1"), (rg, col)
 
 
 def test_cli_stats_build_and_recommend(tmp_path, capsys):
@@ -142,7 +160,10 @@ def test_cli_stats_build_and_recommend(tmp_path, capsys):
     assert manifest["rg"] == pytest.approx(0.042, rel=0.01)
 
     cli(["recommend", "--rg", "0.5"])
-    assert "PLW 0.155" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PLW 0.155" in printed and "gen: PLW hardly matters here" in printed and "paper Table 4 (Huerta" in printed
+    cli(["recommend", "--rg", "1.0", "--column", "mc"])
+    assert "Rg 1: PLW 0.183  [paper Table 4, column mc]" in capsys.readouterr().out
     cli(["recommend", "data=alpaca_data_short", f"data.path={SAMPLE}", f"paths.data_dir={tmp_path}"])
     assert "alpaca_data_short: Rg" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: data=alpaca_sample is used as is"):
@@ -155,6 +176,6 @@ def test_alpaca_52k_stats_with_llama_tokenizer():
     alpaca, spm = SHARED_DATA / "alpaca" / "alpaca_data.json", SHARED_DATA / "tokenizer" / "llama_tokenizer.model"
     if not (alpaca.exists() and spm.exists()):
         pytest.skip("../shared/data not present")
-    records = load_records(str(alpaca), on_invalid="skip")
+    records = load_records(str(alpaca))
     lengths = token_lengths(records, load_tokenizer(str(spm)))
     assert lengths.rg == pytest.approx(3.27, rel=0.01)  # the paper's AlpacaData Rg

@@ -73,12 +73,27 @@ def test_malformed_data_names_the_record(tmp_path, content, message):
 
 
 def test_skip_invalid_records_counts_and_reports(tmp_path, caplog):
-    recs = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": " "}, {"instruction": 1, "output": "x"}]
+    recs = [{"instruction": "a", "output": "b"}, {"instruction": " ", "output": "y"}, {"instruction": 1, "output": "x"}]
     (tmp_path / "x.json").write_text(json.dumps(recs))
-    with pytest.raises(DataError, match="record 1 has an empty 'output'"):
+    with pytest.raises(DataError, match="record 1 has an empty 'instruction'"):
         load_records(str(tmp_path / "x.json"))
     assert load_records(str(tmp_path / "x.json"), on_invalid="skip") == [{"instruction": "a", "input": "", "output": "b"}]
     assert "skipped 2 invalid records" in caplog.text and "record 2 field 'instruction' is int" in caplog.text
+
+
+def test_empty_outputs_are_kept_as_stanford_keeps_them(tmp_path, caplog, tiny):
+    """Stanford's training code keeps an empty output and trains on EOS alone; ``empty_output=skip`` drops it."""
+    recs = [{"instruction": "a", "output": "b"}, {"instruction": "c", "input": "d", "output": ""}]
+    (tmp_path / "x.json").write_text(json.dumps(recs))
+    kept = load_records(str(tmp_path / "x.json"))
+    assert len(kept) == 2
+    [_, ex], _ = tokenize_examples(kept, tiny.tokenizer, 512)
+    assert [t for t, m in zip(ex.input_ids, ex.completion_mask) if m] == [tiny.tokenizer.eos_token_id]
+    assert load_records(str(tmp_path / "x.json"), empty_output="skip") == kept[:1]
+    assert "skipped 1 records with an empty output" in caplog.text
+    (tmp_path / "y.json").write_text(json.dumps(recs[1:]))
+    with pytest.raises(DataError, match="no usable records \\(1 in the file, 0 invalid, 1 with an empty output skipped\\)"):
+        load_records(str(tmp_path / "y.json"), empty_output="skip")
 
 
 def test_missing_local_file_is_not_sent_to_the_hub(tmp_path):
@@ -152,10 +167,105 @@ def test_shared_alpaca_with_llama_tokenizer():
         pytest.skip("../shared/data not present")
     tok = load_tokenizer(str(spm))
     assert tok("Hello world", add_special_tokens=False)["input_ids"] == [15043, 3186]
-    with pytest.raises(DataError, match="record 284 has an empty 'output'"):
-        load_records(str(alpaca))
-    records = load_records(str(alpaca), on_invalid="skip")
-    assert len(records) == 52002 - 28
+    assert len(load_records(str(alpaca), empty_output="skip")) == 52002 - 28
+    records = load_records(str(alpaca))
+    assert len(records) == 52002 and records[284]["output"] == ""
     examples, n_empty = tokenize_examples(records[:200], tok, max_length=512)
     assert examples[0].input_ids[0] == 1 and examples[0].input_ids[-1] == 2
     assert n_empty == 0
+
+
+SPACE_TEXTS = ["words:  vegetable", "  lead", " x", "   three", "x\n\n  y", "a    b  c", "The  end.  ", "tab\t\tthere",
+               "", "\nx", "a\n b", "  "]  # fmt: skip
+
+
+def _llama_like_spm_model(tmp_path):
+    """A small byte-fallback BPE SentencePiece model trained on the bundled sample, with LLaMA's whitespace pieces
+    ("▁▁", "▁▁▁", "▁▁▁▁" at low ids with score -1e9) inserted as Meta did."""
+    import io
+
+    import sentencepiece as spm
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    texts = [" ".join(r.values()) for r in load_records(str(SAMPLE))]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, model_type="bpe", vocab_size=600,
+                                   byte_fallback=True, split_digits=True, remove_extra_whitespaces=False,
+                                   normalization_rule_name="identity", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   minloglevel=2)  # fmt: skip
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(buf.getvalue())
+
+    def piece(text):
+        p = type(proto.pieces[0])()
+        p.piece, p.score, p.type = text, -1e9, 1
+        return p
+
+    pieces = list(proto.pieces)
+    pieces = pieces[:259] + [piece("▁▁")] + pieces[259:267] + [piece("▁▁▁▁")] + pieces[267:300] + [piece("▁▁▁")] + pieces[300:]
+    del proto.pieces[:]
+    proto.pieces.extend(pieces)
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(proto.SerializeToString())
+    return path, spm.SentencePieceProcessor(model_file=str(path))
+
+
+def test_bare_sentencepiece_model_tokenizes_as_sentencepiece(tmp_path):
+    """A bare tokenizer.model gives SentencePiece's ids on texts with repeated and leading spaces, adds BOS, and
+    saves to a tokenizer.json that reloads with the same ids (the run's exported tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from plwlab.model import load_tokenizer
+    from plwlab.tokenization import batch_token_ids
+
+    path, sp = _llama_like_spm_model(tmp_path)
+    tok = load_tokenizer(str(path))
+    expected = [sp.encode(t) for t in SPACE_TEXTS]
+    assert [tok(t, add_special_tokens=False)["input_ids"] for t in SPACE_TEXTS] == expected
+    assert batch_token_ids(tok, SPACE_TEXTS) == expected  # plwlab's batched newline-split path
+    assert tok("x")["input_ids"] == [sp.bos_id()] + sp.encode("x")
+    assert [tok.decode(ids) for ids in expected] == [sp.decode(ids) for ids in expected]
+    tok.save_pretrained(tmp_path / "saved")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert [reloaded(t, add_special_tokens=False)["input_ids"] for t in SPACE_TEXTS] == expected
+
+
+def test_alpaca_52k_tokenized_as_stanford_with_sentencepiece():
+    """Every one of the 52,002 records: plwlab's input ids and prompt/completion split equal Stanford's
+    preprocessing done with the sentencepiece library itself (bos + sp(prompt + output) + eos, labels from
+    len(bos + sp(prompt)))."""
+    import sentencepiece as spm
+    from conftest import SHARED_DATA
+
+    from plwlab.alpaca import alpaca_prompt
+    from plwlab.model import load_tokenizer
+
+    alpaca, model = SHARED_DATA / "alpaca" / "alpaca_data.json", SHARED_DATA / "tokenizer" / "llama_tokenizer.model"
+    if not (alpaca.exists() and model.exists()):
+        pytest.skip("../shared/data not present")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    records = load_records(str(alpaca))
+    prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in records]
+    full = sp.encode([p + r["output"] for p, r in zip(prompts, records)])
+    prompt_ids = sp.encode(prompts)
+    examples, _ = tokenize_examples(records, load_tokenizer(str(model)), max_length=512)
+    wrong = [i for i, (e, f, p) in enumerate(zip(examples, full, prompt_ids))
+             if e.input_ids != ([1] + f + [2])[:512] or e.n_prompt != 1 + len(p)]  # fmt: skip
+    assert len(examples) == 52002 and wrong == []
+
+
+def test_tokenized_cache_is_keyed_by_merges_and_normalizer_not_only_vocab(tmp_path):
+    """The same vocabulary merged differently (transformers 5's id-ranked merges vs SentencePiece's scores)
+    tokenizes differently, so it must not share a cache entry."""
+    from transformers import LlamaTokenizer
+
+    from plwlab.alpaca import tokenizer_fingerprint
+    from plwlab.model import load_tokenizer
+
+    path, _ = _llama_like_spm_model(tmp_path)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(path.read_bytes())
+    id_ranked = LlamaTokenizer.from_pretrained(tmp_path / "hf")
+    exact = load_tokenizer(str(path))
+    assert id_ranked.get_vocab() == exact.get_vocab()
+    assert tokenizer_fingerprint(id_ranked) != tokenizer_fingerprint(exact)

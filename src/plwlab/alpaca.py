@@ -61,15 +61,18 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - Alp
     return template.format(instruction=instruction, input=input)
 
 
-def load_records(path: str, split: str = "train", on_invalid: str = "error") -> list[dict[str, str]]:
+def load_records(path: str, split: str = "train", on_invalid: str = "error", empty_output: str = "keep") -> list[dict[str, str]]:
     """Alpaca-format records from a local ``.json`` (a list) / ``.jsonl`` file or, failing that, an HF hub id.
 
-    Every record needs non-empty string ``instruction`` and ``output`` fields; ``input`` may be missing (= "").
+    Every record needs string ``instruction`` (non-empty) and ``output`` fields; ``input`` may be missing (= "").
     A malformed record raises :class:`DataError` naming it (``on_invalid="error"``) or is skipped, counted and
-    reported (``on_invalid="skip"``).
+    reported (``on_invalid="skip"``). A record with an empty ``output`` (28 in Alpaca 52K) is kept, as Stanford's
+    training code keeps it (it trains on EOS alone), or skipped and counted with ``empty_output="skip"``.
     """
     if on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+    if empty_output not in ("keep", "skip"):
+        raise ValueError(f"empty_output must be 'keep' or 'skip', got {empty_output!r}")
     local = Path(path).expanduser()
     if local.is_file():
         text = local.read_text(encoding="utf-8")
@@ -95,19 +98,24 @@ def load_records(path: str, split: str = "train", on_invalid: str = "error") -> 
             raw = list(datasets.load_dataset(path, split=split))
         except Exception as e:  # hub unreachable, unknown id, ...
             raise DataError(f"cannot load dataset {path!r} (not a local file; hub load failed: {e})") from e
-    records, problems = [], []
+    records, problems, n_empty = [], [], 0
     for i, record in enumerate(raw):
         problem = _record_problem(record, i)
-        if problem is None:
+        if problem is None and empty_output == "skip" and not record["output"].strip():
+            n_empty += 1
+        elif problem is None:
             records.append({f: record.get(f, "") for f in FIELDS})
         elif on_invalid == "error":
             raise DataError(f"{path}: {problem}")
         else:
             problems.append(problem)
+    if n_empty:
+        log.warning("%s: skipped %d records with an empty output (empty_output=skip)", path, n_empty)
     if problems:
         log.warning("%s: skipped %d invalid records, e.g. %s", path, len(problems), "; ".join(problems[:3]))
     if not records:
-        raise DataError(f"{path}: no usable records ({len(raw)} in the file, {len(problems)} invalid)")
+        skipped = f", {n_empty} with an empty output skipped" if n_empty else ""
+        raise DataError(f"{path}: no usable records ({len(raw)} in the file, {len(problems)} invalid{skipped})")
     return records
 
 
@@ -120,7 +128,7 @@ def _record_problem(record: Any, index: int) -> str | None:
             return f"record {index} has no {field!r} field"
         if not isinstance(value, str):
             return f"record {index} field {field!r} is {type(value).__name__}, not a string"
-        if field != "input" and not value.strip():
+        if field == "instruction" and not value.strip():
             return f"record {index} has an empty {field!r}"
     return None
 
@@ -232,14 +240,19 @@ def _sha256(data: bytes) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Short hash of a tokenizer's vocabulary: variants measured with another tokenizer are rebuilt."""
+    """Short hash of how a tokenizer tokenizes: its whole ``tokenizer.json`` (vocabulary, merges, normalizer,
+    pre-tokenizer, special tokens) for a fast tokenizer, else its vocabulary. Data tokenized or measured with
+    another tokenizer, or the same vocabulary merged differently, is rebuilt."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        return _sha256(backend.to_str().encode())[:16]
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     return _sha256(vocab.encode())[:16]
 
 
 def build_variant(
     source: str, variant: str, tokenizer: Any, out_dir: str | Path, target_rg: float | None = None,
-    tolerance: float = 0.01, on_invalid: str = "error",
+    tolerance: float = 0.01, on_invalid: str = "error", empty_output: str = "keep",
 ) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     """Build (or reuse) a dataset variant of ``source`` and write it as JSON beside a ``.manifest.json``.
 
@@ -250,11 +263,11 @@ def build_variant(
         raise ValueError(f"variant must be 'short' or 'rg_target', got {variant!r}")
     if variant == "rg_target" and target_rg is None:
         raise ValueError("variant rg_target needs target_rg")
-    records = load_records(source, on_invalid=on_invalid)
+    records = load_records(source, on_invalid=on_invalid, empty_output=empty_output)
     source_sha = _sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode())
     tok_sha = tokenizer_fingerprint(tokenizer)
     key = _sha256(f"{source_sha}|{variant}|{target_rg}|{tolerance}|{tok_sha}".encode())[:12]  # skipped records
-    # change source_sha, so on_invalid needs no place in the key
+    # change source_sha, so on_invalid and empty_output need no place in the key
     out_dir = Path(out_dir)
     path = out_dir / f"{variant}{'' if target_rg is None else f'-{target_rg:g}'}-{key}.json"
     manifest_path = path.with_suffix(".manifest.json")

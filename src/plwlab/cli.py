@@ -55,9 +55,10 @@ def _records(cfg: Any, tokenizer: Any) -> tuple[list[dict[str, str]], str]:
     d = cfg.data
     path = d.path
     if d.variant != "as_is":
-        built, _ = build_variant(d.path, d.variant, tokenizer, d.cache_dir, d.target_rg, on_invalid=d.on_invalid)
+        built, _ = build_variant(d.path, d.variant, tokenizer, d.cache_dir, d.target_rg, on_invalid=d.on_invalid,
+                                 empty_output=d.empty_output)
         path = str(built)
-    records = load_records(path, on_invalid=d.on_invalid)
+    records = load_records(path, on_invalid=d.on_invalid, empty_output=d.empty_output)
     return (records[: d.limit] if d.limit else records), path
 
 
@@ -109,7 +110,8 @@ def cmd_build_data(args: argparse.Namespace) -> None:
     if d.variant == "as_is":
         raise ConfigError(f"data={d.name} is used as is; nothing to build (choose a variant, e.g. data=alpaca_data_short)")
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    path, manifest = build_variant(d.path, d.variant, tokenizer, d.cache_dir, d.target_rg, on_invalid=d.on_invalid)
+    path, manifest = build_variant(d.path, d.variant, tokenizer, d.cache_dir, d.target_rg, on_invalid=d.on_invalid,
+                                   empty_output=d.empty_output)
     console.print(f"{d.name}: {path}\n  n={manifest['n']} (source {manifest['n_source']}), inverted "
                   f"{manifest['n_inverted']}, dropped {manifest['n_dropped']}, Rg {manifest['rg']:.4g} "
                   f"(source {manifest['rg_source']:.4g})")  # fmt: skip
@@ -119,7 +121,7 @@ def cmd_build_data(args: argparse.Namespace) -> None:
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
-    from plwlab.recommend import recommend_plw
+    from plwlab.recommend import FLAT, TABLE4_COLUMNS, recommend_plw, table4_rows
 
     rg = args.rg
     if rg is None:
@@ -131,7 +133,15 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         records, _ = _records(cfg, tokenizer)
         rg = token_lengths(records, tokenizer).rg
         console.print(f"{cfg.data.name}: Rg {rg:.4g} ({len(records)} examples, tokenizer {cfg.model.tokenizer})")
-    console.print(str(recommend_plw(rg, args.column, args.model_file)), markup=False, highlight=False)
+    if args.model_file:
+        console.print(str(recommend_plw(rg, args.column, args.model_file)), markup=False, highlight=False)
+        return
+    chosen = recommend_plw(rg, args.column)
+    console.print(str(chosen), markup=False, highlight=False)
+    others = [recommend_plw(rg, c) for c in TABLE4_COLUMNS if c != args.column]
+    console.print("  other columns: " + "; ".join(f"{r.column}: " + (FLAT if r.plw is None else f"PLW {r.plw:.3g}")
+                                                  for r in others), markup=False, highlight=False)  # fmt: skip
+    console.print(table4_rows(rg), markup=False, highlight=False)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:

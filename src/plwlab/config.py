@@ -53,6 +53,7 @@ class DataConfig:  # arguments of plwlab.datamodule.AlpacaDataModule (tokenizer 
     empty_completion: str = "keep"
     batching: str = "padded"  # padded | length_grouped | packed
     on_invalid: str = "error"
+    empty_output: str = "keep"  # keep (Stanford: trains on EOS alone) | skip
     variant: str = "as_is"
     target_rg: Optional[float] = None
     cache_dir: Optional[str] = "outputs/data"  # built variants + tokenized data (null: no tokenized cache)

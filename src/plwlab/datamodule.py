@@ -55,6 +55,7 @@ class AlpacaDataModule(L.LightningDataModule):
         limit: int | None = None,
         empty_completion: Literal["keep", "drop", "error"] = "keep",
         on_invalid: Literal["error", "skip"] = "error",
+        empty_output: Literal["keep", "skip"] = "keep",
         variant: str = "as_is",
         target_rg: float | None = None,
         cache_dir: str | None = "outputs/data",
@@ -72,6 +73,7 @@ class AlpacaDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.batching = batch_size, eval_batch_size or batch_size, batching
         self.num_workers, self.empty_completion, self.on_invalid = num_workers, empty_completion, on_invalid
         self.variant, self.target_rg, self.cache_dir = variant, target_rg, cache_dir
+        self.empty_output = empty_output
         self.manifest: dict[str, Any] | None = None
         self.train_set: TokenizedDataset | None = None
         self.val_set: TokenizedDataset | None = None
@@ -84,10 +86,10 @@ class AlpacaDataModule(L.LightningDataModule):
         if self.variant != "as_is":
             built, self.manifest = build_variant(
                 self.path, self.variant, self.tokenizer, self.cache_dir or "outputs/data", self.target_rg,
-                on_invalid=self.on_invalid,
+                on_invalid=self.on_invalid, empty_output=self.empty_output,
             )  # fmt: skip
             path = str(built)
-        records = load_records(path, on_invalid=self.on_invalid)
+        records = load_records(path, on_invalid=self.on_invalid, empty_output=self.empty_output)
         if self.limit:
             records = records[: self.limit]
         examples, n_empty = cached_tokenize(records, self.tokenizer, self.max_length, self.cache_dir)

@@ -179,7 +179,9 @@ def training_records(run_dir: Path, tokenizer: Any) -> list[dict[str, str]]:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     manifest = run_dir / "data_manifest.json"
     path = json.loads(manifest.read_text())["output_path"] if manifest.exists() else cfg.data.path
-    records = load_records(path, on_invalid=cfg.data.get("on_invalid", "error"))[: cfg.data.get("limit")]
+    records = load_records(path, on_invalid=cfg.data.get("on_invalid", "error"),
+                           empty_output=cfg.data.get("empty_output", "skip"))[: cfg.data.get("limit")]  # runs older
+    # than empty_output never kept an empty output
     if cfg.data.get("empty_completion") == "drop":
         examples, _ = cached_tokenize(records, tokenizer, cfg.data.max_length, None)
         records = [r for r, e in zip(records, examples) if e.has_completion]

@@ -3,13 +3,13 @@ a config, optionally with a LoRA adapter."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedModel, PreTrainedTokenizerFast,
+)  # fmt: skip
 
 
 class ModelLoadError(ValueError):
@@ -38,15 +38,48 @@ def _check_local_dir(name_or_path: str, what: str, marker: str) -> None:
         raise ModelLoadError(f"{what} directory {name_or_path} has no {marker} (not a HF {what} folder?)")
 
 
+def sentencepiece_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """A fast tokenizer equal to SentencePiece on a bare BPE ``tokenizer.model`` (LLaMA's), adding BOS as LLaMA
+    expects; it saves as a ``tokenizer.json`` that reloads unchanged (``AutoTokenizer``).
+
+    transformers 5 builds a bare ``.model`` differently in two ways, both fixed here. It ranks the BPE merges by
+    token id, which puts ``("▁", "▁")`` (id 259, the lowest SentencePiece score) first: ``"words:  vegetable"``
+    gives ``▁▁ ve get able`` instead of SentencePiece's ``▁ ▁veget able``; here merges are ranked by piece score.
+    And its Metaspace pre-tokenizer prepends "▁" only to a text that does not start with a space (``" x"`` gives
+    ``▁x``, SentencePiece ``▁ ▁x``); here SentencePiece's dummy prefix is always prepended (the legacy LLaMA
+    ``tokenizer.json`` normalizer).
+    """
+    from tokenizers import normalizers, processors
+    from transformers.convert_slow_tokenizer import import_protobuf
+    from transformers.tokenization_utils_base import generate_merges
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    if not (spec.model_type == 2 and spec.byte_fallback and norm.name == "identity" and norm.add_dummy_prefix
+            and not norm.remove_extra_whitespaces):  # fmt: skip
+        raise ModelLoadError(f"{path}: only a byte-fallback BPE SentencePiece model with identity normalization (LLaMA's) "
+                             "can be loaded from a bare .model; pass a HF tokenizer directory instead")  # fmt: skip
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    merges = generate_merges(vocab, {p.piece: p.score for p in proto.pieces})
+    backend = LlamaTokenizer(vocab=vocab, merges=merges)._tokenizer  # byte-fallback BPE + SentencePiece's decoder
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    bos = proto.pieces[proto.trainer_spec.bos_id].piece
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, proto.trainer_spec.bos_id)])  # fmt: skip
+    pieces = proto.pieces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=pieces[proto.trainer_spec.eos_id].piece,
+                                   unk_token=pieces[proto.trainer_spec.unk_id].piece)  # fmt: skip
+
+
 def load_tokenizer(tokenizer: str) -> Any:
     """A tokenizer from a hub id, a local directory, or a bare SentencePiece ``.model`` file (LLaMA)."""
     path = Path(tokenizer).expanduser()
     _check_local_dir(tokenizer, "tokenizer", "tokenizer*")
     try:
         if path.is_file() and path.suffix == ".model":
-            with tempfile.TemporaryDirectory() as tmp:
-                shutil.copy(path, Path(tmp) / "tokenizer.model")
-                return LlamaTokenizer.from_pretrained(tmp)
+            return sentencepiece_tokenizer(path)
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else tokenizer)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load tokenizer {tokenizer!r}: {str(e).splitlines()[0]}") from e

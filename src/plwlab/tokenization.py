@@ -42,21 +42,32 @@ class TokenizedExample:
 
 
 def _newline_safe_backend(tokenizer: Any) -> tuple[Any, Any, int] | None:
-    """For a Metaspace-BPE fast tokenizer (LLaMA's) in which no vocabulary piece contains a newline, BPE never
-    merges across ``\n``: a text's tokens are exactly its ``\n``-separated segments' tokens joined by the
-    newline token. Returns (backend for first segments, backend for later segments, newline id), else None."""
+    """For a SentencePiece-style BPE fast tokenizer (LLaMA's) in which no vocabulary piece contains a newline, BPE
+    never merges across ``\n``: a text's tokens are exactly its ``\n``-separated segments' tokens joined by the
+    newline token, where only the first segment gets the "▁" prefix. Two layouts qualify: a Metaspace
+    pre-tokenizer (transformers 5's LLaMA) and the Prepend + Replace normalizer of SentencePiece itself
+    (:func:`plwlab.model.sentencepiece_tokenizer`). Returns (backend for first segments, backend for later
+    segments, newline id), else None."""
+    from tokenizers import normalizers, pre_tokenizers
+
     backend = getattr(tokenizer, "_tokenizer", None)
-    pre = getattr(backend, "pre_tokenizer", None)
-    if backend is None or type(pre).__name__ != "Metaspace" or backend.normalizer is not None:
+    if backend is None:
+        return None
+    pre, norm = backend.pre_tokenizer, backend.normalizer
+    metaspace = type(pre).__name__ == "Metaspace" and norm is None
+    spm_normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sentencepiece = pre is None and norm is not None and repr(norm) == repr(spm_normalizer)
+    if not (metaspace or sentencepiece):
         return None
     vocab = tokenizer.get_vocab()
     newline = vocab.get("<0x0A>")
     if newline is None or "\n" in vocab or any("\n" in piece for piece in vocab):
         return None
-    from tokenizers import pre_tokenizers
-
     later = copy.deepcopy(backend)
-    later.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="never", split=pre.split)
+    if metaspace:
+        later.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="never", split=pre.split)
+    else:
+        later.normalizer = normalizers.Replace(" ", "▁")
     return backend, later, newline
 
 
