@@ -150,3 +150,20 @@ def test_real_benchmark_files_convert():
     gen = read_truthfulqa_gen(SHARED_DATA / "truthfulqa" / "TruthfulQA_2021-10.csv")
     assert len(gen) == 817 and gen[0]["question"] == "What happens to you if you eat watermelon seeds?"
     assert all(d["correct_answers"] and d["incorrect_answers"] for d in gen)
+
+
+@pytest.mark.parametrize("add_bos_token", [False, True, None])
+def test_run_lm_eval_bos_choice_reaches_the_model(lm_eval_samples, add_bos_token):
+    """``add_bos_token=False`` (the paper's lm-eval) feeds contexts without BOS, True with BOS on every one; None is
+    the installed lm-eval's default, which with a tokenizer that adds BOS (LLaMA's) also prepends it."""
+    tiny, task_dir, _ = lm_eval_samples
+    firsts = []
+    hook = tiny.model.register_forward_pre_hook(lambda m, args, kwargs: firsts.extend(
+        (args[0] if args else kwargs["input_ids"])[:, 0].tolist()), with_kwargs=True)  # fmt: skip
+    try:
+        run_lm_eval(tiny.model, tiny.tokenizer, ["piqa"], task_dir, limit=3, batch_size=4, add_bos_token=add_bos_token)
+    finally:
+        hook.remove()
+    bos = tiny.tokenizer.bos_token_id
+    assert firsts and tiny.tokenizer("x")["input_ids"][0] == bos
+    assert all(f == bos for f in firsts) if add_bos_token in (True, None) else not any(f == bos for f in firsts)

@@ -337,6 +337,9 @@ def test_a_failing_judge_keeps_the_other_benchmarks_rows(tmp_path, run_dir, monk
     assert {r["benchmark"] for r in rows} == {"memorization", "alpaca_eval", "pandalm", "piqa"}  # kept
     status = json.loads((run / "eval" / "status.json").read_text())
     assert status["piqa"] == "ok" and status["alpaca_eval"].startswith("failed: TypeError")
+    from importlib.metadata import version
+
+    assert status["harness"] == {"lm_eval_version": version("lm_eval"), "add_bos_token": False}  # eval=quick: the paper's
 
 
 def test_cached_responses_are_keyed_by_dtype_and_weights(run_dir, tmp_path, monkeypatch):

@@ -193,15 +193,21 @@ def prepare_task(benchmark: str, task_dir: str | Path, num_fewshot: int = 0, dat
 
 
 def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], task_dir: str | Path, limit: int | None = None,
-                batch_size: int = 8, device: str = "cpu") -> list[tuple[str, str, float, float | None, int]]:  # fmt: skip
+                batch_size: int = 8, device: str = "cpu", add_bos_token: bool | None = None,
+                ) -> list[tuple[str, str, float, float | None, int]]:  # fmt: skip
     """lm-eval-harness on the in-memory model for the prepared ``tasks`` (YAMLs in ``task_dir``). Returns
-    (benchmark, metric, score, stderr, n) per metric."""
+    (benchmark, metric, score, stderr, n) per metric.
+
+    ``add_bos_token``: whether every context starts with BOS. ``None`` is the installed lm-eval's default: from
+    v0.4.9.2 on it lets the tokenizer add BOS; the versions the paper ran (commits b281b09, b93c3bc) encoded
+    contexts without special tokens, which ``False`` reproduces.
+    """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown what a user needs
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, add_bos_token=add_bos_token)
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, bootstrap_iters=1000,
                           random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=1234)  # fmt: skip

@@ -322,7 +322,11 @@ def evaluate_run(
             return [result_row(run, name, "generation_length", float(lengths.mean()), stderr, len(lengths))]
 
         step(f"{name} generations", generation)
+    harness: dict[str, Any] = {}
     if ev.get("lm_eval") and ev.lm_eval.tasks:
+        from importlib.metadata import version
+
+        harness = {"lm_eval_version": version("lm_eval"), "add_bos_token": ev.lm_eval.get("add_bos_token")}
         task_dir = run_dir / "eval" / "lm_eval_tasks"
         for benchmark, t in ev.lm_eval.tasks.items():
 
@@ -331,7 +335,7 @@ def evaluate_run(
                                     ev.lm_eval.max_gen_toks)  # fmt: skip
                 return [result_row(run, b, m, score, stderr, n) for b, m, score, stderr, n in
                         run_lm_eval(run.model, run.tokenizer, [task], task_dir, ev.lm_eval.limit, cfg.batch_size,
-                                    cfg.device)]  # fmt: skip
+                                    cfg.device, ev.lm_eval.get("add_bos_token"))]  # fmt: skip
 
             step(benchmark, lm_eval)
     for name, spec in (ev.get("judges") or {}).items():
@@ -351,7 +355,8 @@ def evaluate_run(
 
         step(name, judge)
     with atomic_write(run_dir / "eval" / "status.json") as tmp:
-        tmp.write_text(json.dumps({"run_id": run.run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **status}, indent=2))
+        tmp.write_text(json.dumps({"run_id": run.run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                   **({"harness": harness} if harness else {}), **status}, indent=2))
     if cfg.wandb.enabled and rows:
         log_to_wandb(cfg, run_dir, rows)
     return rows, [f"{name}: {state[len('failed: '):]}" for name, state in status.items() if state != "ok"]
