@@ -169,13 +169,14 @@ def test_evaluate_cli_default_quick_preset_over_a_sweep_glob(tmp_path, run_dir):
         assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(results.open()))
     keys = [(r["benchmark"], r["metric"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 28 and {r["run_id"] for r in rows} == {f"plwlab/{run_dir.name}"}
+    assert len(keys) == len(set(keys)) == 31 and {r["run_id"] for r in rows} == {f"plwlab/{run_dir.name}"}
     assert {b for b, _ in keys} == {"memorization", "alpaca_eval", "pandalm", "arc_challenge", "piqa", "truthfulqa_mc2",
                                     "winogrande", "truthfulqa_gen", "wmt14_en_fr"}  # fmt: skip
     by_key = {(r["benchmark"], r["metric"]): r for r in rows}
     assert by_key["alpaca_eval", "win_rate"]["n"] == "6" and by_key["alpaca_eval", "unparsed_verdicts"]["score"] == "0.0"
     assert by_key["pandalm", "generation_length"]["n"] == "6" and by_key["winogrande", "acc"]["n"] == "6"
     assert 0 <= float(by_key["alpaca_eval", "win_rate"]["score"]) <= 100
+    assert sum(float(by_key["pandalm", m]["score"]) for m in ("wins", "ties", "losses")) == 6  # PandaLM's counts
     missing = _evaluate_cli(tmp_path, f"run_dir={tmp_path}/nothing*")
     assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("error: no finished training run")
 

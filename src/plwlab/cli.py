@@ -185,7 +185,8 @@ def cmd_judge_check(args: argparse.Namespace) -> None:
 
     items = read_pandalm_testset(args.testset)[: args.limit]
     judge = PairwiseJudge.from_pretrained(args.model, args.dtype, args.device, style=args.style, mode=args.mode,
-                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)  # fmt: skip
+                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                          decoding={} if args.greedy else None)  # fmt: skip
     scores = human_agreement(judge, items)
     table = Table(title=f"{args.model} ({args.style}, {args.mode}) vs. the human majority")
     for key in scores:
@@ -221,10 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     judge = sub.add_parser("judge-check", help="agreement of a judge model with PandaLM's human-annotated pairs")
     judge.add_argument("testset", help="PandaLM testset-v1.json")
     judge.add_argument("--model", required=True, help="judge: HF hub id or local path")
-    judge.add_argument("--style", choices=["pandalm", "alpaca_eval"], default="pandalm", help="prompt and parser")
+    judge.add_argument("--style", choices=["pandalm", "alpaca_eval_guanaco", "alpaca_eval_ranking"], default="pandalm",
+                       help="prompt and parser")  # fmt: skip
     judge.add_argument("--mode", choices=["generate", "logprob"], default="generate")
     judge.add_argument("--limit", type=int, help="first N pairs only")
-    judge.add_argument("--max-new-tokens", type=int, default=16)
+    judge.add_argument("--max-new-tokens", type=int, default=None, help="default: the style's (50, 100, PandaLM 512)")
+    judge.add_argument("--greedy", action="store_true", help="greedy decoding instead of PandaLM's 4-beam search")
     judge.add_argument("--batch-size", type=int, default=4)
     judge.add_argument("--device", default="cpu")
     judge.add_argument("--dtype", default="bfloat16")

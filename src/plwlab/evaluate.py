@@ -36,7 +36,7 @@ from plwlab.batching import split_indices
 from plwlab.benchmarks import prepare_task, run_lm_eval
 from plwlab.files import atomic_write
 from plwlab.generation import generate
-from plwlab.judges import PairwiseJudge, alpaca_eval_package, win_rate
+from plwlab.judges import PairwiseJudge, alpaca_eval_package, win_rate, win_tie_lose
 from plwlab.tokenization import cached_tokenize
 
 log = logging.getLogger(__name__)
@@ -257,15 +257,17 @@ def judge_rows(run: LoadedRun, name: str, spec: DictConfig, outputs: list[dict[s
         return [result_row(run, name, "win_rate", score, stderr, n)]
     if spec.backend != "local":
         raise ValueError(f"judge backend must be 'local' or 'alpaca_eval', got {spec.backend!r}")
+    decoding = spec.get("decoding")
+    kwargs = {"style": spec.style, "mode": spec.mode, "max_new_tokens": spec.get("max_new_tokens"),
+              "batch_size": cfg.batch_size, "seed": spec.get("order_seed", 0),
+              "decoding": None if decoding is None else OmegaConf.to_container(decoding)}  # fmt: skip
     if spec.model == "self":  # the evaluated model judges itself: checks the pipeline, not a real judge
-        judge = PairwiseJudge(run.model, run.tokenizer, spec.style, spec.mode, spec.max_new_tokens, cfg.batch_size, cfg.seed)
+        judge = PairwiseJudge(run.model, run.tokenizer, **kwargs)
     else:
-        key = f"{spec.model}|{spec.style}|{spec.mode}|{spec.max_new_tokens}"
+        key = json.dumps([spec.model, kwargs], sort_keys=True)
         if key not in judges:  # loaded once for all runs
             dtype, device = spec.get("dtype") or cfg.dtype, spec.get("device") or cfg.device
-            judges[key] = PairwiseJudge.from_pretrained(spec.model, dtype, device, style=spec.style, mode=spec.mode,
-                                                        max_new_tokens=spec.max_new_tokens, batch_size=cfg.batch_size,
-                                                        seed=cfg.seed)  # fmt: skip
+            judges[key] = PairwiseJudge.from_pretrained(spec.model, dtype, device, **kwargs)
         judge = judges[key]
     verdicts = judge.compare([o["instruction"] for o in outputs], [o["input"] for o in outputs], reference,
                              [o["output"] for o in outputs], spec.randomize_order)  # fmt: skip
@@ -274,8 +276,12 @@ def judge_rows(run: LoadedRun, name: str, spec: DictConfig, outputs: list[dict[s
     if invalid:
         log.warning("%s %s: %d of %d judge verdicts could not be parsed, e.g. %r", run.run_id, name, invalid,
                     len(verdicts), next(v.raw for v in verdicts if v.preference is None)[:200])  # fmt: skip
-    return [result_row(run, name, "win_rate", score, stderr, n),
+    rows = [result_row(run, name, "win_rate", score, stderr, n),
             result_row(run, name, "unparsed_verdicts", float(invalid), None, len(verdicts))]  # fmt: skip
+    if spec.style == "pandalm":  # PandaLM reports win / tie / lose counts beside the rate
+        counts = win_tie_lose([v.preference for v in verdicts])
+        rows += [result_row(run, name, metric, float(c), None, n) for metric, c in zip(("wins", "ties", "losses"), counts)]
+    return rows
 
 
 def evaluate_run(
