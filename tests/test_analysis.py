@@ -142,7 +142,9 @@ def test_primary_scores_pick_one_metric_per_benchmark():
         dict(zip([f"bench{b}" for b in range(6)], ["arc_challenge", "piqa", "winogrande", "wmt16_ro_en", "alpaca_eval",
                                                    "truthfulqa_gen"]))))  # fmt: skip
     long = evaluate_table(wide)
-    pd.testing.assert_frame_equal(primary_scores(long), wide)
+    picked = primary_scores(long)
+    assert list(picked["metric"]) == [PRIMARY_METRICS[b] for b in wide["benchmark"]]  # kept: says what is a percentage
+    pd.testing.assert_frame_equal(picked.drop(columns="metric"), wide)
     assert primary_scores(wide) is wide  # already one score per benchmark
     other = primary_scores(long, {"piqa": "other"})
     assert (other.loc[other["benchmark"] == "piqa", "score"] == -1.0).all() and len(other) == len(wide)
@@ -171,3 +173,60 @@ def test_r_backend_reproduces_the_reference(tmp_path):
     for dataset, ref in reference["glmm"].items():
         assert out["glmm"][dataset]["b1"] == pytest.approx(ref["b1"], abs=1e-6)
     assert out["gam"]["optimal_plw"] == pytest.approx({k: float(v) for k, v in reference["gam"]["optimal_plw"].items()})
+
+
+def _study(plws=(0.0, 0.1, 1.0), rgs=(("short", 0.16), ("medium", 1.0), ("long", 3.5)), seed=0) -> pd.DataFrame:
+    """An evaluate.py-style long table of a small study: two benchmarks (accuracy 0-1, win rate 0-100) plus the
+    run metrics (memorization BLEU, AlpacaEval generation length)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for dataset, rg in rgs:
+        for plw in plws:
+            run_id = f"study/{dataset},plw={plw}"
+            base = {"run_id": run_id, "model": "tiny", "dataset": dataset, "rg": rg, "plw": plw}
+            rows += [{**base, "benchmark": "piqa", "metric": "acc_norm", "score": 0.5 + 0.1 * rng.random()},
+                     {**base, "benchmark": "alpaca_eval", "metric": "win_rate", "score": 40 + 20 * rng.random()},
+                     {**base, "benchmark": "memorization", "metric": "bleu", "score": 10 + 30 * plw},
+                     {**base, "benchmark": "alpaca_eval", "metric": "generation_length", "score": 50 - 10 * plw}]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_analyze_robustness_on_real_sweep_shapes(tmp_path, capsys):
+    """Each failure seen on real sweep output gives a clear message or the right figure."""
+    # a configuration evaluated twice (two runs of one config): the GAM used to raise "Singular matrix"
+    table = _study()
+    twice = pd.concat([table, table[table["dataset"] == "short"].assign(run_id=lambda d: d["run_id"] + "-again")])
+    results = tmp_path / "twice.csv"
+    twice.to_csv(results, index=False)
+    cli(["analyze", str(results), "--out", str(tmp_path / "twice")])
+    printed = capsys.readouterr().out
+    gam = json.loads((tmp_path / "twice" / "gam.json").read_text())
+    # the data span Rg 0.16..3.5: the table's rows beyond it are marked, in the file, the CSV and the console
+    assert gam["rg_range"] == [0.16, 3.5] and gam["extrapolated"][0] == "4" and gam["extrapolated"][-1] == "8"
+    optimal = pd.read_csv(tmp_path / "twice" / "optimal_plw.csv")
+    assert list(optimal.loc[optimal["extrapolated"], "rg"]) == [4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0]
+    assert "* = extrapolated: the data span Rg 0.16-3.5" in printed and "8*: " in printed
+    cli(["recommend", "--rg", "6", "--model-file", str(tmp_path / "twice" / "gam.json")])
+    assert "extrapolated: the fitted data span Rg 0.16..3.5" in capsys.readouterr().out
+    # memorization BLEU and generation length from the results table: the Fig. 2 mechanism panels
+    assert (tmp_path / "twice" / "run_metrics.png").exists()
+
+    # only PLW 0 and 1: wp = wp^2, the quadratic is not identified; one PLW value: not "too few rows"
+    for plws, expected in (((0.0, 1.0), "needs at least 3 distinct PLW values, got 2 (0, 1)"),
+                           ((0.1,), "needs at least 3 distinct PLW values, got 1 (0.1)")):  # fmt: skip
+        results = tmp_path / f"{len(plws)}.csv"
+        _study(plws).to_csv(results, index=False)
+        cli(["analyze", str(results), "--out", str(tmp_path / f"out{len(plws)}")])
+        printed = capsys.readouterr().out
+        assert f"short: GLMM skipped: dataset 'short': the quadratic in wp {expected}" in printed
+        assert "short: b1" not in printed and "GAM skipped: the GAM te(PLW, Rg, k=3) needs at least 3 distinct" in printed
+
+
+def test_simple_aggregate_puts_win_rates_and_accuracies_on_one_scale():
+    from plwlab.analysis import unit_scores
+
+    picked = primary_scores(_study())
+    units = unit_scores(picked)
+    assert units.between(0, 1).all()
+    win = picked["metric"] == "win_rate"
+    assert np.allclose(units[win], picked.loc[win, "score"] / 100) and np.allclose(units[~win], picked.loc[~win, "score"])

@@ -35,7 +35,7 @@ def primary_scores(results: pd.DataFrame, metrics: dict[str, str] | None = None)
     """One score per run and benchmark from an evaluate.py table (which has a ``metric`` column): the rows of
     ``PRIMARY_METRICS`` updated by ``metrics``; other rows (memorization, generation length, secondary metrics) are
     dropped, as are NaN scores (e.g. a judge with no parseable verdict) and benchmarks not in either (with a warning).
-    A table without ``metric`` is returned as is."""
+    The ``metric`` column is kept (it says which scores are percentages). A table without it is returned as is."""
     if "metric" not in results.columns:
         return results
     chosen = {**PRIMARY_METRICS, **(metrics or {})}
@@ -43,7 +43,17 @@ def primary_scores(results: pd.DataFrame, metrics: dict[str, str] | None = None)
     if unknown:
         log.warning("benchmarks without a chosen metric are left out (add --metric BENCHMARK=METRIC): %s", unknown)
     keep = results["metric"] == results["benchmark"].map(chosen)
-    return results[keep & results["score"].notna()].drop(columns="metric").reset_index(drop=True)
+    return results[keep & results["score"].notna()].reset_index(drop=True)
+
+
+PERCENT_METRICS = ("win_rate", "bleu", "chrf", "ter")  # reported on 0-100; accuracies on 0-1
+
+
+def unit_scores(results: pd.DataFrame) -> pd.Series:
+    """Scores on one 0-1 scale for averaging across benchmarks: percentages (win rates, BLEU) divided by 100.
+    Uses the ``metric`` column, or each benchmark's :data:`PRIMARY_METRICS` entry where there is none."""
+    metric = results["metric"] if "metric" in results.columns else results["benchmark"].map(PRIMARY_METRICS)
+    return results["score"].where(~metric.isin(PERCENT_METRICS), results["score"] / 100)
 
 
 def relative_scores(results: pd.DataFrame) -> pd.DataFrame:
@@ -247,8 +257,12 @@ def fit_beta_glmm(data: pd.DataFrame, dataset: str = "", restarts: int = 3, seed
     starting values (up to ``restarts`` times) and the best fit is returned with its flags.
     """
     n = len(data)
+    plws = sorted(data["plw"].unique())
+    if len(plws) < 3:  # with PLW in {0, 1}, wp = wp^2: b1 and b2 are not identified
+        raise ValueError(f"dataset {dataset!r}: the quadratic in wp needs at least 3 distinct PLW values, got "
+                         f"{len(plws)} ({', '.join(f'{p:g}' for p in plws)}); add PLW values to the sweep")  # fmt: skip
     if n < 8:
-        raise ValueError(f"dataset {dataset!r}: {n} rows are too few for the GLMM")
+        raise ValueError(f"dataset {dataset!r}: {n} rows are too few for the GLMM's 8 parameters")
     y = squeeze(data["y_mm"].to_numpy(float), n)
     benchmark = pd.factorize(data["benchmark"], sort=True)[0]
     model = pd.factorize(data["model"], sort=True)[0]

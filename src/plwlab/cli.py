@@ -148,7 +148,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from plwlab.analysis import primary_scores
-    from plwlab.report import analyze, collect_runs
+    from plwlab.report import analyze, collect_runs, run_metrics
 
     try:
         metrics = dict(m.split("=", 1) for m in args.metric)
@@ -167,16 +167,24 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         fit_with_r(out / "scores.csv", out / "r_fits.json")
         console.print(f"wrote {out / 'r_fits.json'} (glmmTMB + mgcv)")
         return
-    runs = collect_runs(args.runs) if args.runs else None
+    runs = run_metrics(table, collect_runs(args.runs) if args.runs else None)
     with console.status("fitting the beta GLMMs and the GAM"):
         summary = analyze(results, args.out, runs)
+    for dataset, reason in summary["glmm_skipped"].items():
+        console.print(f"{dataset}: GLMM skipped: {reason}", markup=False)
     for dataset, fit in summary["glmm"].items():
         plw = "no interior optimum" if fit["critical_plw"] is None else f"critical PLW {fit['critical_plw']:.3g}"
         flags = "clean" if fit["clean"] else "NOT clean: " + fit["message"]
         console.print(f"{dataset}: b1 {fit['b1']:.3f} (p {fit['p_b1']:.2g}), b2 {fit['b2']:.3f} (p {fit['p_b2']:.2g}); "
                       f"{plw}; {flags}" + (f"; boundary: {fit['boundary']}" if fit["boundary"] else ""))  # fmt: skip
     if "gam" in summary:
-        console.print("GAM optimal PLW by Rg: " + ", ".join(f"{k}: {v:g}" for k, v in summary["gam"]["optimal_plw"].items()))
+        gam = summary["gam"]
+        console.print("GAM optimal PLW by Rg (* = extrapolated: the data span Rg "
+                      f"{gam['rg_range'][0]:g}-{gam['rg_range'][1]:g}): " + ", ".join(
+                          f"{k}{'*' if k in gam['extrapolated'] else ''}: {v:g}" for k, v in gam["optimal_plw"].items()),
+                      markup=False)  # fmt: skip
+    else:
+        console.print(f"GAM skipped: {summary['gam_skipped']}", markup=False)
     console.print(f"wrote {args.out}")
 
 

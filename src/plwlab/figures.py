@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import special  # noqa: E402
 
-from plwlab.analysis import GLMMFit, wp  # noqa: E402
+from plwlab.analysis import GLMMFit, unit_scores, wp  # noqa: E402
 from plwlab.gam import TensorGAMFit  # noqa: E402
 
 RUN_METRICS = {
@@ -35,16 +35,18 @@ def save(fig: plt.Figure, stem: Path) -> list[Path]:
 
 
 def performance_by_wp(rel: pd.DataFrame, fits: dict[str, GLMMFit], stem: Path) -> list[Path]:
-    """Mean score (simple aggregate) and mean min-max score (relative aggregate) by wp, per dataset, with the
-    GLMM's fixed-effect curve and critical PLW on the relative panel."""
+    """Mean score on a 0-1 scale (simple aggregate; win rates and BLEU divided by 100) and mean min-max score
+    (relative aggregate) by wp, per dataset, with the GLMM's fixed-effect curve and critical PLW on the relative
+    panel."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     datasets = sorted(rel["dataset"].unique(), key=lambda d: rel.loc[rel["dataset"] == d, "rg"].iloc[0])
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(datasets)))
     grid = np.linspace(0, 1, 200)
+    rel = rel.assign(unit_score=unit_scores(rel))
     for color, dataset in zip(colors, datasets):
         part = rel[rel["dataset"] == dataset]
         rg = part["rg"].iloc[0]
-        simple = part.groupby("wp")["score"].mean()
+        simple = part.groupby("wp")["unit_score"].mean()
         relative = part.groupby("wp")["y_mm"].mean()
         label = f"{dataset} (Rg {rg:g})"
         axes[0].plot(simple.index, simple.values, "o-", color=color, label=label, ms=4)
@@ -55,7 +57,7 @@ def performance_by_wp(rel: pd.DataFrame, fits: dict[str, GLMMFit], stem: Path) -
             axes[1].plot(grid, special.expit(c["intercept"] + c["b1"] * grid + c["b2"] * grid**2), "-", color=color)
             if fit.critical_plw is not None:
                 axes[1].axvline(wp(fit.critical_plw), color=color, ls=":", lw=1)
-    axes[0].set(title="Simple aggregate", xlabel="wp = PLW^0.30103", ylabel="mean score")
+    axes[0].set(title="Simple aggregate", xlabel="wp = PLW^0.30103", ylabel="mean score (0-1; win rate, BLEU / 100)")
     axes[1].set(title="Relative aggregate + beta GLMM (dotted: critical PLW)", xlabel="wp = PLW^0.30103",
                 ylabel="mean min-max score")  # fmt: skip
     ticks = [0, 0.01, 0.1, 0.5, 1]
@@ -96,7 +98,13 @@ def plw_rg_contour(gam: TensorGAMFit, stem: Path, rg_max: float = 8.0, optimal: 
     ax.contour(P, R, values, levels=20, colors="k", linewidths=0.3, alpha=0.5)
     fig.colorbar(filled, ax=ax, label="te(PLW, Rg) (centred partial effect)")
     optimal = optimal or gam.optimal_plw(np.linspace(0.25, rg_max, 32))
-    ax.plot(list(optimal.values()), list(optimal.keys()), "k.-", label="optimal PLW")
+    lo, hi = gam.rg_range
+    inside = {r: p for r, p in optimal.items() if lo <= r <= hi}
+    ax.plot(list(optimal.values()), list(optimal.keys()), "k.--", lw=0.8, ms=3, label="optimal PLW (extrapolated)")
+    ax.plot(list(inside.values()), list(inside.keys()), "k.-", label=f"optimal PLW (data: Rg {lo:g}-{hi:g})")
+    for a, b in ((rg[0], lo), (hi, rg[-1])):  # outside the data's Rg: hatched, an extrapolation
+        if b > a:
+            ax.axhspan(a, b, facecolor="white", alpha=0.55, hatch="//", edgecolor="grey", lw=0)
     ax.set(xlabel="PLW", ylabel="Rg (completion / prompt tokens)", title="GAM: score ~ te(PLW, Rg) + benchmark")
     ax.legend(loc="upper left")
     return save(fig, stem)

@@ -88,6 +88,11 @@ class TensorGAMFit:
     x_transform: str = "identity"  # "wp" fits te(wp, rg) (PLW ** 0.30103) as a robustness check
     te_edf: float = field(default=0.0)
 
+    @property
+    def rg_range(self) -> tuple[float, float]:
+        """The Rg values the data span (the end knots): outside them the fit extrapolates linearly."""
+        return float(self.margins[1].knots[0]), float(self.margins[1].knots[-1])
+
     def te(self, plw: np.ndarray, rg: np.ndarray) -> np.ndarray:
         """Value of the (centred) tensor-product term at PLW values ``plw`` and ratios ``rg``."""
         x = np.asarray(plw, float)
@@ -110,7 +115,8 @@ def fit_te_gam(
     data: pd.DataFrame, y: str = "y_mm", x: str = "plw", z: str = "rg", group: str = "benchmark", k: int = 3,
     x_transform: str = "identity",
 ) -> TensorGAMFit:  # fmt: skip
-    """Fit ``y ~ te(x, z, k=k) + factor(group)`` as mgcv does by default (cr bases, GCV smoothing parameters).
+    """Fit ``y ~ te(x, z, k=k) + factor(group)`` as mgcv does by default (cr bases, GCV smoothing parameters;
+    log smoothing parameters searched within ±30, where the fit no longer changes).
 
     ``x_transform="wp"`` fits on ``wp = plw ** 0.30103`` instead of raw PLW (knots placed on the wp values).
     """
@@ -138,7 +144,10 @@ def fit_te_gam(
 
     def solve(rho: np.ndarray) -> tuple[np.ndarray, float, float]:
         A = XtX + sum(np.exp(r) * S for r, S in zip(rho, penalties))
-        beta = np.linalg.solve(A, Xty)
+        try:
+            beta = np.linalg.solve(A, Xty)
+        except np.linalg.LinAlgError:  # an unpenalised direction the data do not determine
+            return np.full(X.shape[1], np.nan), np.nan, np.inf
         edf = float(np.trace(np.linalg.solve(A, XtX)))
         rss = float(np.sum((yv - X @ beta) ** 2))
         return beta, edf, n * rss / (n - edf) ** 2
@@ -146,8 +155,11 @@ def fit_te_gam(
     grid = np.linspace(-12, 12, 25)
     start = min(((a, b) for a in grid for b in grid), key=lambda r: solve(np.array(r))[2])
     res = optimize.minimize(lambda r: solve(r)[2], np.array(start, float), method="Nelder-Mead",
-                            options={"xatol": 1e-8, "fatol": 1e-14, "maxiter": 4000})  # fmt: skip
+                            bounds=[(-30.0, 30.0)] * 2, options={"xatol": 1e-8, "fatol": 1e-14, "maxiter": 4000})  # fmt: skip
     beta, edf, gcv = solve(res.x)
+    if not np.isfinite(gcv):
+        raise ValueError(f"the GAM cannot be fitted to these {n} rows: the design is singular for every smoothing "
+                         "parameter (too few distinct PLW x Rg configurations per benchmark)")  # fmt: skip
     A = XtX + sum(np.exp(r) * S for r, S in zip(res.x, penalties))
     influence = np.diag(np.linalg.solve(A, XtX))
     return TensorGAMFit(

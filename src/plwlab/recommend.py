@@ -89,6 +89,10 @@ def recommend_plw(rg: float, column: str = "all", model_file: str | Path | None 
         raise ValueError(f"column must be one of {sorted(TABLE4_COLUMNS)}, got {column!r}")
     if model_file is not None:
         plw, note = _interpolate(load_optimal_plw(model_file), rg)
+        data = json.loads(Path(model_file).read_text())
+        lo, hi = (data.get("rg_range") or data.get("gam", {}).get("rg_range") or (None, None))
+        if lo is not None and not lo <= rg <= hi:
+            note = "; ".join(filter(None, [note, f"extrapolated: the fitted data span Rg {lo:g}..{hi:g}"]))
         return Recommendation(rg, plw, f"fitted model {model_file}", note, column="fitted")
     plw, note = table4_lookup(rg, column)
     return Recommendation(rg, plw, "paper Table 4", note, column)

@@ -22,18 +22,48 @@ RG_GRID = np.round(np.arange(0.5, 8.01, 0.5), 1)
 
 def collect_runs(root: str | Path) -> pd.DataFrame:
     """One row per training run below ``root``: its ``metrics.json`` plus model/data from ``hf_model/plwlab.json``
-    (run metrics such as loss_rsd and param_distance, for the box plots)."""
+    and its ``run_id`` as evaluate.py names it (run metrics such as loss_rsd and param_distance, for the box plots)."""
+    import yaml
+
     rows = []
     for metrics_file in sorted(Path(root).rglob("metrics.json")):
-        row: dict[str, Any] = {"run_dir": str(metrics_file.parent), **json.loads(metrics_file.read_text())}
-        meta = metrics_file.parent / "hf_model" / "plwlab.json"
+        run = metrics_file.parent
+        row: dict[str, Any] = {"run_dir": str(run), **json.loads(metrics_file.read_text())}
+        meta = run / "hf_model" / "plwlab.json"
         if meta.exists():
             info = json.loads(meta.read_text())
             row.update(model=info.get("model"), dataset=info.get("data"))
+        config = run / "config.yaml"
+        name = (yaml.safe_load(config.read_text()) or {}).get("name") if config.exists() else None
+        row["run_id"] = f"{name or run.parent.name}/{run.name}"
         rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no metrics.json below {root}")
     return pd.DataFrame(rows)
+
+
+# Per-run metrics that evaluate.py writes into the results table (the paper's Fig. 2 mechanism panels).
+RESULT_RUN_METRICS = {"memorization_bleu": ("memorization", "bleu"), "generation_length": ("alpaca_eval", "generation_length")}
+
+
+def run_metrics(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.DataFrame | None:
+    """One row per run with its plw and the run metrics for the box plots: memorization BLEU and AlpacaEval
+    generation length from the results ``table`` (evaluate.py's, with a metric column), joined on run_id with
+    ``runs`` (:func:`collect_runs`: loss RSD, weight distance) when given. None when there is nothing to plot."""
+    parts = []
+    if "metric" in table.columns and "run_id" in table.columns:
+        for column, (benchmark, metric) in RESULT_RUN_METRICS.items():
+            rows = table[(table["benchmark"] == benchmark) & (table["metric"] == metric)]
+            parts.append(rows.set_index("run_id")["score"].rename(column))
+    found = pd.concat(parts, axis=1) if parts and any(len(p) for p in parts) else None
+    if found is not None:
+        keys = table.drop_duplicates("run_id").set_index("run_id")[["model", "dataset", "plw"]]
+        found = keys.join(found, how="inner").reset_index()
+    if runs is None:
+        return found
+    if found is None or "run_id" not in runs.columns:
+        return runs
+    return runs.merge(found.drop(columns=["model", "dataset", "plw"]), on="run_id", how="outer")
 
 
 R_SCRIPT = Path(__file__).parent / "r" / "fit.R"
@@ -66,39 +96,55 @@ def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | Non
     rel.to_csv(out / "relative_scores.csv", index=False)
 
     fits: dict[str, GLMMFit] = {}
+    skipped: dict[str, str] = {}
     for dataset, part in rel.groupby("dataset", sort=True):
-        fits[dataset] = fit_beta_glmm(part, dataset=dataset)
+        try:
+            fits[dataset] = fit_beta_glmm(part, dataset=dataset)
+        except ValueError as e:  # too few PLW values or rows: say so, fit the others
+            skipped[dataset] = str(e)
+            log.warning("GLMM skipped: %s", e)
+            continue
         log.info("GLMM %s: %s", dataset, fits[dataset].to_dict())
-    glmm = pd.DataFrame([f.to_dict() for f in fits.values()])
-    glmm.insert(1, "rg", [rel.loc[rel["dataset"] == d, "rg"].iloc[0] for d in glmm["dataset"]])
-    glmm.sort_values("rg").to_csv(out / "glmm.csv", index=False)
-    columns = ["dataset", "rg", "intercept", "b1", "se_b1", "p_b1", "b2", "se_b2", "p_b2", "critical_plw", "loglik",
-               "clean", "boundary"]  # fmt: skip
-    (out / "glmm.md").write_text(_markdown(glmm.sort_values("rg")[columns]))
+    summary: dict[str, Any] = {"glmm": {d: f.to_dict() for d, f in fits.items()}, "glmm_skipped": skipped}
+    if fits:
+        glmm = pd.DataFrame([f.to_dict() for f in fits.values()])
+        glmm.insert(1, "rg", [rel.loc[rel["dataset"] == d, "rg"].iloc[0] for d in glmm["dataset"]])
+        glmm.sort_values("rg").to_csv(out / "glmm.csv", index=False)
+        columns = ["dataset", "rg", "intercept", "b1", "se_b1", "p_b1", "b2", "se_b2", "p_b2", "critical_plw", "loglik",
+                   "clean", "boundary"]  # fmt: skip
+        (out / "glmm.md").write_text(_markdown(glmm.sort_values("rg")[columns]))
 
-    summary: dict[str, Any] = {"glmm": {d: f.to_dict() for d, f in fits.items()}}
     gams = {}
-    if rel["rg"].nunique() >= 3 and rel["plw"].nunique() >= 3:
+    n_rg, n_plw = rel["rg"].nunique(), rel["plw"].nunique()
+    if n_rg >= 3 and n_plw >= 3:
         for transform in ("identity", "wp"):
             gam = fit_te_gam(rel, x_transform=transform)
             gams[transform] = gam
+            lo, hi = gam.rg_range
             summary["gam" if transform == "identity" else "gam_wp"] = {
                 "formula": f"y_mm ~ te({'plw' if transform == 'identity' else 'wp'}, rg, k=3) + factor(benchmark)",
                 "optimal_plw": {f"{rg:g}": v for rg, v in gam.optimal_plw(RG_GRID).items()},
+                "rg_range": [lo, hi],  # the data's; optimal PLW outside it is an extrapolation
+                "extrapolated": [f"{rg:g}" for rg in RG_GRID if not lo <= rg <= hi],
                 "edf": gam.edf, "te_edf": gam.te_edf, "gcv": gam.gcv, "log_lambda": gam.log_lambda.tolist(),
             }  # fmt: skip
         (out / "gam.json").write_text(json.dumps(summary["gam"], indent=2) + "\n")
         (out / "gam_wp.json").write_text(json.dumps(summary["gam_wp"], indent=2) + "\n")
+        lo, hi = gams["identity"].rg_range
         optimal = pd.DataFrame({
             "rg": RG_GRID,
             "optimal_plw": [summary["gam"]["optimal_plw"][f"{r:g}"] for r in RG_GRID],
             "optimal_plw_wp_fit": [summary["gam_wp"]["optimal_plw"][f"{r:g}"] for r in RG_GRID],
+            "extrapolated": [not lo <= r <= hi for r in RG_GRID],
         })  # fmt: skip
         optimal.to_csv(out / "optimal_plw.csv", index=False)
-        (out / "optimal_plw.md").write_text(_markdown(optimal))
+        (out / "optimal_plw.md").write_text(_markdown(optimal) + f"\nThe data span Rg {lo:g} to {hi:g}; rows marked "
+                                            "extrapolated lie outside it.\n")  # fmt: skip
         figures.plw_rg_contour(gams["identity"], out / "plw_rg_contour", rg_max=max(8.0, rel["rg"].max()))
     else:
-        log.warning("the GAM needs at least 3 distinct Rg and PLW values; skipped")
+        summary["gam_skipped"] = (f"the GAM te(PLW, Rg, k=3) needs at least 3 distinct Rg and 3 distinct PLW values, "
+                                  f"got {n_rg} and {n_plw}")  # fmt: skip
+        log.warning("GAM skipped: %s", summary["gam_skipped"])
     figures.performance_by_wp(rel, fits, out / "performance_by_wp")
     if runs is not None:
         figures.run_metric_boxplots(runs, out / "run_metrics")
