@@ -134,7 +134,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         rg = token_lengths(records, tokenizer).rg
         console.print(f"{cfg.data.name}: Rg {rg:.4g} ({len(records)} examples, tokenizer {cfg.model.tokenizer})")
     if args.model_file:
-        console.print(str(recommend_plw(rg, args.column, args.model_file)), markup=False, highlight=False)
+        console.print(str(recommend_plw(rg, args.column, args.model_file)), markup=False, highlight=False, soft_wrap=True)
         return
     chosen = recommend_plw(rg, args.column)
     console.print(str(chosen), markup=False, highlight=False)

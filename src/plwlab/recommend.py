@@ -40,7 +40,8 @@ class Recommendation:
 
     def __str__(self) -> str:
         value = f"{FLAT} (any value in [0, 1]; 0 = Alpaca masking)" if self.plw is None else f"PLW {self.plw:.3g}"
-        return f"Rg {self.rg:.3g}: {value}  [{self.source}, column {self.column}]" + (f"  ({self.note})" if self.note else "")
+        source = self.source if self.column == "fitted" else f"{self.source}, column {self.column}"
+        return f"Rg {self.rg:.3g}: {value}  [{source}]" + (f"  ({self.note})" if self.note else "")
 
 
 def _interpolate(table: dict[float, float], rg: float) -> tuple[float, str]:
