@@ -1,4 +1,5 @@
 # make demo : set up and run the default job (tiny LLaMA, bundled Alpaca sample, CPU, offline)
+# make study: the whole study (train a PLW x dataset grid, evaluate, analyse) in one study directory
 # make test : set up and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo study test test-all bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) train.py
+
+study: setup  ## the whole study offline: PLW x 3 datasets trained, evaluated, analysed into outputs/study (~8 min)
+	$(VENV)/bin/plwlab study --out outputs/study
 
 test: setup
 	$(PY) -m pytest

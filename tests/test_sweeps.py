@@ -187,3 +187,31 @@ def test_paper_preset_is_the_papers_node(tmp_path):
     assert strategy._tensor_parallel_size == 1
     grid = compose_train(["experiment=paper_grid"], tmp_path)
     assert accumulation(grid) == 8 and grid.name == "paper_grid" and instantiate(grid.callbacks.checkpoint).every_minutes == 30
+
+
+def test_study_trains_evaluates_and_analyses_a_grid_in_one_command(tmp_path):
+    """``plwlab study`` (make study) on the embedded default, made small: 3 datasets of different Rg built from the
+    bundled sample x PLW 0, 0.1, 1, two steps each, evaluated with the quick preset and analysed into one folder."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    from test_train import cli_env
+
+    out = tmp_path / "study"
+    done = subprocess.run([sys.executable, "-m", "plwlab.cli", "study", "--out", str(out), "trainer.max_steps=2",
+                           "data.limit=60", f"paths.data_dir={tmp_path / 'data'}", "--eval", "eval.memorization.n=2",
+                           "--eval", "eval.memorization.max_new_tokens=4"],
+                          capture_output=True, text=True, env=cli_env(), timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader((out / "runs" / "results.csv").open()))
+    assert len({r["run_id"] for r in rows}) == 9
+    rg = {r["dataset"]: float(r["rg"]) for r in rows}
+    assert rg["sample_short"] < 0.5 < rg["sample_medium"] < 1.5 < rg["alpaca_sample"]  # three different Rg
+    summary = json.loads((out / "analysis" / "summary.json").read_text())
+    assert set(summary["glmm"]) | set(summary["glmm_skipped"]) == set(rg) and "gam" in summary
+    for stem in ("performance_by_wp", "plw_rg_contour", "run_metrics"):
+        assert (out / "analysis" / f"{stem}.png").exists()
+    report = (out / "REPORT.md").read_text()
+    assert "9 runs: PLW 0, 0.1, 1 x 3 datasets" in report and "![plw_rg_contour](analysis/plw_rg_contour.png)" in report

@@ -192,6 +192,14 @@ def prepare_task(benchmark: str, task_dir: str | Path, num_fewshot: int = 0, dat
     return benchmark
 
 
+class _InMemoryModelNotice(logging.Filter):
+    """Drops lm-eval's two warnings about being handed a model object, which plwlab always does on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("`pretrained` model kwarg is not of type", "Passed an already-initialized model"))
+
+
 def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], task_dir: str | Path, limit: int | None = None,
                 batch_size: int = 8, device: str = "cpu", add_bos_token: bool | None = None,
                 ) -> list[tuple[str, str, float, float | None, int]]:  # fmt: skip
@@ -207,6 +215,9 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], task_dir: str 
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown what a user needs
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    if not any(isinstance(f, _InMemoryModelNotice) for f in hf_logger.filters):
+        hf_logger.addFilter(_InMemoryModelNotice())
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, add_bos_token=add_bos_token)
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, bootstrap_iters=1000,

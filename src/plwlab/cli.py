@@ -6,6 +6,7 @@
     plwlab recommend --rg 0.8          |   plwlab recommend data=alpaca_data_short model=llama2
     plwlab recommend --rg 0.8 --model-file outputs/analysis/gam.json
     plwlab analyze results.csv --out outputs/analysis [--runs outputs/plwlab]      # --runs: a sweep dir
+    plwlab study [--out outputs/study] [train.py overrides]     # train + evaluate + analyse a grid (make study)
     plwlab judge-check ../shared/data/pandalm/testset-v1.json --model WeOpenML/PandaLM-7B-v1 --device cuda
 
 Overrides are Hydra overrides of ``conf/train.yaml``: the same ``data=`` and ``model=`` as train.py.
@@ -188,6 +189,12 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     console.print(f"wrote {args.out}")
 
 
+def cmd_study(args: argparse.Namespace) -> None:
+    from plwlab.study import run_study
+
+    run_study(args.out, args.overrides, args.eval_overrides)
+
+
 def cmd_judge_check(args: argparse.Namespace) -> None:
     from plwlab.judges import PairwiseJudge, human_agreement, read_pandalm_testset
 
@@ -227,6 +234,11 @@ def main(argv: list[str] | None = None) -> None:
     ana.add_argument("--backend", choices=["python", "r"], default="python",
                      help="r: fit the same models with R's glmmTMB and mgcv via Rscript instead")  # fmt: skip
     ana.set_defaults(run=cmd_analyze, overrides=[])
+    study = sub.add_parser("study", help="train a PLW x dataset grid, evaluate and analyse it into one directory")
+    study.add_argument("--out", default="outputs/study", help="study directory (runs, results, analysis, REPORT.md)")
+    study.add_argument("--eval", dest="eval_overrides", action="append", default=[],
+                       help="an evaluate.py override (repeatable), e.g. --eval eval.memorization.n=4")  # fmt: skip
+    study.set_defaults(run=cmd_study)
     judge = sub.add_parser("judge-check", help="agreement of a judge model with PandaLM's human-annotated pairs")
     judge.add_argument("testset", help="PandaLM testset-v1.json")
     judge.add_argument("--model", required=True, help="judge: HF hub id or local path")
@@ -240,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     judge.add_argument("--device", default="cpu")
     judge.add_argument("--dtype", default="bfloat16")
     judge.set_defaults(run=cmd_judge_check, overrides=[])
-    for p in (stats, build, rec):
+    for p in (stats, build, rec, study):
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=alpaca_data model=llama2")
     args = parser.parse_args(argv)
     try:

@@ -138,7 +138,7 @@ def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | Non
             "extrapolated": [not lo <= r <= hi for r in RG_GRID],
         })  # fmt: skip
         optimal.to_csv(out / "optimal_plw.csv", index=False)
-        (out / "optimal_plw.md").write_text(_markdown(optimal) + f"\nThe data span Rg {lo:g} to {hi:g}; rows marked "
+        (out / "optimal_plw.md").write_text(_markdown(optimal) + f"\nThe data span Rg {lo:.3g} to {hi:.3g}; rows marked "
                                             "extrapolated lie outside it.\n")  # fmt: skip
         figures.plw_rg_contour(gams["identity"], out / "plw_rg_contour", rg_max=max(8.0, rel["rg"].max()))
     else:
