@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from plwlab.batching import collate
+from plwlab.tokenization import TokenizedExample
 from plwlab.callbacks import LossRSD, ParamDistance
 from plwlab.datamodule import AlpacaDataModule
 from plwlab.loss import next_token_nll, prompt_weighted_loss
@@ -166,3 +167,27 @@ def test_lora_trains_only_the_adapter():
     loaded = tiny_model(lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
     trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_fused_adamw_gives_the_for_loop_update():
+    """The fused AdamW plwlab picks on CPU takes the same steps as PyTorch's per-parameter loop (its CPU default),
+    to float rounding, with the PLW loss over several steps."""
+    from plwlab.module import adamw_impl
+
+    torch.manual_seed(0)
+    examples = [TokenizedExample(list(range(5, 17)), 5), TokenizedExample(list(range(30, 40)), 4)]
+    batch = collate([[e] for e in examples], pad_token_id=0)
+    models = {impl: tiny_model().model for impl in ("fused", "for_loop")}
+    assert adamw_impl(list(models["fused"].parameters())) == "fused"
+    for impl, model in models.items():
+        module = PLWModule(model, plw=0.1, lr=1e-2, optimizer_impl=impl)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=impl == "fused", foreach=False)
+        for _ in range(5):
+            loss = module._loss(batch, 0.1, "weight_sum").loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for (name, a), b in zip(models["fused"].named_parameters(), models["for_loop"].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="optimizer_impl must be one of"):
+        PLWModule(models["fused"], optimizer_impl="adafactor")

@@ -55,6 +55,7 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path):
         assert b[key] == pytest.approx(a[key], rel=1e-9), key
     assert max_diff(weights(tmp_path / "single"), weights(tmp_path / "fsdp")) <= 1e-9  # gathered export
     assert b["param_dtype"] == b["optimizer_state_dtype"] == b["compute_dtype"] == "float64"
+    assert a["optimizer_impl"] == b["optimizer_impl"] == "fused"  # over DTensor shards too
     assert not (tmp_path / "fsdp" / "checkpoints").exists()  # removed once finished (keep=false)
 
 

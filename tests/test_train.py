@@ -62,6 +62,7 @@ def test_end_to_end_run_directory_and_hf_export(tmp_path):
     assert metrics["plw"] == 0.05 and metrics["global_steps"] == 6  # 44 train examples / batch 8
     assert (tmp_path / "checkpoints" / "last.ckpt").resolve().name == "step-00000006.ckpt"  # keep: the final state
     assert (metrics["param_dtype"], metrics["compute_dtype"], metrics["optimizer_state_dtype"]) == ("float32",) * 3
+    assert metrics["optimizer_impl"] == "fused"  # CPU has the fused AdamW kernel (PyTorch's default is the loop)
     assert metrics["loss_rsd"] > 0 and metrics["param_distance"] > 0 and metrics["val/loss"] > 0
 
     rows = read_metrics_csv(tmp_path)

@@ -73,6 +73,7 @@ class OptimConfig:  # optimizer arguments of plwlab.module.PLWModule (Stanford A
     warmup_ratio: float = 0.03
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    optimizer_impl: str = "auto"  # auto (fused where supported) | fused | foreach | for_loop
 
 
 @dataclass
