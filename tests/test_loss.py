@@ -139,4 +139,30 @@ def test_next_token_nll_shifts_targets_not_logits():
     (g_sliced,) = torch.autograd.grad((sliced * torch.arange(18)).sum(), logits)
     nll = next_token_nll(logits, ids)
     (g_nll,) = torch.autograd.grad((nll.flatten() * torch.arange(18)).sum(), logits)
-    assert nll.shape == (3, 6) and torch.equal(nll.flatten(), sliced) and torch.equal(g_nll, g_sliced)
+    assert nll.shape == (3, 6)
+    torch.testing.assert_close(nll.flatten(), sliced, rtol=0, atol=1e-13)
+    torch.testing.assert_close(g_nll, g_sliced, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_nll_equals_cross_entropy_on_upcast_logits(dtype, monkeypatch):
+    """The block-wise NLL (no full-size temporary) gives F.cross_entropy's values and gradients on the upcast
+    logits, with ignored targets and row blocks that do not divide the rows; and it passes gradcheck in float64."""
+    import plwlab.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "ROW_BLOCK_ELEMENTS", 3 * 50)  # 3 rows per block: 4 blocks over 10 rows
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 50).to(dtype).requires_grad_()
+    ids = torch.randint(0, 50, (2, 5))
+    weights = torch.rand(2, 4, dtype=torch.float64)
+    nll = next_token_nll(logits, ids)
+    (grad,) = torch.autograd.grad((nll.double() * weights).sum(), logits)
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    usual = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    usual = usual.view(2, 5)[:, :-1]
+    (usual_grad,) = torch.autograd.grad((usual.double() * weights).sum(), logits)
+    assert nll.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(nll, usual, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, usual_grad, rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: next_token_nll(t, torch.randint(0, 7, (2, 4), generator=torch.Generator().manual_seed(1))), (x,))

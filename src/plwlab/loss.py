@@ -45,16 +45,58 @@ def loss_denominator(
     return torch.where(d > 0, d, torch.ones_like(d))
 
 
+IGNORE_INDEX = -100  # a target that is not predicted (cross_entropy's default)
+ROW_BLOCK_ELEMENTS = 1 << 18  # logits elements upcast at a time by the NLL (1 MB in float32)
+
+
+class _TokenNLL(torch.autograd.Function):
+    """Per-row NLL ``logsumexp(x) - x[target]`` of a (N, V) logits matrix, with no full-size temporary.
+
+    ``F.cross_entropy`` keeps a (N, V) log-softmax for backward and builds two more in it (the gradient of the
+    log-softmax, then of the logits); upcasting bf16 logits adds another. Here the forward keeps only the row
+    log-sum-exps, upcasting ``ROW_BLOCK_ELEMENTS`` logits at a time, and the backward writes
+    ``g · (softmax(x) - onehot(target))`` block by block into the one (N, V) gradient it must return. Same values
+    as ``F.cross_entropy(x.float(), t, reduction="none")`` to float rounding; rows with target ``IGNORE_INDEX`` get 0.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        rows = max(1, ROW_BLOCK_ELEMENTS // max(logits.shape[1], 1))
+        lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            lse[start : start + rows] = torch.logsumexp(logits[start : start + rows].to(dtype), dim=-1)
+        valid = targets != IGNORE_INDEX
+        safe = torch.where(valid, targets, 0)
+        picked = logits.gather(1, safe[:, None]).squeeze(1).to(dtype)
+        ctx.save_for_backward(logits, safe, valid, lse)
+        ctx.rows = rows
+        return (lse - picked) * valid
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_nll: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, safe, valid, lse = ctx.saved_tensors
+        g = grad_nll.to(lse.dtype) * valid
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.rows):
+            end = start + ctx.rows
+            block = torch.sub(logits[start:end].to(lse.dtype), lse[start:end, None]).exp_().mul_(g[start:end, None])
+            block.scatter_add_(1, safe[start:end, None], -g[start:end, None])
+            grad[start:end] = block
+        return grad, None
+
+
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """``nll[b, t] = -log p(input_ids[b, t+1] | input_ids[b, :t+1])`` from full logits (B, L, V) -> (B, L-1).
 
-    Computed in at least float32 (bf16/fp16 logits are upcast; fp64 stays fp64). The *targets* are shifted, not the
-    logits: the last position gets target ``ignore_index`` and is dropped from the result, so no (B, L-1, V) copy
-    of the logits (and of their gradient) is made.
+    Computed in at least float32 (bf16/fp16 logits are upcast block by block; fp64 stays fp64). The *targets* are
+    shifted, not the logits: the last position gets target ``IGNORE_INDEX`` and is dropped from the result, so no
+    (B, L-1, V) copy of the logits is made, and :class:`_TokenNLL` makes no full-size temporary either: the loss's
+    peak memory is the logits' gradient, which backward must return anyway.
     """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # -100: cross_entropy's default ignore_index
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)[:, :-1]
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return _TokenNLL.apply(logits.flatten(0, 1), targets.flatten()).view_as(targets)[:, :-1]
 
 
 def chunked_next_token_nll(
@@ -70,7 +112,7 @@ def chunked_next_token_nll(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     h = hidden.flatten(0, 1)  # a view: targets are shifted instead (see next_token_nll)
-    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
     dtype = torch.promote_types(hidden.dtype, torch.float32)
 
     def chunk_nll(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
