@@ -1,10 +1,13 @@
 """Preprocessing speed on Alpaca 52K with the LLaMA tokenizer: plwlab's batched tokenization vs Stanford Alpaca's
 per-example preprocessing (``_tokenize_fn``: one ``tokenizer(text, return_tensors="pt", padding="longest",
 max_length=..., truncation=True)`` call per source and per full example), same tokenizer; ids and masks must be
-identical. Also times a warm load from the tokenized-data cache (every run of a sweep after the first).
+identical. Also times a warm load from the tokenized-data cache (every run of a sweep after the first). The three
+alternate over ``--repeats`` rounds; RATIO lines give the ratio of medians and the range of per-round ratios.
 
-    python benchmarks/bench_preprocess.py [--alpaca PATH] [--tokenizer PATH] [--limit N]
+    python benchmarks/bench_preprocess.py [--alpaca PATH] [--tokenizer PATH] [--limit N] [--repeats 3]
 """
+
+import statistics
 
 import argparse
 import tempfile
@@ -43,34 +46,43 @@ def main() -> None:
     parser.add_argument("--alpaca", default=str(SHARED / "alpaca" / "alpaca_data.json"))
     parser.add_argument("--tokenizer", default=str(SHARED / "tokenizer" / "llama_tokenizer.model"))
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if not Path(args.alpaca).exists():
         print(f"skipped: {args.alpaca} not found")
         return
     tokenizer = load_tokenizer(args.tokenizer)
     tokenizer.pad_token = tokenizer.unk_token  # Stanford adds [PAD]; padding="longest" pads nothing for one text
-    records = load_records(args.alpaca, on_invalid="skip")[: args.limit]
-    # Fast path first: each measurement starts without the other's millions of live objects (Python's
-    # generational GC otherwise slows whichever runs second).
-    t0 = time.perf_counter()
-    fast, _ = tokenize_examples(records, tokenizer, 512)
-    t_fast = time.perf_counter() - t0
-    fast = [(e.input_ids, e.completion_mask) for e in fast]
-    t0 = time.perf_counter()
-    baseline = stanford_preprocess(records, tokenizer, 512)
-    t_base = time.perf_counter() - t0
-    mismatches = [i for i, (b, f) in enumerate(zip(baseline, fast)) if b != f]
-    identical = not mismatches
-    del baseline, fast
+    records = load_records(args.alpaca)[: args.limit]
+    times: dict[str, list[float]] = {"batched": [], "stanford": [], "cache": []}
+    identical = True
     with tempfile.TemporaryDirectory() as cache:
-        cached_tokenize(records, tokenizer, 512, cache)
-        t0 = time.perf_counter()
-        cached_tokenize(records, tokenizer, 512, cache)
-        t_cache = time.perf_counter() - t0
-    print(f"examples: {len(records)}")
-    print(f"Stanford per-example: {t_base:.2f} s | plwlab batched: {t_fast:.2f} s | warm cache: {t_cache:.2f} s")
-    print(f"identical ids and masks: {identical}" + (f" ({len(mismatches)} differ, e.g. {mismatches[:5]})" if mismatches else ""))
-    print(f"RATIO batched vs per-example: {t_base / t_fast:.1f}x ; warm cache vs per-example: {t_base / t_cache:.1f}x")
+        cached_tokenize(records, tokenizer, 512, cache)  # fill the cache once
+        for _ in range(args.repeats):
+            # Fast path first: each measurement starts without the other's millions of live objects (Python's
+            # generational GC otherwise slows whichever runs second).
+            t0 = time.perf_counter()
+            fast, _ = tokenize_examples(records, tokenizer, 512)
+            times["batched"].append(time.perf_counter() - t0)
+            fast = [(e.input_ids, e.completion_mask) for e in fast]
+            t0 = time.perf_counter()
+            baseline = stanford_preprocess(records, tokenizer, 512)
+            times["stanford"].append(time.perf_counter() - t0)
+            mismatches = [i for i, (b, f) in enumerate(zip(baseline, fast)) if b != f]
+            identical = identical and not mismatches
+            del baseline, fast
+            t0 = time.perf_counter()
+            cached_tokenize(records, tokenizer, 512, cache)
+            times["cache"].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"examples: {len(records)}; {args.repeats} alternating rounds")
+    for name, label in (("stanford", "Stanford per-example"), ("batched", "plwlab batched"), ("cache", "warm cache")):
+        print(f"{label:22s} median {med[name]:6.2f} s   runs: {', '.join(f'{t:.2f}' for t in times[name])}")
+    print(f"identical ids and masks in every round: {identical}" + (f" (last round: {len(mismatches)} differ, e.g. "
+                                                                    f"{mismatches[:5]})" if mismatches else ""))  # fmt: skip
+    for name, label in (("batched", "batched vs per-example"), ("cache", "warm cache vs per-example")):
+        ratios = [s / f for s, f in zip(times["stanford"], times[name])]
+        print(f"RATIO {label}: {med['stanford'] / med[name]:.1f}x (rounds {min(ratios):.1f}x to {max(ratios):.1f}x)")
 
 
 if __name__ == "__main__":

@@ -269,3 +269,21 @@ def test_tokenized_cache_is_keyed_by_merges_and_normalizer_not_only_vocab(tmp_pa
     exact = load_tokenizer(str(path))
     assert id_ranked.get_vocab() == exact.get_vocab()
     assert tokenizer_fingerprint(id_ranked) != tokenizer_fingerprint(exact)
+
+
+def test_batched_tokenization_ignores_truncation_left_on_the_tokenizer(tmp_path):
+    """A fast tokenizer called with truncation/padding keeps them on its backend until its next plain call; the
+    batched path and the cache key must not inherit them (Stanford's preprocessing leaves truncation on)."""
+    from plwlab.alpaca import tokenizer_fingerprint
+    from plwlab.model import load_tokenizer
+    from plwlab.tokenization import batch_token_ids
+
+    path, _ = _llama_like_spm_model(tmp_path)
+    tok = load_tokenizer(str(path))
+    texts = ["Below is an instruction.\n\n### Response:\nA long enough answer to be cut at three tokens.", "Short."]
+    expected = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    key = tokenizer_fingerprint(tok)
+    tok.pad_token = tok.unk_token
+    tok(texts[0], max_length=3, truncation=True, padding="max_length")
+    assert tokenizer_fingerprint(tok) == key
+    assert batch_token_ids(tok, texts) == expected

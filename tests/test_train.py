@@ -211,3 +211,11 @@ def test_a_7b_model_on_cpu_is_refused_before_loading(tmp_path):
     cfg = compose_train(["model=llama2", f"model.name_or_path={tmp_path / 'llama-7b'}"], tmp_path / "run")
     with pytest.raises(ConfigError, match="model llama2-7b has 6.7B parameters and trainer.accelerator=cpu"):
         train(cfg)
+
+
+def test_default_batching_is_length_grouped_and_the_paper_preset_keeps_padded(tmp_path):
+    """The demo default groups lengths (1.8x the tokens/s of padded batches here, docs/benchmarks.md); the paper's
+    recipe trained on random padded batches, and with per-micro-batch normalization grouping would change how much
+    each example weighs, so experiment=paper keeps them."""
+    assert compose_train([], tmp_path).data.batching == "length_grouped"
+    assert compose_train(["experiment=paper"], tmp_path).data.batching == "padded"

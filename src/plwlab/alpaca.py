@@ -245,7 +245,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     another tokenizer, or the same vocabulary merged differently, is rebuilt."""
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is not None and hasattr(backend, "to_str"):
-        return _sha256(backend.to_str().encode())[:16]
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None), spec.pop("padding", None)  # call-time settings a previous call may leave on
+        return _sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode())[:16]
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     return _sha256(vocab.encode())[:16]
 

@@ -51,7 +51,7 @@ class DataConfig:  # arguments of plwlab.datamodule.AlpacaDataModule (tokenizer 
     num_workers: int = 0
     limit: Optional[int] = None
     empty_completion: str = "keep"
-    batching: str = "padded"  # padded | length_grouped | packed
+    batching: str = "length_grouped"  # length_grouped | padded (experiment=paper: the paper's) | packed
     on_invalid: str = "error"
     empty_output: str = "keep"  # keep (Stanford: trains on EOS alone) | skip
     variant: str = "as_is"

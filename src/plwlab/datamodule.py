@@ -32,9 +32,10 @@ class AlpacaDataModule(L.LightningDataModule):
     variant first (``variant="short"`` or ``"rg_target"`` with ``target_rg``; see :mod:`plwlab.alpaca`).
     Built variants and tokenized data are cached in ``cache_dir`` (with a manifest; kept in :attr:`manifest`).
 
-    ``batching``: ``padded`` (random batches padded to their longest example), ``length_grouped`` (batches of
-    similar lengths: less padding, same examples per epoch) or ``packed`` (several examples per row of up to
-    ``max_length`` tokens, attending within themselves only; ``batch_size`` then counts rows).
+    ``batching``: ``length_grouped`` (the default: seeded random chunks sorted by length into batches, then the
+    batches shuffled; little padding, the same examples per epoch), ``padded`` (random batches padded to their
+    longest example, as the paper's HF Trainer did: ``experiment=paper``) or ``packed`` (several examples per row
+    of up to ``max_length`` tokens, attending within themselves only; ``batch_size`` then counts rows).
     ``val_size`` is a fraction (< 1) or a count of examples held out (seeded, so identical across a sweep).
     ``empty_completion`` says what to do with examples whose completion was truncated away entirely:
     ``keep`` them (Stanford Alpaca behaviour; they still carry prompt loss), ``drop`` them, or ``error``.
@@ -50,7 +51,7 @@ class AlpacaDataModule(L.LightningDataModule):
         val_size: float = 0.05,
         batch_size: int = 4,
         eval_batch_size: int | None = None,
-        batching: Literal["padded", "length_grouped", "packed"] = "padded",
+        batching: Literal["padded", "length_grouped", "packed"] = "length_grouped",
         num_workers: int = 0,
         limit: int | None = None,
         empty_completion: Literal["keep", "drop", "error"] = "keep",

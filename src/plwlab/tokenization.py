@@ -63,6 +63,9 @@ def _newline_safe_backend(tokenizer: Any) -> tuple[Any, Any, int] | None:
     newline = vocab.get("<0x0A>")
     if newline is None or "\n" in vocab or any("\n" in piece for piece in vocab):
         return None
+    backend = copy.deepcopy(backend)  # without the truncation/padding a previous call may have left on it
+    backend.no_truncation()
+    backend.no_padding()
     later = copy.deepcopy(backend)
     if metaspace:
         later.pre_tokenizer = pre_tokenizers.Metaspace(replacement=pre.replacement, prepend_scheme="never", split=pre.split)
