@@ -106,6 +106,21 @@ def test_length_grouped_keeps_global_batches_and_cuts_padding():
     assert list(one) != merged  # a new order each epoch
 
 
+@pytest.mark.parametrize(("micro", "world"), [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_length_grouped_steps_hold_the_same_examples_under_accumulation(micro, world):
+    """With a step of 8 sequences, every optimizer step holds the same examples whether it is 8 micro-batches of
+    1, 4 of 2, or 2 ranks x 2 accumulations of 2 (the default batching; 4x1 vs 1x4 gradients must agree)."""
+    lengths = np.random.default_rng(2).integers(10, 500, size=100).tolist()
+    reference = list(GlobalBatchSampler(lengths, micro_batch=8, seed=5, group_size=400, step_batch=8))
+    samplers = [GlobalBatchSampler(lengths, micro_batch=micro, world=world, rank=r, seed=5, group_size=400,
+                                   step_batch=8) for r in range(world)]  # fmt: skip
+    per_rank = [list(s) for s in samplers]
+    merged = [i for group in zip(*(np.array(o).reshape(-1, micro).tolist() for o in per_rank)) for b in group for i in b]
+    steps = lambda order: [sorted(order[i : i + 8]) for i in range(0, len(order), 8)]  # noqa: E731
+    assert steps(merged) == steps(reference)
+    assert sorted(set(reference)) == list(range(100)) and len(reference) == 104  # 100 + 4 repeated to fill a step
+
+
 def test_tokenized_cache_is_reused_and_keyed(tmp_path):
     tok = tiny_model().tokenizer
     records = load_records(str(SAMPLE))[:30]

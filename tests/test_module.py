@@ -27,7 +27,8 @@ class GradCapture(PLWModule):
 def one_step(batch_size: int, accumulate: int, plw: float, normalization: str, scope: str = "step"):
     loaded = tiny_model("float64")
     module = GradCapture(loaded.model, plw=plw, normalization=normalization, denominator_scope=scope, lr=1e-3)
-    dm = AlpacaDataModule(loaded.tokenizer, path=str(SAMPLE), batch_size=batch_size, val_size=0, limit=16, cache_dir=None)
+    dm = AlpacaDataModule(loaded.tokenizer, path=str(SAMPLE), batch_size=batch_size, val_size=0, limit=16, cache_dir=None,
+                          global_batch_size=batch_size * accumulate)  # fmt: skip
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

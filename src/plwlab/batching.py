@@ -100,16 +100,22 @@ class GlobalBatchSampler(Sampler[int]):
     ranks) holds the same items on 1 or W processes, and every PLW of a sweep sees the same order.
 
     ``group_size`` > 0 (length-grouped batching) sorts each chunk of ``group_size`` items of the permutation by
-    length and shuffles the resulting global batches, so batches hold similar lengths (less padding).
-    The order is padded by repetition to a multiple of ``global_batch`` (as ``DistributedSampler`` does).
+    length, cuts it into optimizer steps of ``step_batch`` items (default: one global micro-batch) and shuffles the
+    whole steps (a last, partial one stays last), so batches hold similar lengths (less padding) and each
+    optimizer step holds the same examples whatever the micro-batch, device count and accumulation.
+    The order is padded by repetition to a multiple of ``step_batch`` (as ``DistributedSampler`` pads to the
+    world size), so every rank draws the same number of micro-batches and every optimizer step is full.
     """
 
     def __init__(self, lengths: Sequence[int], micro_batch: int, world: int = 1, rank: int = 0, seed: int = 42,
-                 group_size: int = 0) -> None:  # fmt: skip
+                 group_size: int = 0, step_batch: int | None = None) -> None:  # fmt: skip
         self.lengths, self.micro_batch, self.world, self.rank = np.asarray(lengths), micro_batch, world, rank
         self.seed, self.group_size, self.epoch = seed, group_size, 0
         self.global_batch = micro_batch * world
-        self.total = -(-len(self.lengths) // self.global_batch) * self.global_batch
+        self.step_batch = step_batch or self.global_batch
+        if self.step_batch % self.global_batch:
+            raise ValueError(f"step_batch={self.step_batch} is not a multiple of micro_batch x world = {self.global_batch}")
+        self.total = -(-len(self.lengths) // self.step_batch) * self.step_batch
         self.resume_epoch, self.resume_batches = -1, 0  # see resume_from
 
     def set_epoch(self, epoch: int) -> None:
@@ -127,8 +133,10 @@ class GlobalBatchSampler(Sampler[int]):
         if self.group_size:
             chunks = [order[i : i + self.group_size] for i in range(0, len(order), self.group_size)]
             order = [i for chunk in chunks for i in sorted(chunk, key=lambda j: -self.lengths[j])]
-            batches = [order[i : i + self.global_batch] for i in range(0, len(order), self.global_batch)]
-            order = [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+            steps = [order[i : i + self.step_batch] for i in range(0, len(order), self.step_batch)]
+            full = len(steps) - (len(steps[-1]) < self.step_batch)
+            order = [i for s in torch.randperm(full, generator=g).tolist() for i in steps[s]]
+            order += [i for s in steps[full:] for i in s]
         return order
 
     def __iter__(self) -> Iterator[int]:

@@ -36,6 +36,8 @@ class AlpacaDataModule(L.LightningDataModule):
     batches shuffled; little padding, the same examples per epoch), ``padded`` (random batches padded to their
     longest example, as the paper's HF Trainer did: ``experiment=paper``) or ``packed`` (several examples per row
     of up to ``max_length`` tokens, attending within themselves only; ``batch_size`` then counts rows).
+    ``global_batch_size`` (train.py's, sequences per optimizer step; default ``batch_size`` x devices) is the unit
+    length grouping shuffles, so a step holds the same examples whatever the accumulation.
     ``val_size`` is a fraction (< 1) or a count of examples held out (seeded, so identical across a sweep).
     ``empty_completion`` says what to do with examples whose completion was truncated away entirely:
     ``keep`` them (Stanford Alpaca behaviour; they still carry prompt loss), ``drop`` them, or ``error``.
@@ -61,6 +63,7 @@ class AlpacaDataModule(L.LightningDataModule):
         target_rg: float | None = None,
         cache_dir: str | None = "outputs/data",
         seed: int = 42,
+        global_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if empty_completion not in ("keep", "drop", "error"):
@@ -75,6 +78,7 @@ class AlpacaDataModule(L.LightningDataModule):
         self.num_workers, self.empty_completion, self.on_invalid = num_workers, empty_completion, on_invalid
         self.variant, self.target_rg, self.cache_dir = variant, target_rg, cache_dir
         self.empty_output = empty_output
+        self.global_batch_size = global_batch_size  # sequences per optimizer step: the unit length grouping keeps
         self.manifest: dict[str, Any] | None = None
         self.train_set: TokenizedDataset | None = None
         self.val_set: TokenizedDataset | None = None
@@ -142,12 +146,14 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def train_sampler(self, world: int = 1, rank: int = 0) -> GlobalBatchSampler:
         lengths = [self.train_set.n_tokens(i) for i in range(len(self.train_set))]
-        group = 50 * self.batch_size * world if self.batching == "length_grouped" else 0
-        return GlobalBatchSampler(lengths, self.batch_size, world, rank, self.seed, group_size=group)
+        step = self.global_batch_size or self.batch_size * world
+        group = 50 * step if self.batching == "length_grouped" else 0
+        return GlobalBatchSampler(lengths, self.batch_size, world, rank, self.seed, group_size=group, step_batch=step)
 
     def batches_per_epoch(self, world: int) -> int:
-        """Micro-batches each of ``world`` ranks draws per epoch (the last global batch is filled by repetition)."""
-        return -(-len(self.train_set) // (self.batch_size * world))
+        """Micro-batches each of ``world`` ranks draws per epoch (the last optimizer step is filled by repetition)."""
+        step = self.global_batch_size or self.batch_size * world
+        return -(-len(self.train_set) // step) * step // (self.batch_size * world)
 
     def _progress(self) -> tuple[int, int]:
         loop = self.trainer.fit_loop

@@ -120,7 +120,8 @@ def _train(cfg: DictConfig, run_dir: Path, is_zero: bool) -> dict[str, Any]:
     try:
         L.seed_everything(cfg.seed, workers=True)
         loaded = load_model(**to_dict(cfg.model))
-        datamodule = AlpacaDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, **to_dict(cfg.data))
+        datamodule = AlpacaDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, global_batch_size=cfg.global_batch_size,
+                                      **to_dict(cfg.data))  # fmt: skip
         datamodule.setup("fit")
         module = PLWModule(
             loaded.model, plw=cfg.plw, pretrained_vocab_size=loaded.pretrained_vocab_size,
