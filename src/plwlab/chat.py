@@ -1,0 +1,201 @@
+"""Chat conversations -> token ids with a segment id per token, through the model's own chat template.
+
+Sources: ``messages`` records (``[{"role", "content"}, ...]``) or ShareGPT-style ``conversations``
+(``[{"from": "human" | "gpt" | "system", "value"}]``, with an optional top-level ``system``), from a local
+``.json`` / ``.jsonl`` file. A malformed conversation (unknown role, empty content, no assistant turn, turns that do
+not alternate) raises :class:`ChatDataError` naming the record, or is skipped and counted (``on_invalid="skip"``).
+
+Segments (:data:`SEGMENTS`): the text of system, user and assistant turns, a reasoning span inside an assistant
+turn (between ``think_tags``), and the template's own tokens (role headers, BOS, separators). The tokens that
+close an assistant turn (its end-of-turn marker) belong to the assistant: a model must learn to stop. Each token's
+segment is found exactly: the conversation is rendered once, each turn's end is where the rendering of the
+conversation up to that turn ends (checked to be a token prefix of the whole; a template for which it is not is
+named in the error), and inside a turn the content's characters are located in the rendered text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SEGMENTS = ("template", "system", "user", "assistant", "reasoning")
+SEGMENT_ID = {name: i for i, name in enumerate(SEGMENTS)}
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class ChatDataError(ValueError):
+    """A conversation file or record that cannot be used, named."""
+
+
+@dataclass
+class ChatExample:
+    input_ids: list[int]
+    segment_ids: list[int]  # one of SEGMENT_ID per token
+    turn_ids: list[int]  # index of the message each token belongs to (-1: template tokens outside any turn)
+
+
+def _read(path: str | Path) -> list[Any]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ChatDataError(f"chat data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            try:
+                rows.extend([json.loads(line)] if line.strip() else [])
+            except json.JSONDecodeError as e:
+                raise ChatDataError(f"{path}: invalid JSON on line {number} ({e.msg})") from e
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ChatDataError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(data, list):
+        raise ChatDataError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
+    return data
+
+
+def to_messages(record: Any, index: int, fmt: str = "messages") -> list[dict[str, str]]:
+    """One record as ``[{"role", "content"}]`` (``fmt``: ``messages`` or ``sharegpt``); raises naming the record."""
+    name = f"record {index}" + (f" (id {record['id']!r})" if isinstance(record, dict) and "id" in record else "")
+    if not isinstance(record, dict):
+        raise ChatDataError(f"{name} is a {type(record).__name__}, not an object")
+    key, role_key, content_key = ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise ChatDataError(f"{name} has no {key!r} list")
+    messages = []
+    if fmt == "sharegpt" and record.get("system"):
+        messages.append({"role": "system", "content": record["system"]})
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ChatDataError(f"{name} turn {t} is a {type(turn).__name__}, not an object")
+        role = turn.get(role_key)
+        role = SHAREGPT_ROLES.get(role) if fmt == "sharegpt" else role
+        if role not in ROLES:
+            raise ChatDataError(f"{name} turn {t} has unknown role {turn.get(role_key)!r}")
+        content = turn.get(content_key)
+        if not isinstance(content, str) or not content.strip():
+            raise ChatDataError(f"{name} turn {t} ({role}) has empty content")
+        messages.append({"role": role, "content": content})
+    problem = _alternation_problem(messages)
+    if problem:
+        raise ChatDataError(f"{name}: {problem}")
+    return messages
+
+
+def _alternation_problem(messages: Sequence[dict[str, str]]) -> str | None:
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles[0] == "system" else roles
+    if "system" in body:
+        return "a system turn after the first turn"
+    if "assistant" not in body:
+        return "no assistant turn"
+    if body[0] != "user":
+        return f"the first turn after the system prompt is {body[0]!r}, not 'user'"
+    for a, b in zip(body, body[1:]):
+        if a == b:
+            return f"two {a!r} turns in a row (turns must alternate user/assistant)"
+    return None
+
+
+def load_conversations(path: str | Path, fmt: str = "messages", on_invalid: str = "error") -> list[list[dict[str, str]]]:
+    """Conversations from a local ``.json`` list or ``.jsonl`` file in ``fmt`` (``messages`` or ``sharegpt``)."""
+    if fmt not in ("messages", "sharegpt"):
+        raise ValueError(f"chat format must be 'messages' or 'sharegpt', got {fmt!r}")
+    if on_invalid not in ("error", "skip"):
+        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+    out, skipped = [], []
+    for i, record in enumerate(_read(path)):
+        try:
+            out.append(to_messages(record, i, fmt))
+        except ChatDataError as e:
+            if on_invalid == "error":
+                raise ChatDataError(f"{path}: {e}") from None
+            skipped.append(str(e))
+    if skipped:
+        log.warning("%s: skipped %d invalid conversations, e.g. %s", path, len(skipped), "; ".join(skipped[:3]))
+    if not out:
+        raise ChatDataError(f"{path}: no usable conversations ({len(skipped)} invalid)")
+    return out
+
+
+def _render(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], think_tags: tuple[str, str] | None = None,
+                          name: str = "conversation") -> ChatExample:  # fmt: skip
+    """Token ids of ``messages`` rendered by ``tokenizer``'s chat template, with each token's segment and turn.
+
+    Turn boundaries: the rendering of ``messages[:k+1]`` must be a token prefix of the whole; a template that
+    re-renders earlier turns differently raises, naming ``name``. Inside a turn, tokens overlapping the content's
+    characters take the turn's role (a ``think_tags`` span inside an assistant turn: ``reasoning``); the tokens
+    before the content are the template's; those after it close the turn: the assistant's for an assistant turn,
+    else the template's. A template that marks assistant tokens itself (``{% generation %}``) decides which tokens
+    of an assistant turn are the assistant's.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatDataError("the tokenizer has no chat template (set model.chat_template or use a chat model's tokenizer)")
+    text = _render(tokenizer, messages, False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+
+    def prefix_length(prefix_text: str, what: str) -> int:
+        if not text.startswith(prefix_text):
+            raise ChatDataError(f"{name}: the chat template renders {what} differently inside the whole conversation, "
+                                "so token segments cannot be found exactly")  # fmt: skip
+        prefix_ids = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
+        if ids[: len(prefix_ids)] != prefix_ids:
+            raise ChatDataError(f"{name}: {what} is not a token prefix of the whole conversation (a token merges "
+                                "across the turn boundary), so token segments cannot be found exactly")  # fmt: skip
+        return len(prefix_ids)
+
+    marked = None
+    if "{% generation %}" in tokenizer.chat_template or "{%- generation %}" in tokenizer.chat_template:
+        out = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)  # fmt: skip
+        if list(out["input_ids"]) != list(ids):
+            raise ChatDataError(f"{name}: the template's assistant mask is for other tokens than its rendered text's")
+        marked = list(out["assistant_masks"])
+    segment = [SEGMENT_ID["template"]] * len(ids)
+    turn = [-1] * len(ids)
+    start_char, start_tok = 0, 0
+    for k, message in enumerate(messages):
+        end_text = _render(tokenizer, messages[: k + 1], False)
+        end_tok = prefix_length(end_text, f"the conversation up to turn {k}")
+        content = message["content"]
+        content_at = text.find(content, start_char, len(end_text))
+        if content_at < 0:  # templates often trim it
+            content = content.strip()
+            content_at = text.find(content, start_char, len(end_text))
+        if content_at < 0:
+            raise ChatDataError(f"{name}: turn {k}'s content is not in its rendering (the template rewrites it)")
+        content_end = content_at + len(content)
+        spans = []
+        if message["role"] == "assistant" and think_tags:
+            open_tag, close_tag = think_tags
+            o = text.find(open_tag, content_at, content_end)
+            c = text.find(close_tag, o + len(open_tag), content_end) if o >= 0 else -1
+            if o >= 0 and c >= 0:
+                spans.append((o, c + len(close_tag), SEGMENT_ID["reasoning"]))
+        role_id = SEGMENT_ID[message["role"]]
+        for t in range(start_tok, end_tok):
+            lo, hi = offsets[t]
+            turn[t] = k
+            if marked is not None and message["role"] == "assistant":
+                mine = bool(marked[t])
+            else:  # content, or after it the tokens that close an assistant turn; before it, the turn's header
+                mine = hi > content_at and (lo < content_end or message["role"] == "assistant")
+            if mine:
+                segment[t] = next((s for a, b, s in spans if lo < b and hi > a), role_id)
+        start_char, start_tok = len(end_text), end_tok
+    return ChatExample(ids, segment, turn)

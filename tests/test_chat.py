@@ -1,0 +1,119 @@
+"""Chat conversations: loading and validation, and exact token segments under two real template styles
+(Llama-3 and ChatML), built locally on the bundled tiny tokenizer."""
+
+import json
+
+import pytest
+
+from plwlab.chat import SEGMENT_ID, ChatDataError, load_conversations, to_messages, tokenize_conversation
+
+from conftest import SHARED_DATA, tiny_model
+
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+          " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")  # fmt: skip
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # fmt: skip
+# ChatML with the assistant span marked by the template itself (HF's {% generation %}), as TRL's templates do
+CHATML_MARKED = CHATML.replace("{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}",
+                               "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+                               "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}"
+                               "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+                               "{% endif %}")  # fmt: skip
+SPECIALS = {LLAMA3: ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+            CHATML: ["<|im_start|>", "<|im_end|>"], CHATML_MARKED: ["<|im_start|>", "<|im_end|>"]}  # fmt: skip
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"},
+                {"role": "assistant", "content": "<think>They ask my name.</think>I am Vicuna."},
+                {"role": "user", "content": " Have a nice day! "}, {"role": "assistant", "content": "You too!"}]  # fmt: skip
+
+
+def chat_tokenizer(template: str):
+    tok = tiny_model().tokenizer
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS[template]})
+    if template == LLAMA3:
+        tok.bos_token = "<|begin_of_text|>"
+    tok.chat_template = template
+    return tok
+
+
+def pieces(tok, example, segment):
+    """The text of each maximal run of ``segment`` tokens."""
+    runs, current = [], []
+    for i, s in zip(example.input_ids, example.segment_ids):
+        if s == SEGMENT_ID[segment]:
+            current.append(i)
+        elif current:
+            runs.append(tok.decode(current)), current.clear()
+    return runs + ([tok.decode(current)] if current else [])
+
+
+@pytest.mark.parametrize("template", [LLAMA3, CHATML, CHATML_MARKED], ids=["llama3", "chatml", "chatml-marked"])
+def test_segments_are_exact_under_real_template_styles(template):
+    tok = chat_tokenizer(template)
+    ex = tokenize_conversation(tok, CONVERSATION, think_tags=("<think>", "</think>"))
+    text = tok.apply_chat_template(CONVERSATION, tokenize=False)
+    assert ex.input_ids == tok(text, add_special_tokens=False)["input_ids"] and tok.decode(ex.input_ids) == text
+    end = "<|eot_id|>" if template == LLAMA3 else "<|im_end|>" + ("" if template == CHATML_MARKED else "\n")
+    assert pieces(tok, ex, "system") == ["Be brief."]
+    assert pieces(tok, ex, "user") == ["Who are you?", "Have a nice day!" if template == LLAMA3 else " Have a nice day! "]
+    assert pieces(tok, ex, "reasoning") == ["<think>They ask my name.</think>"]
+    assert pieces(tok, ex, "assistant") == ["I am Vicuna." + end, "You too!" + end]  # the end-of-turn marker trains
+    template_text = "".join(pieces(tok, ex, "template"))
+    assert "Who" not in template_text and "assistant" in template_text  # headers are the template's
+    assert [t for t, s in zip(ex.turn_ids, ex.segment_ids) if s == SEGMENT_ID["assistant"]][0] == 2
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_by_name():
+    tok = chat_tokenizer(CHATML)
+    # like Qwen3's: earlier assistant turns lose their reasoning, the last keeps it
+    tok.chat_template = CHATML.replace("message['content']", "(message['content'].split('</think>')[-1] if not loop.last "
+                                       "else message['content'])")  # fmt: skip
+    with pytest.raises(ChatDataError, match="record 7: the chat template renders the conversation up to turn 2 "
+                                            "differently"):  # fmt: skip
+        tokenize_conversation(tok, CONVERSATION, name="record 7")
+    tok.chat_template = None
+    with pytest.raises(ChatDataError, match="no chat template"):
+        tokenize_conversation(tok, CONVERSATION)
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}, "turn 1 has unknown role 'bot'"),
+    ({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]}, "turn 0 \\(user\\) has empty content"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]},
+     "two 'user' turns in a row"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}, "first turn .* is 'assistant'"),
+    ({"id": "x9", "conversations": []}, "record 3 \\(id 'x9'\\) has no 'messages' list"),
+])  # fmt: skip
+def test_malformed_conversations_name_the_record(record, message):
+    with pytest.raises(ChatDataError, match=message):
+        to_messages(record, 3)
+
+
+def test_load_skips_and_counts_or_stops_at_the_first_bad_record(tmp_path, caplog):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (good, bad, good)) + "\n")
+    with pytest.raises(ChatDataError, match="chat.jsonl: record 1: no assistant turn"):
+        load_conversations(path)
+    assert len(load_conversations(path, on_invalid="skip")) == 2 and "skipped 1 invalid conversations" in caplog.text
+
+
+def test_sharegpt_files_with_and_without_a_system_turn():
+    folder = SHARED_DATA / "chat"
+    if not folder.exists():
+        pytest.skip("../shared/data not present")
+    plain = load_conversations(folder / "fastchat_dummy_conversation.json", fmt="sharegpt")
+    system = load_conversations(folder / "fastchat_dummy_conversation_with_system.json", fmt="sharegpt")
+    assert len(plain) == len(system) == 500
+    assert plain[0][0] == {"role": "user", "content": "Who are you?"} and system[0][0]["role"] == "system"
+    assert sum(c[0]["role"] == "system" for c in system) == 6  # the file gives 6 of its 500 a system prompt
+    for template in (LLAMA3, CHATML):
+        tok = chat_tokenizer(template)
+        for conversation in system:
+            ex = tokenize_conversation(tok, conversation)
+            roles = {m["role"] for m in conversation}
+            assert {s for s in ex.segment_ids if s} == {SEGMENT_ID[r] for r in roles}
