@@ -166,3 +166,61 @@ def test_next_token_nll_equals_cross_entropy_on_upcast_logits(dtype, monkeypatch
     torch.testing.assert_close(grad, usual_grad, rtol=1e-5, atol=1e-6)
     x = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: next_token_nll(t, torch.randint(0, 7, (2, 4), generator=torch.Generator().manual_seed(1))), (x,))
+
+
+def _prompt_weighted_loss_before_segments(nll, completion_mask, token_mask, plw, normalization, denominator=None):
+    """prompt_weighted_loss as it was before segment weights existed (commit 2bd4de3), kept to check bit-identity."""
+    real = token_mask[:, 1:].bool()
+    completion = completion_mask[:, 1:].bool() & real
+    prompt = real & ~completion
+    nll = nll * real
+    weights = completion.to(nll.dtype) + plw * prompt.to(nll.dtype)
+    weighted_sum = (weights * nll).sum()
+    n_prompt, n_completion = prompt.sum(), completion.sum()
+    if denominator is None:
+        n_p, n_c = n_prompt.double(), n_completion.double()
+        d = {"weight_sum": plw * n_p + n_c, "nonzero": n_c + (n_p if plw > 0 else 0.0), "completion": n_c}[normalization]
+        denominator = torch.where(d > 0, d, torch.ones_like(d))
+    denominator = torch.as_tensor(denominator, dtype=nll.dtype)
+    return weighted_sum / denominator, weighted_sum, denominator
+
+
+@pytest.mark.parametrize("normalization", ["weight_sum", "nonzero", "completion"])
+@pytest.mark.parametrize("plw", [0.0, 5e-4, 0.02463, 0.1, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_alpaca_loss_is_bit_identical_after_segment_weights(normalization, plw, dtype):
+    torch.manual_seed(1)
+    nll = torch.rand(4, 9, dtype=dtype, requires_grad=True)
+    completion = (torch.rand(4, 10) > 0.4).long()
+    mask = (torch.rand(4, 10) > 0.15).long()
+    new = prompt_weighted_loss(nll, completion, mask, plw, normalization)
+    (g_new,) = torch.autograd.grad(new.loss, nll)
+    old = _prompt_weighted_loss_before_segments(nll, completion, mask, plw, normalization)
+    (g_old,) = torch.autograd.grad(old[0], nll)
+    assert torch.equal(new.loss, old[0]) and torch.equal(new.weighted_sum, old[1]) and torch.equal(new.denominator, old[2])
+    assert torch.equal(g_new, g_old)
+    assert torch.equal(prompt_weighted_loss(nll, completion, mask, plw, normalization, denominator=1.0).loss,
+                       _prompt_weighted_loss_before_segments(nll, completion, mask, plw, normalization, 1.0)[0])
+
+
+def test_segment_weights_follow_the_token_loop():
+    """Per-role weights (template 0.05, system 0, user 0.1, assistant 1, reasoning 0.5) against a plain loop over
+    tokens, in all three normalizations (completion segments: assistant and reasoning)."""
+    from plwlab.loss import segment_weighted_loss
+
+    torch.manual_seed(2)
+    weights = (0.05, 0.0, 0.1, 1.0, 0.5)
+    nll = torch.rand(3, 11, dtype=torch.float64)
+    segments = torch.randint(0, 5, (3, 12))
+    mask = (torch.rand(3, 12) > 0.1).long()
+    for normalization in ("weight_sum", "nonzero", "completion"):
+        out = segment_weighted_loss(nll, segments, mask, weights, (3, 4), normalization)
+        total, d = 0.0, 0.0
+        for b in range(3):
+            for t in range(11):
+                if not mask[b, t + 1]:
+                    continue
+                w = weights[int(segments[b, t + 1])]
+                total += w * float(nll[b, t])
+                d += {"weight_sum": w, "nonzero": float(w > 0), "completion": float(int(segments[b, t + 1]) in (3, 4))}[normalization]
+        assert float(out.loss) == pytest.approx(total / d, rel=1e-12), normalization

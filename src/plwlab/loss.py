@@ -32,17 +32,8 @@ def loss_denominator(
     n_prompt: torch.Tensor | float, n_completion: torch.Tensor | float, plw: float, normalization: Normalization
 ) -> torch.Tensor:
     """The normalizer D of :func:`prompt_weighted_loss` from token counts (see its docstring)."""
-    n_prompt = torch.as_tensor(n_prompt, dtype=torch.float64)
-    n_completion = torch.as_tensor(n_completion, dtype=torch.float64)
-    if normalization == "weight_sum":
-        d = plw * n_prompt + n_completion
-    elif normalization == "nonzero":
-        d = n_completion + (n_prompt if plw > 0 else 0.0)
-    elif normalization == "completion":
-        d = n_completion
-    else:
-        raise ValueError(f"unknown loss normalization {normalization!r}; choose one of {NORMALIZATIONS}")
-    return torch.where(d > 0, d, torch.ones_like(d))
+    counts = torch.stack([torch.as_tensor(n_prompt, dtype=torch.float64), torch.as_tensor(n_completion, dtype=torch.float64)])
+    return segment_denominator(counts, (plw, 1.0), (1,), normalization)
 
 
 IGNORE_INDEX = -100  # a target that is not predicted (cross_entropy's default)
@@ -170,16 +161,51 @@ def prompt_weighted_loss(
     """
     if plw < 0:
         raise ValueError(f"plw must be >= 0, got {plw}")
+    return segment_weighted_loss(nll, completion_mask, token_mask, (plw, 1.0), (1,), normalization, denominator)
+
+
+def segment_weighted_loss(
+    nll: torch.Tensor,
+    segment_ids: torch.Tensor,
+    token_mask: torch.Tensor,
+    segment_weights: tuple[float, ...],
+    completion_segments: tuple[int, ...],
+    normalization: Normalization = "weight_sum",
+    denominator: torch.Tensor | float | None = None,
+) -> PLWLoss:
+    r"""The general form of :func:`prompt_weighted_loss`: each target token weighs its segment's weight.
+
+    ``segment_ids`` (B, L) hold an index into ``segment_weights`` per token (chat data: template, system, user,
+    assistant, reasoning; Alpaca: 0 = prompt, 1 = completion). With :math:`s_t` the segment of target t,
+
+    .. math::
+
+        w_t = a_t\, W[s_t], \qquad \mathcal{L} = \frac{\sum_t w_t \ell_t}{D}, \qquad D = \begin{cases}
+            \sum_s W[s]\, N_s & \text{"weight\_sum"} \\
+            \sum_{s : W[s] > 0} N_s & \text{"nonzero"} \\
+            \sum_{s \in C} N_s & \text{"completion"}
+        \end{cases}
+
+    where :math:`N_s` counts the targets of segment s and C is ``completion_segments`` (the tokens a model is
+    trained to produce; the PLWLoss "completion" sums run over them, the "prompt" sums over the rest).
+    ``prompt_weighted_loss`` is this with W = (PLW, 1) and C = {1}, and gives the same bits as before it existed.
+    """
     real = token_mask[:, 1:].bool()
-    completion = completion_mask[:, 1:].bool() & real
+    segments = segment_ids[:, 1:].long()
+    completion = torch.zeros_like(real)
+    for s in completion_segments:
+        completion |= segments == s
+    completion &= real
     prompt = real & ~completion
     nll = nll * real  # padding targets may hold any id; zero them explicitly
-    weights = completion.to(nll.dtype) + plw * prompt.to(nll.dtype)
+    table = torch.tensor(segment_weights, dtype=nll.dtype, device=nll.device)
+    weights = table[segments] * real
     weighted_sum = (weights * nll).sum()
 
     n_prompt, n_completion = prompt.sum(), completion.sum()
     if denominator is None:
-        denominator = loss_denominator(n_prompt, n_completion, plw, normalization)
+        counts = torch.stack([(segments == s).logical_and(real).sum() for s in range(len(segment_weights))])
+        denominator = segment_denominator(counts, segment_weights, completion_segments, normalization)
     denominator = torch.as_tensor(denominator, dtype=nll.dtype, device=nll.device)
     detached = nll.detach()
     return PLWLoss(
@@ -191,3 +217,19 @@ def prompt_weighted_loss(
         completion_nll=(detached * completion).sum(),
         n_completion=n_completion,
     )
+
+
+def segment_denominator(counts: torch.Tensor, segment_weights: tuple[float, ...], completion_segments: tuple[int, ...],
+                        normalization: Normalization) -> torch.Tensor:  # fmt: skip
+    """The normalizer D of :func:`segment_weighted_loss` from per-segment target counts (float64)."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    if normalization == "weight_sum":
+        d = sum(w * counts[s] for s, w in enumerate(segment_weights))
+    elif normalization == "nonzero":
+        d = sum(counts[s] for s, w in enumerate(segment_weights) if w > 0)
+    elif normalization == "completion":
+        d = sum(counts[s] for s in completion_segments)
+    else:
+        raise ValueError(f"unknown loss normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+    d = torch.as_tensor(d, dtype=torch.float64)
+    return torch.where(d > 0, d, torch.ones_like(d))
