@@ -61,6 +61,26 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - Alp
     return template.format(instruction=instruction, input=input)
 
 
+def read_json_records(path: Path) -> list[Any]:
+    """The records of a local ``.json`` file (a list) or ``.jsonl`` file; a broken line is named by its number."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            try:
+                rows.extend([json.loads(line)] if line.strip() else [])
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: invalid JSON on line {number} ({e.msg}, column {e.colno})") from e
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+    return rows
+
+
 def load_records(path: str, split: str = "train", on_invalid: str = "error", empty_output: str = "keep") -> list[dict[str, str]]:
     """Alpaca-format records from a local ``.json`` (a list) / ``.jsonl`` file or, failing that, an HF hub id.
 
@@ -75,20 +95,7 @@ def load_records(path: str, split: str = "train", on_invalid: str = "error", emp
         raise ValueError(f"empty_output must be 'keep' or 'skip', got {empty_output!r}")
     local = Path(path).expanduser()
     if local.is_file():
-        text = local.read_text(encoding="utf-8")
-        try:
-            raw = json.loads(text) if local.suffix != ".jsonl" else None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{local}: invalid JSON ({e})") from e
-        if raw is None:  # JSON lines: report a broken line by its own number
-            raw = []
-            for number, line in enumerate(text.splitlines(), start=1):
-                try:
-                    raw.extend([json.loads(line)] if line.strip() else [])
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{local}: invalid JSON on line {number} ({e.msg}, column {e.colno})") from e
-        if not isinstance(raw, list):
-            raise DataError(f"{local}: expected a JSON list of records, got {type(raw).__name__}")
+        raw = read_json_records(local)
     elif local.exists() or path.startswith((".", "/", "~")) or path.endswith((".json", ".jsonl")):
         raise DataError(f"data file not found: {path}")
     else:

@@ -15,12 +15,13 @@ named in the error), and inside a turn the content's characters are located in t
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from plwlab.alpaca import DataError, read_json_records
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-class ChatDataError(ValueError):
+class ChatDataError(DataError):
     """A conversation file or record that cannot be used, named."""
 
 
@@ -45,22 +46,7 @@ def _read(path: str | Path) -> list[Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ChatDataError(f"chat data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            try:
-                rows.extend([json.loads(line)] if line.strip() else [])
-            except json.JSONDecodeError as e:
-                raise ChatDataError(f"{path}: invalid JSON on line {number} ({e.msg})") from e
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ChatDataError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(data, list):
-        raise ChatDataError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
-    return data
+    return read_json_records(path)
 
 
 def to_messages(record: Any, index: int, fmt: str = "messages") -> list[dict[str, str]]:
