@@ -117,9 +117,9 @@ def test_cli_errors_are_one_line(tmp_path, override, message):
 
 
 def test_cli_unknown_model_preset(tmp_path):
-    result = run_cli("model=llama3", f"paths.output_dir={tmp_path}")
+    result = run_cli("model=llama9", f"paths.output_dir={tmp_path}")
     assert result.returncode != 0
-    assert "Could not find 'model/llama3'" in result.stderr and "llama2" in result.stderr
+    assert "Could not find 'model/llama9'" in result.stderr and "llama2" in result.stderr
 
 
 def test_cli_multirun_plw_sweep(tmp_path):
@@ -219,3 +219,41 @@ def test_default_batching_is_length_grouped_and_the_paper_preset_keeps_padded(tm
     each example weighs, so experiment=paper keeps them."""
     assert compose_train([], tmp_path).data.batching == "length_grouped"
     assert compose_train(["experiment=paper"], tmp_path).data.batching == "padded"
+
+
+# family -> (HF model_type, special tokens as the family's tokenizer has them, the pad plwlab should use)
+FAMILIES = {
+    "llama3": ("llama", {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "unk_token": None,
+                         "pad_token": None}, "<|end_of_text|>"),
+    "mistral": ("mistral", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None}, "<unk>"),
+    "qwen2_5": ("qwen2", {"bos_token": None, "eos_token": "<|endoftext|>", "unk_token": None,
+                          "pad_token": "<|endoftext|>"}, "<|endoftext|>"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", sorted(FAMILIES))
+def test_model_presets_load_and_train_a_tiny_model_of_their_family(preset, tmp_path):
+    """Each preset (hub id by default) loads a local directory of its architecture: here a tiny random model built
+    from its family's config, with a tiny tokenizer carrying the family's special tokens; it trains, and pads as
+    documented in its YAML."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, specials, pad = FAMILIES[preset]
+    tok = AutoTokenizer.from_pretrained(ROOT / "src" / "plwlab" / "assets" / "tiny_tokenizer")
+    tok.add_special_tokens({k: v for k, v in specials.items() if v is not None})
+    for key, value in specials.items():
+        if value is None:
+            setattr(tok, key, None)
+    tok.save_pretrained(tmp_path / "model")
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=1024)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    cfg = compose_train([f"model={preset}", f"model.name_or_path={tmp_path / 'model'}", *QUICK, "trainer.max_steps=2",
+                         "model.attn_implementation=eager"], tmp_path / "run")  # fmt: skip
+    assert cfg.model.dtype == "float32" and cfg.model.gradient_checkpointing
+    metrics = train(cfg)
+    assert metrics["global_steps"] == 2 and metrics["final_train_loss"] > 0
+    saved = AutoTokenizer.from_pretrained(tmp_path / "run" / "hf_model")
+    assert saved.pad_token == pad and len(saved) == len(tok)  # no embedding row added
+    assert AutoConfig.from_pretrained(tmp_path / "run" / "hf_model").model_type == model_type
