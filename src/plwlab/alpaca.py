@@ -21,6 +21,7 @@ Variants (see :func:`build_variant`):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -252,9 +253,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     another tokenizer, or the same vocabulary merged differently, is rebuilt."""
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is not None and hasattr(backend, "to_str"):
-        spec = json.loads(backend.to_str())
-        spec.pop("truncation", None), spec.pop("padding", None)  # call-time settings a previous call may leave on
-        return _sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode())[:16]
+        if backend.truncation is not None or backend.padding is not None:  # left on by a previous call: not part
+            backend = copy.deepcopy(backend)  # of how it tokenizes, so hashed as off (the copy costs, rarely)
+            backend.no_truncation()
+            backend.no_padding()
+        return _sha256(backend.to_str().encode())[:16]
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     return _sha256(vocab.encode())[:16]
 
