@@ -49,9 +49,11 @@ def sentencepiece_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     ``▁x``, SentencePiece ``▁ ▁x``); here SentencePiece's dummy prefix is always prepended (the legacy LLaMA
     ``tokenizer.json`` normalizer).
     """
-    from tokenizers import normalizers, processors
+    from tokenizers import processors
     from transformers.convert_slow_tokenizer import import_protobuf
     from transformers.tokenization_utils_base import generate_merges
+
+    from plwlab.tokenization import sentencepiece_normalizer
 
     proto = import_protobuf().ModelProto()
     proto.ParseFromString(Path(path).read_bytes())
@@ -63,14 +65,12 @@ def sentencepiece_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     merges = generate_merges(vocab, {p.piece: p.score for p in proto.pieces})
     backend = LlamaTokenizer(vocab=vocab, merges=merges)._tokenizer  # byte-fallback BPE + SentencePiece's decoder
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.normalizer = sentencepiece_normalizer()
     backend.pre_tokenizer = None
-    bos = proto.pieces[proto.trainer_spec.bos_id].piece
+    bos, eos, unk = (proto.pieces[i].piece for i in (spec.bos_id, spec.eos_id, spec.unk_id))
     backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, proto.trainer_spec.bos_id)])  # fmt: skip
-    pieces = proto.pieces
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=pieces[proto.trainer_spec.eos_id].piece,
-                                   unk_token=pieces[proto.trainer_spec.unk_id].piece)  # fmt: skip
+                                                           special_tokens=[(bos, spec.bos_id)])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=unk)
 
 
 def load_tokenizer(tokenizer: str) -> Any:

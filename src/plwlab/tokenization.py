@@ -41,6 +41,14 @@ class TokenizedExample:
         return self.n_prompt < len(self.input_ids)
 
 
+def sentencepiece_normalizer() -> Any:
+    """SentencePiece's dummy prefix and space marker as a ``tokenizers`` normalizer (the legacy LLaMA
+    ``tokenizer.json``'s): "▁" prepended to every text, every space turned into "▁"."""
+    from tokenizers import normalizers
+
+    return normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+
+
 def _newline_safe_backend(tokenizer: Any) -> tuple[Any, Any, int] | None:
     """For a SentencePiece-style BPE fast tokenizer (LLaMA's) in which no vocabulary piece contains a newline, BPE
     never merges across ``\n``: a text's tokens are exactly its ``\n``-separated segments' tokens joined by the
@@ -55,8 +63,7 @@ def _newline_safe_backend(tokenizer: Any) -> tuple[Any, Any, int] | None:
         return None
     pre, norm = backend.pre_tokenizer, backend.normalizer
     metaspace = type(pre).__name__ == "Metaspace" and norm is None
-    spm_normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    sentencepiece = pre is None and norm is not None and repr(norm) == repr(spm_normalizer)
+    sentencepiece = pre is None and norm is not None and repr(norm) == repr(sentencepiece_normalizer())
     if not (metaspace or sentencepiece):
         return None
     vocab = tokenizer.get_vocab()
