@@ -16,6 +16,7 @@ named in the error), and inside a turn the content's characters are located in t
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 SEGMENTS = ("template", "system", "user", "assistant", "reasoning")
 SEGMENT_ID = {name: i for i, name in enumerate(SEGMENTS)}
 ROLES = ("system", "user", "assistant")
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # HF's marker of the assistant's tokens in a template
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -146,7 +148,7 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], th
         return len(prefix_ids)
 
     marked = None
-    if "{% generation %}" in tokenizer.chat_template or "{%- generation %}" in tokenizer.chat_template:
+    if GENERATION_TAG.search(tokenizer.chat_template):
         out = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)  # fmt: skip
         if list(out["input_ids"]) != list(ids):
