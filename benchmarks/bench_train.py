@@ -88,7 +88,7 @@ def plwlab_batches(tokenizer: str, epochs: int) -> tuple[list[dict[str, torch.Te
     from hydra import compose, initialize_config_dir
 
     from plwlab.config import register
-    from plwlab.datamodule import AlpacaDataModule
+    from plwlab.datamodule import InstructionDataModule
     from plwlab.model import load_model
 
     register()
@@ -97,7 +97,7 @@ def plwlab_batches(tokenizer: str, epochs: int) -> tuple[list[dict[str, torch.Te
     torch.manual_seed(cfg.seed)
     loaded = load_model(name="bench", tokenizer=tokenizer, config=dict(cfg.model.config), add_pad_token=True)
     kwargs = {k: v for k, v in cfg.data.items() if k not in ("name",)}
-    dm = AlpacaDataModule(loaded.tokenizer, name=cfg.data.name, seed=cfg.seed, **kwargs)
+    dm = InstructionDataModule(loaded.tokenizer, name=cfg.data.name, seed=cfg.seed, **kwargs)
     dm.setup("fit")
     batches = []
     for epoch in range(epochs):
@@ -110,7 +110,7 @@ def plwlab_batches(tokenizer: str, epochs: int) -> tuple[list[dict[str, torch.Te
 def bare_loop(batches: list[dict[str, torch.Tensor]], loaded: object, plw: float = 0.1) -> float:
     """The minimum around the same math: forward, plwlab's pure loss functions, backward, fused AdamW step, on
     given batches; no Lightning, no callbacks, no logging. The ratio to it is the framework's overhead."""
-    from plwlab.loss import next_token_nll, prompt_weighted_loss
+    from plwlab.loss import completion_mask, next_token_nll, prompt_weighted_loss
 
     model = loaded.model
     model.train()
@@ -122,7 +122,7 @@ def bare_loop(batches: list[dict[str, torch.Tensor]], loaded: object, plw: float
         if start is not None:
             tokens += int(batch["token_mask"].sum())
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["token_mask"], use_cache=False).logits
-        loss = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), batch["completion_mask"],
+        loss = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), completion_mask(batch["segment_ids"]),
                                     batch["token_mask"], plw).loss  # fmt: skip
         loss.backward()
         optimizer.step()
@@ -146,7 +146,8 @@ def hf_trainer(tokenizer: str, epochs: int, sampling: str = "random") -> float |
                                                                   "max_position_embeddings": 1024}, add_pad_token=True)  # fmt: skip
     records = load_records(str(ASSETS / "alpaca_sample.json"))[:N_TRAIN]
     examples, _ = tokenize_examples(records, loaded.tokenizer, 512)
-    dataset = [{"input_ids": e.input_ids, "labels": [-100] * e.n_prompt + e.input_ids[e.n_prompt :]} for e in examples]
+    dataset = [{"input_ids": e.input_ids, "labels": [t if c else -100 for t, c in zip(e.input_ids, e.completion_mask)]}
+               for e in examples]  # fmt: skip
     pad = loaded.tokenizer.pad_token_id
     counts: list[int] = []
 

@@ -9,7 +9,7 @@ from plwlab.alpaca import (
 )  # fmt: skip
 from plwlab.recommend import recommend_plw
 from plwlab.cli import main as cli
-from plwlab.datamodule import AlpacaDataModule
+from plwlab.datamodule import InstructionDataModule
 from plwlab.stats import dataset_stats
 
 from conftest import SAMPLE, SHARED_DATA, tiny_model
@@ -93,7 +93,7 @@ def test_build_variant_writes_json_and_manifest_once(tok, tmp_path):
 
 
 def test_datamodule_trains_on_a_variant(tok, tmp_path):
-    dm = AlpacaDataModule(tok, path=str(SAMPLE), variant="rg_target", target_rg=0.5, cache_dir=str(tmp_path), val_size=0)
+    dm = InstructionDataModule(tok, path=str(SAMPLE), variant="rg_target", target_rg=0.5, cache_dir=str(tmp_path), val_size=0)
     dm.setup("fit")
     assert dm.manifest["variant"] == "rg_target" and dm.stats["rg"] == pytest.approx(0.5, rel=0.01)
 

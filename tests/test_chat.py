@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from plwlab.chat import SEGMENT_ID, ChatDataError, load_conversations, to_messages, tokenize_conversation
+from plwlab.chat import ChatDataError, load_conversations, to_messages, tokenize_conversation
+from plwlab.segments import SEGMENT_ID
 
 from conftest import SHARED_DATA, tiny_model
 
@@ -58,11 +59,15 @@ def test_segments_are_exact_under_real_template_styles(template):
     end = "<|eot_id|>" if template == LLAMA3 else "<|im_end|>" + ("" if template == CHATML_MARKED else "\n")
     assert pieces(tok, ex, "system") == ["Be brief."]
     assert pieces(tok, ex, "user") == ["Who are you?", "Have a nice day!" if template == LLAMA3 else " Have a nice day! "]
-    assert pieces(tok, ex, "reasoning") == ["<think>They ask my name.</think>"]
-    assert pieces(tok, ex, "assistant") == ["I am Vicuna." + end, "You too!" + end]  # the end-of-turn marker trains
+    assert pieces(tok, ex, "earlier_reasoning") == ["<think>They ask my name.</think>"]
+    assert pieces(tok, ex, "earlier_assistant") == ["I am Vicuna." + end]  # the end-of-turn marker trains
+    assert pieces(tok, ex, "assistant") == ["You too!" + end] and pieces(tok, ex, "reasoning") == []
+    last = tokenize_conversation(tok, CONVERSATION[:3], think_tags=("<think>", "</think>"))
+    assert pieces(tok, last, "reasoning") == ["<think>They ask my name.</think>"]
+    assert pieces(tok, last, "assistant") == ["I am Vicuna." + end]
     template_text = "".join(pieces(tok, ex, "template"))
     assert "Who" not in template_text and "assistant" in template_text  # headers are the template's
-    assert [t for t, s in zip(ex.turn_ids, ex.segment_ids) if s == SEGMENT_ID["assistant"]][0] == 2
+    assert [t for t, s in zip(ex.turn_ids, ex.segment_ids) if s == SEGMENT_ID["earlier_assistant"]][0] == 2
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_by_name():
@@ -116,4 +121,6 @@ def test_sharegpt_files_with_and_without_a_system_turn():
         for conversation in system:
             ex = tokenize_conversation(tok, conversation)
             roles = {m["role"] for m in conversation}
+            if sum(m["role"] == "assistant" for m in conversation) > 1:
+                roles.add("earlier_assistant")
             assert {s for s in ex.segment_ids if s} == {SEGMENT_ID[r] for r in roles}

@@ -6,7 +6,7 @@ import torch
 
 from plwlab.alpaca import DataError, alpaca_prompt, load_records
 from plwlab.batching import collate
-from plwlab.datamodule import AlpacaDataModule
+from plwlab.datamodule import InstructionDataModule
 from plwlab.tokenization import tokenize_examples
 
 from conftest import SAMPLE
@@ -110,11 +110,11 @@ def test_collate_pads_right(tiny):
     for row, e in enumerate(examples):
         assert batch["input_ids"][row, : lengths[row]].tolist() == e.input_ids
         assert (batch["input_ids"][row, lengths[row] :] == tiny.tokenizer.pad_token_id).all()
-        assert batch["completion_mask"][row].sum() == sum(e.completion_mask)
+        assert batch["segment_ids"][row, : lengths[row]].tolist() == e.segment_ids
 
 
 def _datamodule(tiny, world=1, rank=0, **kwargs):
-    dm = AlpacaDataModule(tiny.tokenizer, path=str(SAMPLE), batch_size=2, val_size=10, **{"cache_dir": None, **kwargs})
+    dm = InstructionDataModule(tiny.tokenizer, path=str(SAMPLE), batch_size=2, val_size=10, **{"cache_dir": None, **kwargs})
     dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
     dm.setup("fit")
     return dm
@@ -130,7 +130,7 @@ def test_datamodule_split_stats_and_determinism(tiny):
 
 
 def test_global_batch_is_identical_for_one_or_two_ranks(tiny):
-    single = AlpacaDataModule(tiny.tokenizer, path=str(SAMPLE), batch_size=4, val_size=10, limit=40, cache_dir=None)
+    single = InstructionDataModule(tiny.tokenizer, path=str(SAMPLE), batch_size=4, val_size=10, limit=40, cache_dir=None)
     single.trainer = SimpleNamespace(world_size=1, global_rank=0)
     single.setup("fit")
     one = next(iter(single.train_dataloader()))
@@ -250,7 +250,7 @@ def test_alpaca_52k_tokenized_as_stanford_with_sentencepiece():
     prompt_ids = sp.encode(prompts)
     examples, _ = tokenize_examples(records, load_tokenizer(str(model)), max_length=512)
     wrong = [i for i, (e, f, p) in enumerate(zip(examples, full, prompt_ids))
-             if e.input_ids != ([1] + f + [2])[:512] or e.n_prompt != 1 + len(p)]  # fmt: skip
+             if e.input_ids != ([1] + f + [2])[:512] or e.completion_mask.count(0) != min(1 + len(p), 512)]  # fmt: skip
     assert len(examples) == 52002 and wrong == []
 
 

@@ -6,7 +6,7 @@ import torch
 
 from plwlab.alpaca import load_records
 from plwlab.batching import GlobalBatchSampler, collate, pack_examples, padding_share
-from plwlab.loss import chunked_next_token_nll, next_token_nll, prompt_weighted_loss
+from plwlab.loss import chunked_next_token_nll, completion_mask, next_token_nll, prompt_weighted_loss
 from plwlab.module import PLWModule
 from plwlab.tokenization import cached_tokenize, tokenize_examples
 from plwlab.train import train
@@ -22,7 +22,7 @@ def examples():
 
 
 def _loss(module, batch, plw=0.1):
-    return prompt_weighted_loss(module(batch), batch["completion_mask"], batch["token_mask"], plw)
+    return prompt_weighted_loss(module(batch), completion_mask(batch["segment_ids"]), batch["token_mask"], plw)
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [("float64", 1e-10), ("float32", 1e-5)])
@@ -54,8 +54,8 @@ def test_packed_collate_layout(examples):
     assert batch["position_ids"][0, : n0 + n1].tolist() == list(range(n0)) + list(range(n1))
     assert batch["token_mask"][0, 0] == 1 and batch["token_mask"][0, n0] == 0  # no target across documents
     assert batch["token_mask"][0].sum() == n0 + n1 - 1 and batch["token_mask"][1].sum() == n2
-    assert batch["completion_mask"][0, :n0].tolist() == examples[0].completion_mask
-    assert batch["completion_mask"][0, n0 : n0 + n1].tolist() == examples[1].completion_mask
+    assert completion_mask(batch["segment_ids"])[0, :n0].tolist() == examples[0].completion_mask
+    assert completion_mask(batch["segment_ids"])[0, n0 : n0 + n1].tolist() == examples[1].completion_mask
 
 
 def test_pack_examples_is_a_partition_of_full_rows():
@@ -129,7 +129,7 @@ def test_tokenized_cache_is_reused_and_keyed(tmp_path):
     mtime = path.stat().st_mtime_ns
     again, n_again = cached_tokenize(records, tok, 128, tmp_path)
     assert path.stat().st_mtime_ns == mtime and n_again == n_empty
-    assert [(e.input_ids, e.n_prompt) for e in again] == [(e.input_ids, e.n_prompt) for e in first]
+    assert [(e.input_ids, e.segment_ids) for e in again] == [(e.input_ids, e.segment_ids) for e in first]
     cached_tokenize(records, tok, 256, tmp_path)
     assert len(list(tmp_path.glob("tokenized-*.npz"))) == 2  # max_length is part of the key
 
@@ -179,16 +179,16 @@ def test_benchmark_scripts_run(tmp_path):
 
 def test_rg_is_cached_with_the_tokenized_data(tmp_path, monkeypatch):
     """Runs 2..N of a sweep load tokens and Rg from the cache: the tokenizer is not called at all."""
-    from plwlab.datamodule import AlpacaDataModule
+    from plwlab.datamodule import InstructionDataModule
 
     tok = tiny_model().tokenizer
-    first = AlpacaDataModule(tok, path=str(SAMPLE), limit=60, cache_dir=str(tmp_path))
+    first = InstructionDataModule(tok, path=str(SAMPLE), limit=60, cache_dir=str(tmp_path))
     first.setup()
     calls = []
     real = type(tok).__call__
     monkeypatch.setattr(type(tok), "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    again = AlpacaDataModule(tok, path=str(SAMPLE), limit=60, cache_dir=str(tmp_path))
+    again = InstructionDataModule(tok, path=str(SAMPLE), limit=60, cache_dir=str(tmp_path))
     again.setup()
     assert again.stats["rg"] == first.stats["rg"] > 0 and calls == []
-    AlpacaDataModule(tok, path=str(SAMPLE), limit=50, cache_dir=str(tmp_path)).setup()  # other records: computed
+    InstructionDataModule(tok, path=str(SAMPLE), limit=50, cache_dir=str(tmp_path)).setup()  # other records: computed
     assert calls

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from plwlab.alpaca import alpaca_prompt
-from plwlab.datamodule import AlpacaDataModule
+from plwlab.datamodule import InstructionDataModule
 from plwlab.evaluate import (
     append_results, load_run, memorization_bleu, reference_outputs, responses, result_row, training_records,
 )  # fmt: skip
@@ -63,7 +63,7 @@ def test_memorization_uses_exactly_the_training_split(run_dir):
     run = load_run(run_dir)
     records = training_records(run_dir, run.tokenizer)
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    datamodule = AlpacaDataModule(tokenizer=run.tokenizer, seed=cfg.seed, **OmegaConf.to_container(cfg.data, resolve=True))
+    datamodule = InstructionDataModule(tokenizer=run.tokenizer, seed=cfg.seed, **OmegaConf.to_container(cfg.data, resolve=True))
     datamodule.setup()
     assert len(records) == run.meta["n_train"] == 44  # data.limit=48, val_size=4: the 4 held out are not used
     ours, _ = cached_tokenize(records, run.tokenizer, cfg.data.max_length, None)

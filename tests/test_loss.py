@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from plwlab.batching import collate
-from plwlab.loss import loss_denominator, next_token_nll, prompt_weighted_loss
+from plwlab.loss import completion_mask, loss_denominator, next_token_nll, prompt_weighted_loss
 from plwlab.tokenization import tokenize_examples
 
 from conftest import tiny_model
@@ -46,7 +46,7 @@ def reference_loss(logits, batch, plw, normalization):
             if not batch["attention_mask"][b, t]:
                 continue
             nll = -F.log_softmax(logits[b, t - 1].double(), -1)[batch["input_ids"][b, t]].item()
-            is_completion = bool(batch["completion_mask"][b, t])
+            is_completion = bool(completion_mask(batch["segment_ids"])[b, t])
             num += nll * (1.0 if is_completion else plw)
             n_c += is_completion
             n_p += not is_completion
@@ -58,17 +58,17 @@ def reference_loss(logits, batch, plw, normalization):
 @pytest.mark.parametrize("plw", [0.0, 0.01, 0.1, 0.5, 1.0, 2.0])
 def test_matches_token_loop(batch_and_logits, plw, normalization):
     _, batch, logits = batch_and_logits
-    out = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), batch["completion_mask"], batch["token_mask"], plw, normalization)
+    out = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), completion_mask(batch["segment_ids"]), batch["token_mask"], plw, normalization)
     assert out.loss.item() == pytest.approx(reference_loss(logits, batch, plw, normalization), rel=1e-12)
 
 
 def test_plw0_equals_hf_masked_loss(batch_and_logits_fp32):
     model, batch, logits = batch_and_logits_fp32
-    labels = batch["input_ids"].masked_fill(~batch["completion_mask"].bool(), -100)
+    labels = batch["input_ids"].masked_fill(~completion_mask(batch["segment_ids"]).bool(), -100)
     with torch.no_grad():
         hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
     for normalization in ("weight_sum", "nonzero", "completion"):
-        ours = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), batch["completion_mask"], batch["token_mask"], 0.0, normalization)
+        ours = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), completion_mask(batch["segment_ids"]), batch["token_mask"], 0.0, normalization)
         torch.testing.assert_close(ours.loss, hf, rtol=3e-7, atol=0)
 
 
@@ -78,20 +78,20 @@ def test_plw1_equals_hf_unmasked_loss(batch_and_logits_fp32):
     with torch.no_grad():
         hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
     for normalization in ("weight_sum", "nonzero"):
-        ours = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), batch["completion_mask"], batch["token_mask"], 1.0, normalization)
+        ours = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), completion_mask(batch["segment_ids"]), batch["token_mask"], 1.0, normalization)
         torch.testing.assert_close(ours.loss, hf, rtol=3e-7, atol=0)
 
 
 def test_parts_and_counts(batch_and_logits):
     _, batch, logits = batch_and_logits
-    out = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), batch["completion_mask"], batch["token_mask"], 0.3)
+    out = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), completion_mask(batch["segment_ids"]), batch["token_mask"], 0.3)
     targets_real = batch["attention_mask"][:, 1:].sum()
     assert out.n_prompt + out.n_completion == targets_real
-    assert out.n_completion == batch["completion_mask"].sum()  # completion tokens are never the first token
+    assert out.n_completion == completion_mask(batch["segment_ids"]).sum()  # completion tokens are never the first token
     expected = (0.3 * out.prompt_nll + out.completion_nll) / (0.3 * out.n_prompt + out.n_completion)
     torch.testing.assert_close(out.loss, expected)
     # denominator override gives the raw weighted sum
-    raw = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), batch["completion_mask"], batch["token_mask"], 0.3, denominator=1.0)
+    raw = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), completion_mask(batch["segment_ids"]), batch["token_mask"], 0.3, denominator=1.0)
     torch.testing.assert_close(raw.loss, out.weighted_sum)
 
 
@@ -102,7 +102,7 @@ def test_all_completion_truncated_plw0_is_finite():
     batch = collate([[e] for e in examples], loaded.tokenizer.pad_token_id)
     for normalization in ("weight_sum", "nonzero", "completion"):
         logits = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), batch["completion_mask"], batch["token_mask"], 0.0, normalization)
+        out = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), completion_mask(batch["segment_ids"]), batch["token_mask"], 0.0, normalization)
         assert out.loss.item() == 0.0 and out.n_completion == 0
         out.loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in loaded.model.parameters() if p.grad is not None)
@@ -125,8 +125,8 @@ def test_denominator_conventions_and_errors():
 def test_padding_token_ids_do_not_matter(batch_and_logits):
     _, batch, logits = batch_and_logits
     ids = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), 7)
-    a = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), batch["completion_mask"], batch["token_mask"], 0.2)
-    b = prompt_weighted_loss(next_token_nll(logits, ids), batch["completion_mask"], batch["token_mask"], 0.2)
+    a = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), completion_mask(batch["segment_ids"]), batch["token_mask"], 0.2)
+    b = prompt_weighted_loss(next_token_nll(logits, ids), completion_mask(batch["segment_ids"]), batch["token_mask"], 0.2)
     assert math.isclose(a.loss.item(), b.loss.item(), rel_tol=0, abs_tol=0)
 
 

@@ -8,12 +8,16 @@ import torch
 from plwlab.batching import collate
 from plwlab.tokenization import TokenizedExample
 from plwlab.callbacks import LossRSD, ParamDistance
-from plwlab.datamodule import AlpacaDataModule
-from plwlab.loss import next_token_nll, prompt_weighted_loss
+from plwlab.datamodule import InstructionDataModule
+from plwlab.loss import completion_mask, next_token_nll, prompt_weighted_loss
 from plwlab.model import ModelLoadError, load_model
 from plwlab.module import PLWModule
 
-from conftest import SAMPLE, tiny_model
+from plwlab.segments import COMPLETION_SEGMENTS, SEGMENTS
+
+from conftest import ASSETS, SAMPLE, tiny_model
+
+CHAT_SAMPLE = ASSETS / "chat_sample.jsonl"
 
 
 class GradCapture(PLWModule):
@@ -24,11 +28,17 @@ class GradCapture(PLWModule):
         self.grads = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
 
 
-def one_step(batch_size: int, accumulate: int, plw: float, normalization: str, scope: str = "step"):
-    loaded = tiny_model("float64")
-    module = GradCapture(loaded.model, plw=plw, normalization=normalization, denominator_scope=scope, lr=1e-3)
-    dm = AlpacaDataModule(loaded.tokenizer, path=str(SAMPLE), batch_size=batch_size, val_size=0, limit=16, cache_dir=None,
-                          global_batch_size=batch_size * accumulate)  # fmt: skip
+CHAT_WEIGHTS = {"template": 0.0, "system": 0.5, "user": 0.2, "earlier_assistant": 0.3}
+
+
+def one_step(batch_size: int, accumulate: int, plw: float, normalization: str, scope: str = "step", chat: bool = False):
+    """One optimizer step on the Alpaca sample, or (``chat``) on the chat sample with :data:`CHAT_WEIGHTS`."""
+    loaded = tiny_model("float64", chat_template="chatml" if chat else None)
+    module = GradCapture(loaded.model, plw=plw, normalization=normalization, denominator_scope=scope, lr=1e-3,
+                         segment_weights=CHAT_WEIGHTS if chat else None)  # fmt: skip
+    data = {"path": str(CHAT_SAMPLE), "format": "messages"} if chat else {"path": str(SAMPLE)}
+    dm = InstructionDataModule(loaded.tokenizer, **data, batch_size=batch_size, val_size=0, limit=16, cache_dir=None,
+                               global_batch_size=batch_size * accumulate)  # fmt: skip
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -39,10 +49,11 @@ def one_step(batch_size: int, accumulate: int, plw: float, normalization: str, s
     return module, first, loaded
 
 
-@pytest.mark.parametrize("normalization", ["weight_sum", "nonzero", "completion"])
-def test_grad_accumulation_4x1_equals_1x4(normalization):
-    accumulated, examples, _ = one_step(batch_size=1, accumulate=4, plw=0.1, normalization=normalization)
-    whole, examples_whole, _ = one_step(batch_size=4, accumulate=1, plw=0.1, normalization=normalization)
+@pytest.mark.parametrize(("normalization", "chat"), [("weight_sum", False), ("nonzero", False), ("completion", False),
+                                                     ("weight_sum", True), ("nonzero", True)])  # fmt: skip
+def test_grad_accumulation_4x1_equals_1x4(normalization, chat):
+    accumulated, examples, _ = one_step(batch_size=1, accumulate=4, plw=0.1, normalization=normalization, chat=chat)
+    whole, examples_whole, _ = one_step(batch_size=4, accumulate=1, plw=0.1, normalization=normalization, chat=chat)
     assert [e.input_ids for e in examples] == [e.input_ids for e in examples_whole]
     assert accumulated.grads.keys() == whole.grads.keys()
     for name, g in whole.grads.items():
@@ -56,8 +67,27 @@ def test_step_loss_is_the_loss_of_the_whole_step():
     batch = collate([[e] for e in examples], fresh.tokenizer.pad_token_id)
     with torch.no_grad():
         logits = fresh.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    expected = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), batch["completion_mask"], batch["token_mask"], 0.05)
+    expected = prompt_weighted_loss(next_token_nll(logits, batch["input_ids"]), completion_mask(batch["segment_ids"]), batch["token_mask"], 0.05)
     assert module.last_step_loss == pytest.approx(expected.loss.item(), rel=1e-12)
+
+
+def test_chat_step_loss_weighs_every_segment_by_its_weight():
+    """On multi-turn chat data with per-segment weights, the step loss over 4 accumulated micro-batches is
+    Σ W[s_t] ℓ_t / Σ W[s_t] over the step's targets, counted here token by token."""
+    module, examples, _ = one_step(batch_size=1, accumulate=4, plw=0.1, normalization="weight_sum", chat=True)
+    fresh = tiny_model("float64", chat_template="chatml")
+    weights = {**dict(zip(SEGMENTS, [0.1] * len(SEGMENTS))), **dict.fromkeys(COMPLETION_SEGMENTS, 1.0), **CHAT_WEIGHTS}
+    numerator = denominator = 0.0
+    for e in examples:
+        ids = torch.tensor([e.input_ids])
+        with torch.no_grad():
+            logprobs = fresh.model(input_ids=ids).logits[0].log_softmax(-1)
+        for t in range(1, len(e.input_ids)):
+            w = weights[SEGMENTS[e.segment_ids[t]]]
+            numerator += w * -logprobs[t - 1, e.input_ids[t]].item()
+            denominator += w
+    assert {SEGMENTS[s] for e in examples for s in e.segment_ids} >= {"template", "user", "assistant", "earlier_assistant"}
+    assert module.last_step_loss == pytest.approx(numerator / denominator, rel=1e-9)
 
 
 def test_micro_batch_scope_averages_micro_batch_losses():
@@ -69,7 +99,7 @@ def test_micro_batch_scope_averages_micro_batch_losses():
         b = collate([[e]], fresh.tokenizer.pad_token_id)
         with torch.no_grad():
             logits = fresh.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        losses.append(prompt_weighted_loss(next_token_nll(logits, b["input_ids"]), b["completion_mask"], b["token_mask"], 0.05).loss.item())
+        losses.append(prompt_weighted_loss(next_token_nll(logits, b["input_ids"]), completion_mask(b["segment_ids"]), b["token_mask"], 0.05).loss.item())
     assert micro.last_step_loss == pytest.approx(statistics.fmean(losses), rel=1e-12)
     assert abs(micro.last_step_loss - step.last_step_loss) > 1e-6  # the two conventions really differ here
 
@@ -176,7 +206,7 @@ def test_fused_adamw_gives_the_for_loop_update():
     from plwlab.module import adamw_impl
 
     torch.manual_seed(0)
-    examples = [TokenizedExample(list(range(5, 17)), 5), TokenizedExample(list(range(30, 40)), 4)]
+    examples = [TokenizedExample.from_prompt_length(list(range(5, 17)), 5), TokenizedExample.from_prompt_length(list(range(30, 40)), 4)]
     batch = collate([[e] for e in examples], pad_token_id=0)
     models = {impl: tiny_model().model for impl in ("fused", "for_loop")}
     assert adamw_impl(list(models["fused"].parameters())) == "fused"
@@ -184,7 +214,7 @@ def test_fused_adamw_gives_the_for_loop_update():
         module = PLWModule(model, plw=0.1, lr=1e-2, optimizer_impl=impl)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=impl == "fused", foreach=False)
         for _ in range(5):
-            loss = module._loss(batch, 0.1, "weight_sum").loss
+            loss = module._loss(batch, module.weights, "weight_sum").loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

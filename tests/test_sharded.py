@@ -1,5 +1,6 @@
 """The sharded path (strategy=fsdp: FSDP2) run for real on 2 CPU processes (gloo): equal to 1 process with gradient
-clipping, every default callback, the chunked loss, activation checkpointing and LoRA; exact resume after kill -9;
+clipping, every default callback, the chunked loss, activation checkpointing, packed chat data with per-segment
+weights, and LoRA; exact resume after kill -9;
 fp32 master weights; one torchrun process group per sweep point; one W&B run per run."""
 
 import json
@@ -22,6 +23,9 @@ COMMON = ["data.limit=60", "data.val_size=4", "model.dtype=float64", "callbacks.
           "callbacks.param_distance.every_n_steps=5", "trainer.gradient_clip_val=0.3", "loss.chunk_tokens=64",
           "model.gradient_checkpointing=true", "global_batch_size=4"]  # fmt: skip
 SHARDED = ["trainer.devices=2", "strategy=fsdp", "data.batch_size=2"]
+# multi-turn chat data with per-segment weights, packed: the general loss over ranks
+CHAT = ["data=chat_sample", "model.chat_template=chatml", "data.batching=packed", "data.max_length=256",
+        "loss.segment_weights={template: 0, system: 0.5, earlier_assistant: 0.3}"]  # fmt: skip
 SINGLE = ["data.batch_size=4"]
 
 
@@ -39,13 +43,14 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def test_fsdp_on_two_processes_equals_one_process(tmp_path):
-    args = [*COMMON, "trainer.max_steps=6"]
+    args = [*COMMON, *CHAT, "trainer.max_steps=6"]
     single = run_cli(*args, *SINGLE, f"hydra.run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
     sharded = run_cli(*args, *SHARDED, f"hydra.run.dir={tmp_path / 'fsdp'}")
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     a, b = metrics(tmp_path / "single"), metrics(tmp_path / "fsdp")
     assert b["strategy"] == "ModelParallelStrategy" and b["world_size"] == 2 and b["global_batch_size"] == 4
+    assert b["data_format"] == "messages" and b["segment_weights"]["earlier_assistant"] == 0.3
     assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-9)
     norms = [[float(r["train/grad_norm"]) for r in read_metrics_csv(tmp_path / d) if r.get("train/grad_norm")]
              for d in ("single", "fsdp")]  # fmt: skip

@@ -2,7 +2,8 @@
 
     python tools/make_assets.py ../shared/data/alpaca/alpaca_data.json
 
-Writes ``alpaca_sample.json`` (a seeded random sample, CC BY-NC 4.0, see assets/README.md) and
+Writes ``alpaca_sample.json`` (a seeded random sample, CC BY-NC 4.0, see assets/README.md),
+``chat_sample.jsonl`` (the same 400 examples chained into multi-turn ``messages`` conversations) and
 ``tiny_tokenizer/`` (a byte-level BPE trained here on Alpaca text, so the default job needs no download).
 """
 
@@ -20,6 +21,21 @@ ASSETS = Path(__file__).resolve().parents[1] / "src" / "plwlab" / "assets"
 SAMPLE_SIZE = 400
 TOKENIZER_CORPUS = 10_000
 VOCAB_SIZE = 2048
+EXCHANGES = (1, 2, 3, 2)  # exchanges per conversation, cycled: 8 Alpaca examples make 4 conversations
+SYSTEM_PROMPT = "You are a helpful assistant. Answer the user's request."
+
+
+def chat_sample(sample: list[dict[str, str]]) -> list[dict[str, list[dict[str, str]]]]:
+    """Alpaca examples chained into ``messages`` conversations of 1-3 exchanges (every 4th with a system prompt)."""
+    conversations, i, k = [], 0, 0
+    while i < len(sample):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}] if k % 4 == 3 else []
+        for r in sample[i : i + EXCHANGES[k % len(EXCHANGES)]]:
+            user = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]
+        i, k = i + EXCHANGES[k % len(EXCHANGES)], k + 1
+        conversations.append({"messages": messages})
+    return conversations
 
 
 def main(alpaca_json: str) -> None:
@@ -27,6 +43,7 @@ def main(alpaca_json: str) -> None:
     rng = random.Random(42)
     sample = [records[i] for i in sorted(rng.sample(range(len(records)), SAMPLE_SIZE))]
     (ASSETS / "alpaca_sample.json").write_text(json.dumps(sample, indent=1, ensure_ascii=False) + "\n")
+    write_chat_sample(sample)
 
     corpus = [" ".join(r.values()) for r in rng.sample(records, TOKENIZER_CORPUS)]
     tok = Tokenizer(models.BPE())
@@ -42,6 +59,11 @@ def main(alpaca_json: str) -> None:
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
     fast.save_pretrained(ASSETS / "tiny_tokenizer")
+
+
+def write_chat_sample(sample: list[dict[str, str]]) -> None:
+    lines = (json.dumps(c, ensure_ascii=False) for c in chat_sample(sample))
+    (ASSETS / "chat_sample.jsonl").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -62,50 +62,24 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - Alp
     return template.format(instruction=instruction, input=input)
 
 
-def read_json_records(path: Path) -> list[Any]:
-    """The records of a local ``.json`` file (a list) or ``.jsonl`` file; a broken line is named by its number."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            try:
-                rows.extend([json.loads(line)] if line.strip() else [])
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: invalid JSON on line {number} ({e.msg}, column {e.colno})") from e
-        return rows
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
-    return rows
-
-
-def load_records(path: str, split: str = "train", on_invalid: str = "error", empty_output: str = "keep") -> list[dict[str, str]]:
-    """Alpaca-format records from a local ``.json`` (a list) / ``.jsonl`` file or, failing that, an HF hub id.
+def load_records(path: str, split: str = "train", on_invalid: str = "error", empty_output: str = "keep",
+                 columns: dict[str, str] | None = None) -> list[dict[str, str]]:  # fmt: skip
+    """Alpaca-format records from a local ``.json`` (a list) / ``.jsonl`` / ``.parquet`` file or, failing that, an
+    HF hub id (:func:`plwlab.sources.read_rows`); ``columns`` maps plwlab's field names to the dataset's
+    (``{"output": "response"}``).
 
     Every record needs string ``instruction`` (non-empty) and ``output`` fields; ``input`` may be missing (= "").
     A malformed record raises :class:`DataError` naming it (``on_invalid="error"``) or is skipped, counted and
     reported (``on_invalid="skip"``). A record with an empty ``output`` (28 in Alpaca 52K) is kept, as Stanford's
     training code keeps it (it trains on EOS alone), or skipped and counted with ``empty_output="skip"``.
     """
+    from plwlab.sources import read_rows, rename_columns
+
     if on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     if empty_output not in ("keep", "skip"):
         raise ValueError(f"empty_output must be 'keep' or 'skip', got {empty_output!r}")
-    local = Path(path).expanduser()
-    if local.is_file():
-        raw = read_json_records(local)
-    elif local.exists() or path.startswith((".", "/", "~")) or path.endswith((".json", ".jsonl")):
-        raise DataError(f"data file not found: {path}")
-    else:
-        import datasets
-
-        try:
-            raw = list(datasets.load_dataset(path, split=split))
-        except Exception as e:  # hub unreachable, unknown id, ...
-            raise DataError(f"cannot load dataset {path!r} (not a local file; hub load failed: {e})") from e
+    raw = rename_columns(read_rows(path, split), columns)
     records, problems, n_empty = [], [], 0
     for i, record in enumerate(raw):
         problem = _record_problem(record, i)
@@ -265,8 +239,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def build_variant(
     source: str, variant: str, tokenizer: Any, out_dir: str | Path, target_rg: float | None = None,
     tolerance: float = 0.01, on_invalid: str = "error", empty_output: str = "keep",
+    records: list[dict[str, str]] | None = None,
 ) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     """Build (or reuse) a dataset variant of ``source`` and write it as JSON beside a ``.manifest.json``.
+    ``records``: the source's records already loaded (e.g. single-turn conversations as records), else read.
 
     The file name is keyed by the source content, variant, target and tokenizer, so a sweep builds it once and
     every run can say exactly what it trained on. Returns the JSON path and the manifest.
@@ -275,7 +251,8 @@ def build_variant(
         raise ValueError(f"variant must be 'short' or 'rg_target', got {variant!r}")
     if variant == "rg_target" and target_rg is None:
         raise ValueError("variant rg_target needs target_rg")
-    records = load_records(source, on_invalid=on_invalid, empty_output=empty_output)
+    if records is None:
+        records = load_records(source, on_invalid=on_invalid, empty_output=empty_output)
     source_sha = _sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode())
     tok_sha = tokenizer_fingerprint(tokenizer)
     key = _sha256(f"{source_sha}|{variant}|{target_rg}|{tolerance}|{tok_sha}".encode())[:12]  # skipped records

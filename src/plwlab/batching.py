@@ -65,7 +65,7 @@ class TokenizedDataset(Dataset):
 
 
 def collate(items: Sequence[list[TokenizedExample]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest: ``input_ids``, ``completion_mask``, ``token_mask`` (B, L).
+    """Right-pad rows to the longest: ``input_ids``, ``segment_ids`` (:mod:`plwlab.segments`), ``token_mask`` (B, L).
 
     A row of one example also gets ``attention_mask`` (= ``token_mask``). A row of several packed examples gets
     ``position_ids`` restarting at 0 for each example and no attention mask: HF models then attend within each
@@ -74,7 +74,7 @@ def collate(items: Sequence[list[TokenizedExample]], pad_token_id: int) -> dict[
     """
     packed = any(len(row) > 1 for row in items)
     length = max(sum(len(e.input_ids) for e in row) for row in items)
-    batch = {k: torch.zeros(len(items), length, dtype=torch.long) for k in ("completion_mask", "token_mask")}
+    batch = {k: torch.zeros(len(items), length, dtype=torch.long) for k in ("segment_ids", "token_mask")}
     batch["input_ids"] = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     if packed:
         batch["position_ids"] = torch.zeros(len(items), length, dtype=torch.long)
@@ -83,7 +83,7 @@ def collate(items: Sequence[list[TokenizedExample]], pad_token_id: int) -> dict[
         for k, e in enumerate(row):
             end = start + len(e.input_ids)
             batch["input_ids"][r, start:end] = torch.tensor(e.input_ids)
-            batch["completion_mask"][r, start:end] = torch.tensor(e.completion_mask)
+            batch["segment_ids"][r, start:end] = torch.tensor(e.segment_ids)
             batch["token_mask"][r, start + (k > 0) : end] = 1
             if packed:
                 batch["position_ids"][r, start:end] = torch.arange(len(e.input_ids))

@@ -204,5 +204,6 @@ class HFExport(L.Callback):
         pl_module.model.save_pretrained(self.dirpath, state_dict=state_dict)
         datamodule = trainer.datamodule
         datamodule.tokenizer.save_pretrained(self.dirpath)
-        meta = {**self.metadata, "plw": pl_module.plw, "normalization": pl_module.normalization, **datamodule.stats}
+        meta = {**self.metadata, "plw": pl_module.plw, "segment_weights": pl_module.segment_weight_dict(),
+                "normalization": pl_module.normalization, **datamodule.stats}  # fmt: skip
         (self.dirpath / "plwlab.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -2,12 +2,13 @@
 
 Sources: ``messages`` records (``[{"role", "content"}, ...]``) or ShareGPT-style ``conversations``
 (``[{"from": "human" | "gpt" | "system", "value"}]``, with an optional top-level ``system``), from a local
-``.json`` / ``.jsonl`` file. A malformed conversation (unknown role, empty content, no assistant turn, turns that do
+``.json`` / ``.jsonl`` / ``.parquet`` file or an HF hub dataset id, keys and role names mappable. A malformed conversation (unknown role, empty content, no assistant turn, turns that do
 not alternate) raises :class:`ChatDataError` naming the record, or is skipped and counted (``on_invalid="skip"``).
 
-Segments (:data:`SEGMENTS`): the text of system, user and assistant turns, a reasoning span inside an assistant
-turn (between ``think_tags``), and the template's own tokens (role headers, BOS, separators). The tokens that
-close an assistant turn (its end-of-turn marker) belong to the assistant: a model must learn to stop. Each token's
+Segments (:data:`plwlab.segments.SEGMENTS`): the text of system, user and assistant turns, a reasoning span inside
+an assistant turn (between ``think_tags``), and the template's own tokens (role headers, BOS, separators); assistant
+turns before the last are ``earlier_assistant`` / ``earlier_reasoning``. The tokens that close an assistant turn
+(its end-of-turn marker) belong to the assistant: a model must learn to stop. Each token's
 segment is found exactly: the conversation is rendered once, each turn's end is where the rendering of the
 conversation up to that turn ends (checked to be a token prefix of the whole; a template for which it is not is
 named in the error), and inside a turn the content's characters are located in the rendered text.
@@ -22,14 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plwlab.alpaca import DataError, read_json_records
+from plwlab.alpaca import DataError
+from plwlab.segments import SEGMENT_ID
 
 log = logging.getLogger(__name__)
 
-SEGMENTS = ("template", "system", "user", "assistant", "reasoning")
-SEGMENT_ID = {name: i for i, name in enumerate(SEGMENTS)}
 ROLES = ("system", "user", "assistant")
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # HF's marker of the assistant's tokens in a template
+# ChatML as TRL's setup_chat_format gives a base model (its two tokens added as special tokens), BOS first if any
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # fmt: skip
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -40,37 +44,41 @@ class ChatDataError(DataError):
 @dataclass
 class ChatExample:
     input_ids: list[int]
-    segment_ids: list[int]  # one of SEGMENT_ID per token
+    segment_ids: list[int]  # one of plwlab.segments.SEGMENT_ID per token
     turn_ids: list[int]  # index of the message each token belongs to (-1: template tokens outside any turn)
 
 
-def _read(path: str | Path) -> list[Any]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ChatDataError(f"chat data file not found: {path}")
-    return read_json_records(path)
+FORMAT_KEYS = {"messages": {"messages": "messages", "role": "role", "content": "content", "system": "system"},
+               "sharegpt": {"messages": "conversations", "role": "from", "content": "value", "system": "system"}}
 
 
-def to_messages(record: Any, index: int, fmt: str = "messages") -> list[dict[str, str]]:
-    """One record as ``[{"role", "content"}]`` (``fmt``: ``messages`` or ``sharegpt``); raises naming the record."""
+def to_messages(record: Any, index: int, fmt: str = "messages", columns: dict[str, str] | None = None,
+                roles: dict[str, str] | None = None) -> list[dict[str, str]]:  # fmt: skip
+    """One record as ``[{"role", "content"}]``; raises naming the record.
+
+    ``fmt``: ``messages`` (a ``messages`` list of ``role``/``content``) or ``sharegpt`` (a ``conversations`` list of
+    ``from``/``value``, roles human/gpt/system). ``columns`` renames those keys (``messages``, ``role``,
+    ``content``, and ``system``: an optional top-level system prompt); ``roles`` maps the dataset's role names
+    to system/user/assistant on top of the format's own.
+    """
     name = f"record {index}" + (f" (id {record['id']!r})" if isinstance(record, dict) and "id" in record else "")
     if not isinstance(record, dict):
         raise ChatDataError(f"{name} is a {type(record).__name__}, not an object")
-    key, role_key, content_key = ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
-    turns = record.get(key)
+    keys = {**FORMAT_KEYS[fmt], **(columns or {})}
+    role_names = {**({r: r for r in ROLES} if fmt == "messages" else SHAREGPT_ROLES), **(roles or {})}
+    turns = record.get(keys["messages"])
     if not isinstance(turns, list) or not turns:
-        raise ChatDataError(f"{name} has no {key!r} list")
+        raise ChatDataError(f"{name} has no {keys['messages']!r} list")
     messages = []
-    if fmt == "sharegpt" and record.get("system"):
-        messages.append({"role": "system", "content": record["system"]})
+    if record.get(keys["system"]):
+        messages.append({"role": "system", "content": record[keys["system"]]})
     for t, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise ChatDataError(f"{name} turn {t} is a {type(turn).__name__}, not an object")
-        role = turn.get(role_key)
-        role = SHAREGPT_ROLES.get(role) if fmt == "sharegpt" else role
+        role = role_names.get(turn.get(keys["role"]))
         if role not in ROLES:
-            raise ChatDataError(f"{name} turn {t} has unknown role {turn.get(role_key)!r}")
-        content = turn.get(content_key)
+            raise ChatDataError(f"{name} turn {t} has unknown role {turn.get(keys['role'])!r}")
+        content = turn.get(keys["content"])
         if not isinstance(content, str) or not content.strip():
             raise ChatDataError(f"{name} turn {t} ({role}) has empty content")
         messages.append({"role": role, "content": content})
@@ -95,16 +103,21 @@ def _alternation_problem(messages: Sequence[dict[str, str]]) -> str | None:
     return None
 
 
-def load_conversations(path: str | Path, fmt: str = "messages", on_invalid: str = "error") -> list[list[dict[str, str]]]:
-    """Conversations from a local ``.json`` list or ``.jsonl`` file in ``fmt`` (``messages`` or ``sharegpt``)."""
-    if fmt not in ("messages", "sharegpt"):
-        raise ValueError(f"chat format must be 'messages' or 'sharegpt', got {fmt!r}")
+def load_conversations(path: str | Path, fmt: str = "messages", on_invalid: str = "error", split: str = "train",
+                       columns: dict[str, str] | None = None, roles: dict[str, str] | None = None,
+                       ) -> list[list[dict[str, str]]]:  # fmt: skip
+    """Conversations from a local ``.json`` / ``.jsonl`` / ``.parquet`` file or an HF hub dataset id, in ``fmt``
+    (``messages`` or ``sharegpt``; ``columns`` and ``roles`` as in :func:`to_messages`)."""
+    from plwlab.sources import read_rows
+
+    if fmt not in FORMAT_KEYS:
+        raise ValueError(f"chat format must be one of {tuple(FORMAT_KEYS)}, got {fmt!r}")
     if on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     out, skipped = [], []
-    for i, record in enumerate(_read(path)):
+    for i, record in enumerate(read_rows(str(path), split)):
         try:
-            out.append(to_messages(record, i, fmt))
+            out.append(to_messages(record, i, fmt, columns, roles))
         except ChatDataError as e:
             if on_invalid == "error":
                 raise ChatDataError(f"{path}: {e}") from None
@@ -114,6 +127,33 @@ def load_conversations(path: str | Path, fmt: str = "messages", on_invalid: str 
     if not out:
         raise ChatDataError(f"{path}: no usable conversations ({len(skipped)} invalid)")
     return out
+
+
+def set_chat_template(tokenizer: Any, chat_template: str) -> None:
+    """Give ``tokenizer`` a chat template: ``chatml`` (ChatML, as TRL's ``setup_chat_format``: its tokens added as
+    special tokens, BOS first when the tokenizer has one), a ``.jinja`` file, or a Jinja template string."""
+    if chat_template == "chatml":
+        tokenizer.add_special_tokens({"additional_special_tokens": list(CHATML_TOKENS)})
+        tokenizer.chat_template = ("{{ bos_token }}" if tokenizer.bos_token else "") + CHATML
+    elif chat_template.endswith(".jinja"):
+        path = Path(chat_template).expanduser()
+        if not path.is_file():
+            raise ChatDataError(f"chat template file not found: {chat_template}")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    else:
+        tokenizer.chat_template = chat_template
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn under the tokenizer's chat template (generation stops at any of them):
+    EOS and the template's end-of-turn marker (ChatML's ``<|im_end|>``, Llama-3's ``<|eot_id|>``, ...)."""
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    ids = tokenizer(_render(tokenizer, messages, False), add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    y = tokenizer("y", add_special_tokens=False)["input_ids"]
+    after = next((ids[i + len(y) :] for i in range(len(ids) - len(y), -1, -1) if ids[i : i + len(y)] == y), [])
+    marker = next((t for t in after if t in special), None)
+    return list(dict.fromkeys(t for t in (tokenizer.eos_token_id, marker) if t is not None))
 
 
 def _render(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
@@ -156,6 +196,7 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], th
         marked = list(out["assistant_masks"])
     segment = [SEGMENT_ID["template"]] * len(ids)
     turn = [-1] * len(ids)
+    last_assistant = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
     start_char, start_tok = 0, 0
     for k, message in enumerate(messages):
         end_text = _render(tokenizer, messages[: k + 1], False)
@@ -168,14 +209,15 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], th
         if content_at < 0:
             raise ChatDataError(f"{name}: turn {k}'s content is not in its rendering (the template rewrites it)")
         content_end = content_at + len(content)
+        earlier = "earlier_" if message["role"] == "assistant" and k < last_assistant else ""
         spans = []
         if message["role"] == "assistant" and think_tags:
             open_tag, close_tag = think_tags
             o = text.find(open_tag, content_at, content_end)
             c = text.find(close_tag, o + len(open_tag), content_end) if o >= 0 else -1
             if o >= 0 and c >= 0:
-                spans.append((o, c + len(close_tag), SEGMENT_ID["reasoning"]))
-        role_id = SEGMENT_ID[message["role"]]
+                spans.append((o, c + len(close_tag), SEGMENT_ID[f"{earlier}reasoning"]))
+        role_id = SEGMENT_ID[earlier + message["role"]]
         for t in range(start_tok, end_tok):
             lo, hi = offsets[t]
             turn[t] = k

@@ -15,6 +15,8 @@ from plwlab.alpaca import VARIANTS
 from plwlab.batching import BATCHING
 from plwlab.files import safe_dirname
 from plwlab.loss import DENOMINATOR_SCOPES, NORMALIZATIONS
+from plwlab.segments import weight_table
+from plwlab.sources import CHAT_FORMATS, FORMATS
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -37,13 +39,19 @@ class ModelConfig:  # arguments of plwlab.module.load_model
     add_pad_token: bool = False
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
+    chat_template: Optional[str] = None  # chatml | a .jinja file | a template string (default: the tokenizer's)
     lora: Any = None  # peft.LoraConfig kwargs, e.g. {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}
 
 
 @dataclass
-class DataConfig:  # arguments of plwlab.datamodule.AlpacaDataModule (tokenizer and seed come from model and seed)
-    path: str = MISSING
+class DataConfig:  # arguments of plwlab.datamodule.InstructionDataModule (tokenizer and seed come from model and seed)
+    path: str = MISSING  # a local .json/.jsonl/.parquet file or an HF hub dataset id
     name: str = "alpaca"
+    format: str = "alpaca"  # alpaca | prompt_completion | messages | sharegpt
+    split: str = "train"  # of a hub dataset
+    columns: Optional[dict[str, str]] = None  # plwlab's name -> the dataset's column, e.g. {output: response}
+    roles: Optional[dict[str, str]] = None  # chat: the dataset's role name -> system | user | assistant
+    think_tags: Optional[list[str]] = None  # chat: [open, close] around a reasoning span in assistant turns
     max_length: int = 512
     val_size: float = 0.05
     batch_size: int = 4
@@ -61,6 +69,8 @@ class DataConfig:  # arguments of plwlab.datamodule.AlpacaDataModule (tokenizer 
 
 @dataclass
 class LossConfig:  # loss arguments of plwlab.module.PLWModule
+    # per-segment weights over the plw default (plwlab.segments), e.g. {template: 0, earlier_assistant: 0.1}
+    segment_weights: Any = None
     normalization: str = "weight_sum"
     denominator_scope: str = "step"
     chunk_tokens: Optional[int] = None  # memory-lean loss: logits computed this many targets at a time
@@ -156,6 +166,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.max_length must be >= 2 (a token and its successor), got {cfg.data.max_length}")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if cfg.data.format not in FORMATS:
+        raise ConfigError(f"data.format must be one of {FORMATS}, got {cfg.data.format!r}")
+    if cfg.data.think_tags is not None and (len(cfg.data.think_tags) != 2 or cfg.data.format not in CHAT_FORMATS):
+        raise ConfigError(f"data.think_tags must be [open, close] on chat data (format messages or sharegpt), got "
+                          f"{list(cfg.data.think_tags)} with format {cfg.data.format}")  # fmt: skip
+    try:
+        weight_table(cfg.plw, cfg.loss.segment_weights)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.data.variant not in VARIANTS:
         raise ConfigError(f"data.variant must be one of {VARIANTS}, got {cfg.data.variant!r}")
     if cfg.data.variant == "rg_target" and not (cfg.data.target_rg or 0) > 0:

@@ -1,5 +1,6 @@
-"""AlpacaDataModule: instruction data from a file or the hub, optionally as a built variant, tokenized (cached),
-split, batched and sharded over ranks for Lightning."""
+"""InstructionDataModule: instruction data (Alpaca records, prompt/completion pairs or chat conversations) from a
+file or the hub, optionally as a built variant, tokenized (cached), split, batched and sharded over ranks for
+Lightning."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from plwlab.alpaca import DataError, build_variant, load_records
+from plwlab.alpaca import DataError
 from plwlab.batching import (
     BATCHING,
     GlobalBatchSampler,
@@ -22,15 +23,23 @@ from plwlab.batching import (
     pack_examples,
     split_indices,
 )  # fmt: skip
-from plwlab.tokenization import cached_rg, cached_tokenize
+from plwlab.sources import CHAT_FORMATS, FORMATS, load_examples
+from plwlab.stats import chat_rg
+from plwlab.tokenization import cached_rg, cached_tokenize, cached_tokenize_chats
 
 log = logging.getLogger(__name__)
+class InstructionDataModule(L.LightningDataModule):
+    """Instruction data from a local ``.json`` / ``.jsonl`` / ``.parquet`` file or an HF hub dataset id, in one of
+    :data:`FORMATS`: Alpaca records (``instruction``, ``input``, ``output``) in the Stanford Alpaca template,
+    ``prompt_completion`` pairs (no template: ``[bos] prompt completion [eos]``), or chat conversations
+    (``messages`` or ShareGPT ``conversations``) rendered by the tokenizer's chat template with a segment per token
+    (:mod:`plwlab.segments`). ``columns`` maps plwlab's names to the dataset's (e.g. ``{output: response}``,
+    ``{messages: dialog, role: speaker, content: text}``), ``roles`` the dataset's role names to
+    system/user/assistant, ``think_tags`` the two strings around a reasoning span in assistant turns.
 
-
-class AlpacaDataModule(L.LightningDataModule):
-    """Alpaca-format instruction data from a local file or an HF hub dataset id, optionally turned into a
-    variant first (``variant="short"`` or ``"rg_target"`` with ``target_rg``; see :mod:`plwlab.alpaca`).
-    Built variants and tokenized data are cached in ``cache_dir`` (with a manifest; kept in :attr:`manifest`).
+    A variant is built first with ``variant="short"`` or ``"rg_target"`` (``target_rg``; see :mod:`plwlab.alpaca`;
+    chat data: single-turn conversations only). Built variants and tokenized data are cached in ``cache_dir``
+    (with a manifest; kept in :attr:`manifest`).
 
     ``batching``: ``length_grouped`` (the default: seeded random chunks sorted by length into batches, then the
     batches shuffled; little padding, the same examples per epoch), ``padded`` (random batches padded to their
@@ -49,6 +58,11 @@ class AlpacaDataModule(L.LightningDataModule):
         tokenizer: Any,
         path: str,
         name: str = "alpaca",
+        format: Literal["alpaca", "prompt_completion", "messages", "sharegpt"] = "alpaca",  # noqa: A002
+        split: str = "train",
+        columns: dict[str, str] | None = None,
+        roles: dict[str, str] | None = None,
+        think_tags: list[str] | None = None,
         max_length: int = 512,
         val_size: float = 0.05,
         batch_size: int = 4,
@@ -70,9 +84,14 @@ class AlpacaDataModule(L.LightningDataModule):
             raise ValueError(f"empty_completion must be keep, drop or error, got {empty_completion!r}")
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if think_tags is not None and len(think_tags) != 2:
+            raise ValueError(f"think_tags must be two strings (opening, closing), got {think_tags!r}")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
-        self.tokenizer, self.path, self.name = tokenizer, path, name
+        self.tokenizer, self.path, self.name, self.format, self.split = tokenizer, path, name, format, split
+        self.columns, self.roles, self.think_tags = columns, roles, think_tags
         self.max_length, self.val_size, self.limit, self.seed = max_length, val_size, limit, seed
         self.batch_size, self.eval_batch_size, self.batching = batch_size, eval_batch_size or batch_size, batching
         self.num_workers, self.empty_completion, self.on_invalid = num_workers, empty_completion, on_invalid
@@ -84,20 +103,30 @@ class AlpacaDataModule(L.LightningDataModule):
         self.val_set: TokenizedDataset | None = None
         self.stats: dict[str, float] = {}
 
+    @property
+    def is_chat(self) -> bool:
+        return self.format in CHAT_FORMATS
+
+    def load(self) -> tuple[list[Any], str]:
+        """The examples this data module trains on and the path they were read from (:func:`load_examples`)."""
+        examples, path, self.manifest = load_examples(
+            self.path, self.tokenizer, self.format, self.split, self.columns, self.roles, self.on_invalid,
+            self.empty_output, self.variant, self.target_rg, self.cache_dir, self.limit,
+        )  # fmt: skip
+        return examples, path
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        path = self.path
-        if self.variant != "as_is":
-            built, self.manifest = build_variant(
-                self.path, self.variant, self.tokenizer, self.cache_dir or "outputs/data", self.target_rg,
-                on_invalid=self.on_invalid, empty_output=self.empty_output,
-            )  # fmt: skip
-            path = str(built)
-        records = load_records(path, on_invalid=self.on_invalid, empty_output=self.empty_output)
-        if self.limit:
-            records = records[: self.limit]
-        examples, n_empty = cached_tokenize(records, self.tokenizer, self.max_length, self.cache_dir)
+        examples_source, path = self.load()
+        if self.is_chat:
+            examples, n_empty = cached_tokenize_chats(examples_source, self.tokenizer, self.max_length, self.cache_dir,
+                                                      self.think_tags)  # fmt: skip
+            rg = cached_rg(examples_source, self.tokenizer, self.cache_dir, chat_rg)
+        else:
+            template = "none" if self.format == "prompt_completion" else "alpaca"
+            examples, n_empty = cached_tokenize(examples_source, self.tokenizer, self.max_length, self.cache_dir, template)
+            rg = cached_rg(examples_source, self.tokenizer, self.cache_dir)
         if n_empty:
             msg = (
                 f"{n_empty} of {len(examples)} examples lost every completion token to truncation at "
@@ -115,17 +144,18 @@ class AlpacaDataModule(L.LightningDataModule):
             raise DataError(f"{self.path}: no training examples left (n={len(examples)}, val_size={self.val_size})")
         rows = pack_examples([len(e.input_ids) for e in train], self.max_length) if self.batching == "packed" else None
         self.train_set = TokenizedDataset(train, rows)
-        n_completion = sum(len(e.input_ids) - min(e.n_prompt, len(e.input_ids)) for e in examples)
+        n_completion = sum(e.n_completion for e in examples)
         n_prompt = sum(len(e.input_ids) for e in examples) - n_completion
         self.stats = {
             "n_train": len(train),
             "n_train_rows": len(self.train_set),
             "n_val": len(self.val_set),
             "n_empty_completion": n_empty,
-            "rg": cached_rg(records, self.tokenizer, self.cache_dir),  # the paper's Rg: output / (instruction + input)
+            "rg": rg,  # the paper's Rg: output / (instruction + input); chat: assistant / (system + user) contents
             "rg_templated": n_completion / max(n_prompt, 1),  # what the loss sees: template, bos/eos, truncation
+            "data_format": self.format,  # evaluation prompts a chat-trained model through its chat template
             "data_path": path,  # what this run really read (a built variant's file for a variant)
-            "data_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16],
+            "data_sha256": hashlib.sha256(json.dumps(examples_source, sort_keys=True).encode()).hexdigest()[:16],
         }
         log.info("data %s: %s", self.name, self.stats)
 

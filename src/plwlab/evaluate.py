@@ -31,13 +31,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from plwlab.alpaca import alpaca_prompt, load_records
+from plwlab.alpaca import load_records
 from plwlab.batching import split_indices
 from plwlab.benchmarks import prepare_task, run_lm_eval
 from plwlab.files import atomic_write
 from plwlab.generation import generate
 from plwlab.judges import PairwiseJudge, alpaca_eval_package, win_rate, win_tie_lose
-from plwlab.tokenization import cached_tokenize
+from plwlab.chat import end_of_turn_ids
+from plwlab.sources import CHAT_FORMATS, as_conversations, load_source
+from plwlab.tokenization import cached_tokenize, cached_tokenize_chats, prompt_text
 
 log = logging.getLogger(__name__)
 RESULT_COLUMNS = ("run_id", "model", "dataset", "plw", "rg", "benchmark", "metric", "score", "stderr", "n",
@@ -92,18 +94,53 @@ def load_run(run_dir: str | Path, dtype: str = "float32", device: str = "cpu") -
     )  # fmt: skip
 
 
+def is_chat_run(run: LoadedRun) -> bool:
+    """Whether the run trained on chat conversations (it is then prompted through its chat template)."""
+    return run.meta.get("data_format", "alpaca") in CHAT_FORMATS
+
+
+def run_generate(run: LoadedRun, prompts: Sequence[str], max_new_tokens: int, batch_size: int, description: str) -> list[list[int]]:
+    """:func:`plwlab.generation.generate` as the run was trained: a chat run's prompts hold the template's own BOS
+    and generation stops at the template's end of turn."""
+    chat = is_chat_run(run)
+    return generate(run.model, run.tokenizer, prompts, max_new_tokens, batch_size, add_bos=not chat,
+                    description=description, stop_ids=end_of_turn_ids(run.tokenizer) if chat else None)  # fmt: skip
+
+
+def instruction_prompt(run: LoadedRun, instruction: str, input: str = "") -> str:  # noqa: A002
+    """The prompt that asks the run to follow ``instruction``, in the form it was trained on: the Alpaca template,
+    the bare prompt (prompt/completion data), or one user turn through the chat template (chat data)."""
+    if is_chat_run(run):
+        user = instruction + (f"\n\n{input}" if input else "")
+        return run.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                 add_generation_prompt=True)  # fmt: skip
+    template = "none" if run.meta.get("data_format") == "prompt_completion" else "alpaca"
+    return prompt_text({"instruction": instruction, "input": input}, template)
+
+
+def example_prompt(run: LoadedRun, example: Any) -> tuple[str, str]:
+    """A training example as (prompt, reference completion): an Alpaca record's prompt and output, or a
+    conversation up to its last assistant turn (through the chat template) and that turn."""
+    if is_chat_run(run):
+        last = max(k for k, m in enumerate(example) if m["role"] == "assistant")
+        prompt = run.tokenizer.apply_chat_template(list(example[:last]), tokenize=False, add_generation_prompt=True)
+        return prompt, example[last]["content"]
+    return instruction_prompt(run, example["instruction"], example["input"]), example["output"]
+
+
 def memorization_bleu(
-    run: LoadedRun, records: Sequence[dict[str, str]], n: int = 10_000, seed: int = 42, max_new_tokens: int = 256,
+    run: LoadedRun, examples: Sequence[Any], n: int = 10_000, seed: int = 42, max_new_tokens: int = 256,
     batch_size: int = 8,
 ) -> tuple[float, str, int]:  # fmt: skip
-    """Corpus BLEU of greedy generations for ``n`` prompts sampled from the training ``records`` against their
-    training completions (sacreBLEU, 13a tokenization, exponential smoothing). Returns (score, signature, n used)."""
-    sample = random.Random(seed).sample(list(records), min(n, len(records)))
-    ids = generate(run.model, run.tokenizer, [alpaca_prompt(r["instruction"], r["input"]) for r in sample],
-                   max_new_tokens, batch_size, description="memorization")  # fmt: skip
+    """Corpus BLEU of greedy generations for ``n`` prompts sampled from the training ``examples`` against their
+    training completions (sacreBLEU, 13a tokenization, exponential smoothing; a conversation: its last assistant
+    turn from the turns before it). Returns (score, signature, n used)."""
+    sample = random.Random(seed).sample(list(examples), min(n, len(examples)))
+    prompts, references = zip(*(example_prompt(run, e) for e in sample))
+    ids = run_generate(run, prompts, max_new_tokens, batch_size, "memorization")
     hypotheses = run.tokenizer.batch_decode(ids, skip_special_tokens=True)
     bleu = sacrebleu.metrics.BLEU(tokenize="13a", smooth_method="exp")
-    score = bleu.corpus_score(hypotheses, [[r["output"] for r in sample]])
+    score = bleu.corpus_score(hypotheses, [list(references)])
     return score.score, str(bleu.get_signature()), len(sample)
 
 
@@ -173,20 +210,30 @@ def _write_rows(f: Any, rows: Sequence[dict[str, Any]]) -> None:
     writer.writerows({k: r.get(k) for k in RESULT_COLUMNS} for r in rows)
 
 
-def training_records(run_dir: Path, tokenizer: Any) -> list[dict[str, str]]:
-    """The examples a run trained on, validation split excluded: its built variant (data_manifest.json) or its
-    data.path, with the run's limit, invalid/empty-completion handling and seeded split (config.yaml)."""
+def training_records(run_dir: Path, tokenizer: Any) -> list[Any]:
+    """The examples a run trained on (records, or conversations for chat data), validation split excluded: its
+    built variant (data_manifest.json) or its data source, with the run's limit, invalid/empty-completion handling
+    and seeded split (config.yaml)."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    d = cfg.data
+    fmt = d.get("format", "alpaca")  # runs older than data.format trained on Alpaca records
     manifest = run_dir / "data_manifest.json"
-    path = json.loads(manifest.read_text())["output_path"] if manifest.exists() else cfg.data.path
-    records = load_records(path, on_invalid=cfg.data.get("on_invalid", "error"),
-                           empty_output=cfg.data.get("empty_output", "skip"))[: cfg.data.get("limit")]  # runs older
-    # than empty_output never kept an empty output
-    if cfg.data.get("empty_completion") == "drop":
-        examples, _ = cached_tokenize(records, tokenizer, cfg.data.max_length, None)
-        records = [r for r, e in zip(records, examples) if e.has_completion]
-    _, train = split_indices(len(records), cfg.data.val_size, cfg.seed)
-    return [records[i] for i in train]
+    if manifest.exists():
+        examples = load_records(json.loads(manifest.read_text())["output_path"])
+        examples = as_conversations(examples) if fmt in CHAT_FORMATS else examples
+    else:  # runs older than data.empty_output never kept an empty output
+        examples = load_source(d.path, fmt, d.get("split", "train"), d.get("columns"), d.get("roles"),
+                               d.get("on_invalid", "error"), d.get("empty_output", "skip"))  # fmt: skip
+    examples = examples[: d.get("limit")]
+    if d.get("empty_completion") == "drop":
+        if fmt in CHAT_FORMATS:
+            tokenized, _ = cached_tokenize_chats(examples, tokenizer, d.max_length, None, d.get("think_tags"))
+        else:
+            tokenized, _ = cached_tokenize(examples, tokenizer, d.max_length, None,
+                                           "none" if fmt == "prompt_completion" else "alpaca")  # fmt: skip
+        examples = [r for r, e in zip(examples, tokenized) if e.has_completion]
+    _, train = split_indices(len(examples), d.val_size, cfg.seed)
+    return [examples[i] for i in train]
 
 
 def read_instructions(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
@@ -201,7 +248,7 @@ def read_instructions(path: str | Path, limit: int | None = None) -> list[dict[s
 
 def responses(run: LoadedRun, run_dir: Path, name: str, records: Sequence[dict[str, str]], max_new_tokens: int,
               batch_size: int) -> list[dict[str, Any]]:  # fmt: skip
-    """The run's greedy responses to ``records`` (Alpaca template), as AlpacaEval-style records (instruction,
+    """The run's greedy responses to ``records`` (prompted as it was trained: :func:`instruction_prompt`), as AlpacaEval-style records (instruction,
     input, output, generator, length in tokens). Cached in ``<run_dir>/eval/generations/<name>.json`` and reused
     while what determines them is the same: the instructions, ``max_new_tokens``, the dtype the model ran in and
     its weight files."""
@@ -214,8 +261,8 @@ def responses(run: LoadedRun, run_dir: Path, name: str, records: Sequence[dict[s
         if same == [(r["instruction"], r["input"], max_new_tokens, dtype, run.weights) for r in records]:
             log.info("%s: reusing %d %s responses from %s", run.run_id, len(cached), name, cache)
             return cached
-    ids = generate(run.model, run.tokenizer, [alpaca_prompt(r["instruction"], r["input"]) for r in records],
-                   max_new_tokens, batch_size, description=f"{name} responses")  # fmt: skip
+    ids = run_generate(run, [instruction_prompt(run, r["instruction"], r["input"]) for r in records], max_new_tokens,
+                       batch_size, f"{name} responses")  # fmt: skip
     texts = run.tokenizer.batch_decode(ids, skip_special_tokens=True)
     out = [{"instruction": r["instruction"], "input": r["input"], "output": t.strip(), "generator": run.run_id,
             "length": len(i), "max_new_tokens": max_new_tokens, "dtype": dtype, "weights": run.weights}

@@ -21,10 +21,12 @@ def _pad_id(tokenizer: Any) -> int:
 @torch.no_grad()
 def generate(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
-    progress: bool = True, add_bos: bool = True, description: str = "generating", **decoding: Any,
+    progress: bool = True, add_bos: bool = True, description: str = "generating", stop_ids: Sequence[int] | None = None,
+    **decoding: Any,
 ) -> list[list[int]]:  # fmt: skip
-    """Greedy completions (token ids, without the prompt, cut at EOS) for ``prompts``, in their order; ``decoding``
-    goes to ``model.generate`` (e.g. PandaLM's ``num_beams=4, repetition_penalty=1.2``).
+    """Greedy completions (token ids, without the prompt, cut at EOS or at any of ``stop_ids``, e.g. a chat
+    template's end-of-turn token) for ``prompts``, in their order; ``decoding`` goes to ``model.generate`` (e.g.
+    PandaLM's ``num_beams=4, repetition_penalty=1.2``).
 
     Prompts are tokenized as in training (``[bos] + tok(prompt)``; ``add_bos=False`` for prompts that already
     hold it, e.g. from a chat template), sorted by length so each batch pads little, and left-padded so every
@@ -33,6 +35,7 @@ def generate(
     encoded = _encode(tokenizer, prompts, add_bos)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     pad = _pad_id(tokenizer)
+    stops = list(stop_ids or [tokenizer.eos_token_id])
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in encoded]
     with Progress(disable=not progress, transient=True) as bar:
@@ -43,10 +46,10 @@ def generate(
             ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)
             mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx], device=device)
             generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **decoding)  # fmt: skip
+                                       pad_token_id=pad, eos_token_id=stops, **decoding)  # fmt: skip
             for row, i in enumerate(idx):
                 tokens = generated[row, width:].tolist()
-                out[i] = tokens[: tokens.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in tokens else tokens
+                out[i] = tokens[: next((k for k, t in enumerate(tokens) if t in stops), len(tokens))]
             bar.advance(task, len(idx))
     return out
 

@@ -219,6 +219,15 @@ def segment_weighted_loss(
     )
 
 
+def completion_mask(segment_ids: torch.Tensor, completion_segments: tuple[int, ...] | None = None) -> torch.Tensor:
+    """1 where a token's segment is a completion segment (default: :data:`plwlab.segments.COMPLETION_IDS`), else 0:
+    the ``completion_mask`` of :func:`prompt_weighted_loss` from a batch's ``segment_ids``."""
+    from plwlab.segments import COMPLETION_IDS
+
+    ids = torch.tensor(COMPLETION_IDS if completion_segments is None else completion_segments, device=segment_ids.device)
+    return torch.isin(segment_ids, ids).long()
+
+
 def segment_denominator(counts: torch.Tensor, segment_weights: tuple[float, ...], completion_segments: tuple[int, ...],
                         normalization: Normalization) -> torch.Tensor:  # fmt: skip
     """The normalizer D of :func:`segment_weighted_loss` from per-segment target counts (float64)."""

@@ -95,13 +95,16 @@ def load_model(
     attn_implementation: str | None = None,
     gradient_checkpointing: bool = False,
     lora: dict[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> LoadedModel:
     """Load a pretrained causal LM (``name_or_path``: hub id or local dir) or build a randomly initialised one
     from ``config`` (kwargs of ``AutoConfig.for_model``, e.g. ``model_type: llama``), plus its tokenizer.
 
     A tokenizer without a pad token gets ``[PAD]`` added (embeddings resized, as Stanford Alpaca does) when
     ``add_pad_token``, else reuses its unk/eos token (padding never enters the loss). ``lora`` holds
-    ``peft.LoraConfig`` kwargs to train a LoRA adapter instead of all weights.
+    ``peft.LoraConfig`` kwargs to train a LoRA adapter instead of all weights. ``chat_template`` (chat data on a
+    tokenizer without one, or to replace it): ``chatml`` (adds its two tokens, as TRL's ``setup_chat_format``), a
+    ``.jinja`` file or a template string (:func:`plwlab.chat.set_chat_template`).
     """
     if (name_or_path is None) == (config is None):
         raise ModelLoadError(f"model preset {name!r}: set exactly one of name_or_path (pretrained) or config (random init)")
@@ -110,6 +113,10 @@ def load_model(
     if name_or_path is not None:
         _check_local_dir(name_or_path, "model", "config.json")
     tok = load_tokenizer(tokenizer)
+    if chat_template:
+        from plwlab.chat import set_chat_template
+
+        set_chat_template(tok, chat_template)
     if tok.pad_token is None:
         if add_pad_token:
             tok.add_special_tokens({"pad_token": "[PAD]"})

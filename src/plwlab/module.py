@@ -12,8 +12,9 @@ from torchmetrics import SumMetric
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from plwlab.loss import (
-    DENOMINATOR_SCOPES, NORMALIZATIONS, chunked_next_token_nll, loss_denominator, next_token_nll, prompt_weighted_loss,
+    DENOMINATOR_SCOPES, NORMALIZATIONS, chunked_next_token_nll, next_token_nll, segment_denominator, segment_weighted_loss,
 )  # fmt: skip
+from plwlab.segments import COMPLETION_IDS, SEGMENTS, weight_table
 from plwlab.sharding import is_sharded, shard_model
 
 
@@ -23,7 +24,9 @@ class TrainingDiverged(FloatingPointError):
 
 
 class PLWModule(L.LightningModule):
-    """Fine-tune ``model`` with :func:`plwlab.loss.prompt_weighted_loss`.
+    """Fine-tune ``model`` with :func:`plwlab.loss.segment_weighted_loss`: every token weighs its segment's weight
+    (:func:`plwlab.segments.weight_table`: ``plw`` for prompt segments, 1 for assistant ones, then
+    ``segment_weights``' overrides; on Alpaca data exactly the paper's prompt-weighted loss).
 
     ``denominator_scope="step"`` (default) makes the loss of each optimizer step exactly
     ``Σ w·ℓ / D`` with the sums and ``D`` taken over *all* its gradient-accumulation micro-batches and all
@@ -44,6 +47,7 @@ class PLWModule(L.LightningModule):
         self,
         model: PreTrainedModel,
         plw: float = 0.0,
+        segment_weights: dict[str, float] | None = None,
         normalization: str = "weight_sum",
         denominator_scope: str = "step",
         chunk_tokens: int | None = None,
@@ -69,16 +73,22 @@ class PLWModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "total_steps"])
         self.model = model
         self.plw, self.normalization, self.denominator_scope = float(plw), normalization, denominator_scope
+        self.weights = weight_table(plw, segment_weights)
+        self.val_weights = tuple(float(i in COMPLETION_IDS) for i in range(len(SEGMENTS)))  # completion-only NLL
         self.pretrained_vocab_size = pretrained_vocab_size
         self.chunk_tokens = chunk_tokens
         self.total_steps = total_steps
         self.compute_dtype: str | None = None  # dtype the model computed its outputs in (seen in the first step)
         model.plw_chunked_nll = MethodType(_chunked_nll, model)
-        # Running sums since the last optimizer step:
-        # [Σwℓ, Σ micro-batch losses, n micro-batches, prompt NLL, n prompt, completion NLL, n completion]
-        self._step_sums = torch.zeros(7, dtype=torch.float64)
+        # Running sums since the last optimizer step: [Σwℓ, Σ micro-batch losses, n micro-batches, prompt NLL,
+        # n prompt, completion NLL, n completion, then the targets of each segment]
+        self._step_sums = torch.zeros(7 + len(SEGMENTS), dtype=torch.float64)
         self.last_step_loss: float | None = None
         self.val_sums = torch.nn.ModuleList(SumMetric() for _ in range(4))
+
+    def segment_weight_dict(self) -> dict[str, float]:
+        """The weight of each segment this run trains with (:mod:`plwlab.segments`)."""
+        return dict(zip(SEGMENTS, self.weights))
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (``strategy=fsdp``): shard the model with FSDP2, one unit per decoder
@@ -110,28 +120,29 @@ class PLWModule(L.LightningModule):
         self.compute_dtype = self.compute_dtype or str(compute_dtype).removeprefix("torch.")
         return nll
 
-    def _loss(self, batch: dict[str, torch.Tensor], plw: float, normalization: str, denominator: float | None = None):
-        return prompt_weighted_loss(
-            self(batch), batch["completion_mask"], batch["token_mask"],
-            plw=plw, normalization=normalization, denominator=denominator,
-        )  # fmt: skip
+    def _loss(self, batch: dict[str, torch.Tensor], weights: tuple[float, ...], normalization: str,
+              denominator: float | None = None):  # fmt: skip
+        return segment_weighted_loss(self(batch), batch["segment_ids"], batch["token_mask"], weights, COMPLETION_IDS,
+                                     normalization, denominator)  # fmt: skip
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         step_scope = self.denominator_scope == "step"
-        out = self._loss(batch, self.plw, self.normalization, denominator=1.0 if step_scope else None)
-        sums = torch.stack([
+        out = self._loss(batch, self.weights, self.normalization, denominator=1.0 if step_scope else None)
+        targets = batch["token_mask"][:, 1:].bool()
+        counts = torch.bincount(batch["segment_ids"][:, 1:][targets], minlength=len(SEGMENTS))
+        sums = torch.cat([torch.stack([
             out.weighted_sum.detach(), out.loss.detach(), torch.ones_like(out.denominator),
             out.prompt_nll, out.n_prompt, out.completion_nll, out.n_completion,
-        ]).double().cpu()  # fmt: skip
+        ]).double().cpu(), counts.double().cpu()])  # fmt: skip
         self._step_sums += sums
         return out.weighted_sum if step_scope else out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         sums = self.trainer.strategy.reduce(self._step_sums.clone().to(self.device), reduce_op="sum").double().cpu()
         self._step_sums.zero_()
-        weighted, loss_sum, n_micro, p_nll, n_p, c_nll, n_c = sums.tolist()
+        weighted, loss_sum, n_micro, p_nll, n_p, c_nll, n_c = sums[:7].tolist()
         if self.denominator_scope == "step":
-            denominator = loss_denominator(n_p, n_c, self.plw, self.normalization).item()
+            denominator = segment_denominator(sums[7:], self.weights, COMPLETION_IDS, self.normalization).item()
             scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / denominator
             for p in self.parameters():
                 if p.grad is not None:
@@ -147,7 +158,7 @@ class PLWModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self._loss(batch, plw=0.0, normalization="completion")
+        out = self._loss(batch, self.val_weights, "completion")
         for metric, value in zip(self.val_sums, (out.completion_nll, out.n_completion, out.prompt_nll, out.n_prompt)):
             metric.update(value)
 

@@ -1,7 +1,9 @@
-"""Alpaca records -> token ids: ``input_ids`` plus the prompt length (the 0/1 completion mask), tokenized as Stanford
-Alpaca does but batched, and cached on disk so that every run of a sweep after the first loads it.
+"""Examples -> token ids with a segment per token (:mod:`plwlab.segments`), cached on disk so that every run of a
+sweep after the first loads them. Alpaca records and prompt/completion pairs are tokenized as Stanford Alpaca does
+(``[bos] + tok(prompt + completion) + [eos]``) but batched; chat conversations through the model's chat template
+(:func:`plwlab.chat.tokenize_conversation`).
 
-The prompt loss weight is *not* stored here: it is applied only in :func:`plwlab.loss.prompt_weighted_loss`,
+The prompt loss weight is *not* stored here: it is applied only in :func:`plwlab.loss.segment_weighted_loss`,
 so a PLW sweep reuses the same tokenized data (and the same cache file).
 """
 
@@ -11,34 +13,48 @@ import copy
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.progress import track
 
 from plwlab.alpaca import (
     ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, alpaca_prompt, token_lengths, tokenizer_fingerprint,
 )  # fmt: skip
 from plwlab.files import atomic_write
+from plwlab.segments import COMPLETION_ID, COMPLETION_IDS, PROMPT_ID
 
 log = logging.getLogger(__name__)
+PROMPT_TEMPLATES = ("alpaca", "none")  # how a record's instruction and input become its prompt text
 
 
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
-    n_prompt: int  # the first n_prompt tokens are prompt, the rest completion
+    segment_ids: list[int]  # plwlab.segments.SEGMENT_ID of each token
+
+    @classmethod
+    def from_prompt_length(cls, input_ids: list[int], n_prompt: int) -> TokenizedExample:
+        """A single-turn example whose first ``n_prompt`` tokens are prompt (``user``), the rest completion."""
+        n = min(n_prompt, len(input_ids))
+        return cls(input_ids, [PROMPT_ID] * n + [COMPLETION_ID] * (len(input_ids) - n))
 
     @property
     def completion_mask(self) -> list[int]:
-        n = min(self.n_prompt, len(self.input_ids))
-        return [0] * n + [1] * (len(self.input_ids) - n)
+        """1 for a completion (assistant) token, 0 for the rest."""
+        return [int(s in COMPLETION_IDS) for s in self.segment_ids]
+
+    @property
+    def n_completion(self) -> int:
+        return sum(s in COMPLETION_IDS for s in self.segment_ids)
 
     @property
     def has_completion(self) -> bool:
-        return self.n_prompt < len(self.input_ids)
+        return any(s in COMPLETION_IDS for s in self.segment_ids)
 
 
 def sentencepiece_normalizer() -> Any:
@@ -115,23 +131,50 @@ def batch_token_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return out
 
 
-def tokenize_examples(
-    records: Sequence[dict[str, str]], tokenizer: Any, max_length: int
-) -> tuple[list[TokenizedExample], int]:
-    """Tokenize Alpaca records as Stanford Alpaca does, but batched (:func:`batch_token_ids`).
+def prompt_text(record: dict[str, str], template: str = "alpaca") -> str:
+    """A record's prompt: the Stanford Alpaca template around instruction and input, or (``none``: prompt/completion
+    pairs) the instruction field as it is, followed by the input (if any) after a blank line."""
+    if template == "alpaca":
+        return alpaca_prompt(record["instruction"], record["input"])
+    if template == "none":
+        return record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+    raise ValueError(f"prompt template must be one of {PROMPT_TEMPLATES}, got {template!r}")
 
-    ``input_ids = [bos] + tok(prompt + output) + [eos]`` truncated on the right to ``max_length``; the first
-    ``1 + len(tok(prompt))`` tokens are prompt (mask 0), the rest completion (mask 1).
-    Returns the examples and how many of them lost *every* completion token to truncation.
+
+def tokenize_examples(
+    records: Sequence[dict[str, str]], tokenizer: Any, max_length: int, template: str = "alpaca"
+) -> tuple[list[TokenizedExample], int]:
+    """Tokenize single-turn records as Stanford Alpaca does, but batched (:func:`batch_token_ids`).
+
+    ``input_ids = [bos] + tok(prompt + output) + [eos]`` truncated on the right to ``max_length``, the prompt from
+    :func:`prompt_text`; the first ``1 + len(tok(prompt))`` tokens are prompt (``user``), the rest completion
+    (``assistant``). Returns the examples and how many of them lost *every* completion token to truncation.
     """
-    prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in records]
+    prompts = [prompt_text(r, template) for r in records]
     ids = batch_token_ids(tokenizer, prompts + [p + r["output"] for p, r in zip(prompts, records, strict=True)])
     prompt_ids, full = ids[: len(prompts)], ids[len(prompts) :]
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     examples = [
-        TokenizedExample((bos + f + [tokenizer.eos_token_id])[:max_length], len(bos) + len(p))
+        TokenizedExample.from_prompt_length((bos + f + [tokenizer.eos_token_id])[:max_length], len(bos) + len(p))
         for f, p in zip(full, prompt_ids, strict=True)
     ]
+    return examples, sum(not e.has_completion for e in examples)
+
+
+def tokenize_chats(
+    conversations: Sequence[Sequence[dict[str, str]]], tokenizer: Any, max_length: int,
+    think_tags: Sequence[str] | None = None,
+) -> tuple[list[TokenizedExample], int]:  # fmt: skip
+    """Tokenize conversations with the tokenizer's chat template (:func:`plwlab.chat.tokenize_conversation`),
+    truncated on the right to ``max_length``. Returns the examples and how many lost every assistant token."""
+    from plwlab.chat import tokenize_conversation
+
+    tags = tuple(think_tags) if think_tags else None
+    examples = []
+    for i, messages in enumerate(track(conversations, description="tokenizing conversations", transient=True,
+                                       disable=len(conversations) < 2000)):  # fmt: skip
+        chat = tokenize_conversation(tokenizer, messages, tags, name=f"conversation {i}")
+        examples.append(TokenizedExample(chat.input_ids[:max_length], chat.segment_ids[:max_length]))
     return examples, sum(not e.has_completion for e in examples)
 
 
@@ -141,42 +184,68 @@ def _cache_key(records: Sequence[dict[str, str]], tokenizer: Any, *extra: Any) -
     return hashlib.sha256(f"{text}|{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:16]
 
 
-def cached_rg(records: Sequence[dict[str, str]], tokenizer: Any, cache_dir: str | Path | None) -> float:
-    """The paper's Rg of ``records`` (fields tokenized alone, :func:`plwlab.alpaca.token_lengths`), cached in
-    ``cache_dir`` beside the tokenized data: runs 2..N of a sweep do not tokenize the dataset again for it."""
+def alpaca_rg(records: Sequence[dict[str, str]], tokenizer: Any) -> float:
+    """The paper's Rg: output tokens over instruction + input tokens, each field tokenized alone."""
+    return token_lengths(records, tokenizer).rg
+
+
+def cached_rg(records: Sequence[Any], tokenizer: Any, cache_dir: str | Path | None,
+              measure: Callable[[Sequence[Any], Any], float] = alpaca_rg) -> float:  # fmt: skip
+    """The paper's Rg of ``records`` (``measure(records, tokenizer)``; default: Alpaca fields tokenized alone,
+    :func:`plwlab.alpaca.token_lengths`), cached in ``cache_dir`` beside the tokenized data: runs 2..N of a sweep
+    do not tokenize the dataset again for it."""
     if cache_dir is None:
-        return token_lengths(records, tokenizer).rg
-    path = Path(cache_dir) / f"rg-{_cache_key(records, tokenizer)}.json"
+        return measure(records, tokenizer)
+    path = Path(cache_dir) / f"rg-{_cache_key(records, tokenizer, measure.__name__)}.json"
     if path.exists():
         return json.loads(path.read_text())["rg"]
-    rg = token_lengths(records, tokenizer).rg
+    rg = measure(records, tokenizer)
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps({"rg": rg}) + "\n")
     return rg
 
 
 def cached_tokenize(
-    records: Sequence[dict[str, str]], tokenizer: Any, max_length: int, cache_dir: str | Path | None
-) -> tuple[list[TokenizedExample], int]:
+    records: Sequence[dict[str, str]], tokenizer: Any, max_length: int, cache_dir: str | Path | None,
+    template: str = "alpaca",
+) -> tuple[list[TokenizedExample], int]:  # fmt: skip
     """:func:`tokenize_examples`, cached in ``cache_dir`` under a key of the records' content, the tokenizer's
     vocabulary, the prompt template and ``max_length``: every run of a sweep after the first loads it."""
+    key = [ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, max_length] + ([] if template == "alpaca" else [template])
+    return _cached(records, tokenizer, key, cache_dir, partial(tokenize_examples, records, tokenizer, max_length, template))
+
+
+def cached_tokenize_chats(
+    conversations: Sequence[Sequence[dict[str, str]]], tokenizer: Any, max_length: int, cache_dir: str | Path | None,
+    think_tags: Sequence[str] | None = None,
+) -> tuple[list[TokenizedExample], int]:  # fmt: skip
+    """:func:`tokenize_chats`, cached like :func:`cached_tokenize` (the chat template and think tags in the key)."""
+    key = ["chat", tokenizer.chat_template, list(think_tags or []), max_length]
+    build = partial(tokenize_chats, conversations, tokenizer, max_length, think_tags)
+    return _cached(conversations, tokenizer, key, cache_dir, build)
+
+
+def _cached(
+    records: Sequence[Any], tokenizer: Any, key: list[Any], cache_dir: str | Path | None,
+    build: Callable[[], tuple[list[TokenizedExample], int]],
+) -> tuple[list[TokenizedExample], int]:  # fmt: skip
     if cache_dir is None:
-        return tokenize_examples(records, tokenizer, max_length)
-    key = _cache_key(records, tokenizer, ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, max_length)
-    path = Path(cache_dir) / f"tokenized-{key}.npz"
+        return build()
+    # "segments": the file layout (a segment id per token), so a cache of an older layout is never read
+    path = Path(cache_dir) / f"tokenized-{_cache_key(records, tokenizer, 'segments', *key)}.npz"
     if path.exists():
         data = np.load(path)
-        ids, lengths, n_prompt = data["ids"].tolist(), data["lengths"], data["n_prompt"]
-        bounds = np.concatenate([[0], np.cumsum(lengths)])
-        examples = [TokenizedExample(ids[a:b], int(p)) for a, b, p in zip(bounds[:-1], bounds[1:], n_prompt)]
+        ids, segments, lengths = data["ids"].tolist(), data["segments"].tolist(), data["lengths"]
+        bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        examples = [TokenizedExample(ids[a:b], segments[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         log.info("loaded tokenized data from %s", path)
         return examples, sum(not e.has_completion for e in examples)
-    examples, n_empty = tokenize_examples(records, tokenizer, max_length)
+    examples, n_empty = build()
     with atomic_write(path) as tmp, tmp.open("wb") as f:  # concurrent runs of a sweep never read half a cache
         np.savez(
             f,
             ids=np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32),
+            segments=np.fromiter((s for e in examples for s in e.segment_ids), dtype=np.int8),
             lengths=np.array([len(e.input_ids) for e in examples], dtype=np.int32),
-            n_prompt=np.array([e.n_prompt for e in examples], dtype=np.int32),
         )
     return examples, n_empty

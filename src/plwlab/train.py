@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from plwlab.callbacks import LossRSD, ParamDistance
 from plwlab.checkpointing import CheckpointError, RunCheckpoint
 from plwlab.config import ConfigError, accumulation, to_dict, validate, world_size
-from plwlab.datamodule import AlpacaDataModule
+from plwlab.datamodule import InstructionDataModule
 from plwlab.model import load_model, parameter_count
 from plwlab.module import PLWModule
 from plwlab.rundir import RunError, prepare_run_dir, record_failure, run_dir_lock, write_json
@@ -50,7 +50,7 @@ def make_strategy(cfg: DictConfig) -> Any:
     return instantiate(cfg.strategy)
 
 
-def total_steps(datamodule: AlpacaDataModule, cfg: DictConfig, accumulate: int) -> int:
+def total_steps(datamodule: InstructionDataModule, cfg: DictConfig, accumulate: int) -> int:
     """Optimizer steps of the whole run, as Lightning's fit loop takes them (a partial accumulation at the end of an
     epoch still steps)."""
     per_epoch = -(-datamodule.batches_per_epoch(world_size(cfg.trainer)) // accumulate)
@@ -120,7 +120,7 @@ def _train(cfg: DictConfig, run_dir: Path, is_zero: bool) -> dict[str, Any]:
     try:
         L.seed_everything(cfg.seed, workers=True)
         loaded = load_model(**to_dict(cfg.model))
-        datamodule = AlpacaDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, global_batch_size=cfg.global_batch_size,
+        datamodule = InstructionDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, global_batch_size=cfg.global_batch_size,
                                       **to_dict(cfg.data))  # fmt: skip
         datamodule.setup("fit")
         module = PLWModule(
@@ -137,7 +137,7 @@ def _train(cfg: DictConfig, run_dir: Path, is_zero: bool) -> dict[str, Any]:
             default_root_dir=str(run_dir),
             # RunCheckpoint (callbacks.checkpoint) writes the checkpoints; without it, Lightning must not add its own
             enable_checkpointing=any(isinstance(cb, RunCheckpoint) for cb in callbacks),
-            use_distributed_sampler=False,  # AlpacaDataModule shards data itself, identically for any world size
+            use_distributed_sampler=False,  # InstructionDataModule shards data itself, identically for any world size
         )
         if is_zero:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -164,8 +164,10 @@ def _train(cfg: DictConfig, run_dir: Path, is_zero: bool) -> dict[str, Any]:
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update(
         plw=cfg.plw,
+        segment_weights=module.segment_weight_dict(),
         rg=datamodule.stats["rg"],
         data=cfg.data.name,
+        data_format=cfg.data.format,
         data_path=datamodule.stats["data_path"],
         data_sha256=datamodule.stats["data_sha256"],
         n_train=datamodule.stats["n_train"],
