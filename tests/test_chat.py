@@ -5,10 +5,11 @@ import json
 
 import pytest
 
+from plwlab.alpaca import DataError
 from plwlab.chat import ChatDataError, load_conversations, to_messages, tokenize_conversation
-from plwlab.segments import SEGMENT_ID
+from plwlab.segments import SEGMENT_ID, SEGMENTS
 
-from conftest import SHARED_DATA, tiny_model
+from conftest import ASSETS, SHARED_DATA, tiny_model
 
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
           " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
@@ -124,3 +125,103 @@ def test_sharegpt_files_with_and_without_a_system_turn():
             if sum(m["role"] == "assistant" for m in conversation) > 1:
                 roles.add("earlier_assistant")
             assert {s for s in ex.segment_ids if s} == {SEGMENT_ID[r] for r in roles}
+
+
+CHAT_SAMPLE = ASSETS / "chat_sample.jsonl"
+
+
+def test_chat_datamodule_batches_carry_segments_and_rg():
+    from plwlab.datamodule import InstructionDataModule
+    from plwlab.stats import chat_rg
+
+    tok = tiny_model(chat_template="chatml").tokenizer
+    dm = InstructionDataModule(tok, path=str(CHAT_SAMPLE), format="messages", val_size=10, batch_size=4, cache_dir=None)
+    dm.setup()
+    assert dm.stats["data_format"] == "messages" and dm.stats["n_train"] == 190
+    assert dm.stats["rg"] == pytest.approx(chat_rg(load_conversations(CHAT_SAMPLE), tok))
+    batch = next(iter(dm._loader(dm.train_set, 4, dm.train_sampler())))
+    present = {SEGMENTS[s] for s in batch["segment_ids"][batch["token_mask"].bool()].tolist()}
+    assert {"template", "user", "assistant"} <= present
+    first = dm.train_set[0][0]
+    assert tok.decode(first.input_ids).startswith("<s><|im_start|>user\n")  # BOS, then the ChatML header
+
+
+def test_role_and_key_mapping_and_the_sharegpt_format(tmp_path):
+    records = [{"dialog": [{"speaker": "client", "text": "Hi"}, {"speaker": "agent", "text": "Hello!"}], "persona": "Be kind."}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(records))
+    got = load_conversations(path, "messages", columns={"messages": "dialog", "role": "speaker", "content": "text",
+                                                        "system": "persona"}, roles={"client": "user", "agent": "assistant"})  # fmt: skip
+    assert got == [[{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"}]]  # fmt: skip
+    with pytest.raises(ChatDataError, match="record 0 turn 0 has unknown role 'client'"):
+        load_conversations(path, "messages", columns={"messages": "dialog", "role": "speaker", "content": "text"})
+    sharegpt = tmp_path / "s.jsonl"
+    sharegpt.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}))
+    assert load_conversations(sharegpt, "sharegpt") == [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]]
+
+
+def test_variants_invert_single_turn_chats_and_refuse_multi_turn_ones(tmp_path):
+    from plwlab.sources import load_examples
+
+    tok = tiny_model(chat_template="chatml").tokenizer
+    single = tmp_path / "single.jsonl"
+    pairs = [("Write a long poem about the sea and the wind and the stars.", "Waves. " * 40), ("Name it.", "A cat.")]
+    single.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]})
+                                for u, a in pairs))  # fmt: skip
+    built, path, manifest = load_examples(str(single), tok, "messages", variant="short", cache_dir=str(tmp_path))
+    assert manifest["n_inverted"] == 1 and path.endswith(".json")
+    assert built[0] == [{"role": "user", "content": "Predict the prompt that generated the following AI output.\n\n" + pairs[0][1]},
+                        {"role": "assistant", "content": pairs[0][0]}]  # fmt: skip
+    assert built[1] == [{"role": "user", "content": "Name it."}, {"role": "assistant", "content": "A cat."}]
+    with pytest.raises(DataError, match="conversation 1 has 2 assistant turns: the Short/rg_target inversion is "
+                                        "defined for single-turn data"):  # fmt: skip
+        load_examples(str(CHAT_SAMPLE), tok, "messages", variant="short", cache_dir=str(tmp_path))
+
+
+def test_rg_per_dataset_and_per_turn_counts_content_tokens():
+    from plwlab.stats import chat_stats, chat_token_lengths
+
+    tok = tiny_model(chat_template="chatml").tokenizer
+    n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    conversations = [CONVERSATION, CONVERSATION[1:3]]
+    lengths = chat_token_lengths(conversations, tok)
+    first = n("Be brief.") + n("Who are you?")
+    assert lengths.prompt.tolist() == [[first, n(" Have a nice day! ")], [n("Who are you?"), 0]]
+    assert lengths.completion.tolist() == [[n(CONVERSATION[2]["content"]), n("You too!")], [n(CONVERSATION[2]["content"]), 0]]
+    assert lengths.rg_per_turn()[1] == pytest.approx(n("You too!") / n(" Have a nice day! "))
+    assert lengths.rg == pytest.approx(lengths.completion.sum() / lengths.prompt.sum())
+    stats = chat_stats(conversations, tok, max_length=8)
+    assert stats["n"] == 2 and stats["exchanges_mean"] == 1.5 and stats["truncated_share"] == 1.0
+    assert stats["empty_completion_share"] == 1.0 and stats["rg_turn_2"] == lengths.rg_per_turn()[1]
+
+
+def test_plwlab_stats_and_recommend_accept_a_chat_data_config(tmp_path, capsys):
+    import csv
+
+    from plwlab.cli import main
+
+    out = tmp_path / "stats.csv"
+    main(["stats", "data=chat_sample,alpaca_sample", "model.chat_template=chatml", "--out", str(out)])
+    rows = {r["dataset"]: r for r in csv.DictReader(out.open())}
+    assert rows["chat_sample"]["format"] == "messages" and float(rows["chat_sample"]["rg_turn_3"]) > 0
+    assert rows["alpaca_sample"]["rg_turn_1"] == "" and float(rows["alpaca_sample"]["rg"]) > 3
+    main(["recommend", "data=chat_sample", "model.chat_template=chatml", f"paths.data_dir={tmp_path}"])
+    assert "chat_sample: Rg 3.1 (200 messages examples" in capsys.readouterr().out
+
+
+def test_a_chat_run_is_prompted_through_its_template_and_stops_at_its_end_of_turn():
+    from plwlab.chat import end_of_turn_ids
+    from plwlab.evaluate import LoadedRun, example_prompt, instruction_prompt
+
+    loaded = tiny_model(chat_template="chatml")
+    tok = loaded.tokenizer
+    assert end_of_turn_ids(tok) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    assert end_of_turn_ids(chat_tokenizer(LLAMA3))[-1] == chat_tokenizer(LLAMA3).convert_tokens_to_ids("<|eot_id|>")
+    run = LoadedRun(loaded.model, tok, {"data_format": "messages"}, "r")
+    assert instruction_prompt(run, "Add.", "1 2") == "<s><|im_start|>user\nAdd.\n\n1 2<|im_end|>\n<|im_start|>assistant\n"
+    prompt, reference = example_prompt(run, CONVERSATION)
+    assert prompt.endswith("Have a nice day! <|im_end|>\n<|im_start|>assistant\n") and reference == "You too!"
+    alpaca = LoadedRun(loaded.model, tok, {"data_format": "alpaca"}, "r")
+    assert instruction_prompt(alpaca, "Add.").startswith("Below is an instruction")
+    assert instruction_prompt(LoadedRun(None, tok, {"data_format": "prompt_completion"}, "r"), "Add.", "1 2") == "Add.\n\n1 2"

@@ -7,6 +7,7 @@ import torch
 from plwlab.alpaca import DataError, alpaca_prompt, load_records
 from plwlab.batching import collate
 from plwlab.datamodule import InstructionDataModule
+from plwlab.sources import load_source
 from plwlab.tokenization import tokenize_examples
 
 from conftest import SAMPLE
@@ -287,3 +288,34 @@ def test_batched_tokenization_ignores_truncation_left_on_the_tokenizer(tmp_path)
     tok(texts[0], max_length=3, truncation=True, padding="max_length")
     assert tokenizer_fingerprint(tok) == key
     assert batch_token_ids(tok, texts) == expected
+
+
+def test_prompt_completion_pairs_from_parquet_with_a_column_mapping(tmp_path, tiny):
+    """``format=prompt_completion``: no template, ``[bos] prompt completion [eos]``; the prompt (BOS included) is the
+    ``user`` segment, the completion (EOS included) ``assistant``; columns mapped from the dataset's own names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from plwlab.segments import SEGMENT_ID
+
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"question": ["What is 2+2?", "Name a colour."], "answer": [" 4", " Blue."]}), path)
+    dm = InstructionDataModule(tiny.tokenizer, path=str(path), format="prompt_completion", val_size=0, cache_dir=None,
+                               columns={"prompt": "question", "completion": "answer"})  # fmt: skip
+    dm.setup()
+    tok = tiny.tokenizer
+    e = next(x for x in dm.train_set.examples if tok.decode(x.input_ids).startswith("<s>What"))
+    users = [t for t, s in zip(e.input_ids, e.segment_ids) if s == SEGMENT_ID["user"]]
+    answer = [t for t, s in zip(e.input_ids, e.segment_ids) if s == SEGMENT_ID["assistant"]]
+    assert tok.decode(users) == "<s>What is 2+2?" and tok.decode(answer) == " 4</s>"
+    assert dm.stats["data_format"] == "prompt_completion" and dm.stats["rg"] > 0
+    with pytest.raises(DataError, match="record 0 has no 'prompt' field"):
+        InstructionDataModule(tok, path=str(path), format="prompt_completion", cache_dir=None).setup()
+
+
+def test_alpaca_columns_are_mapped_and_a_jsonl_hub_style_file_reads(tmp_path, tiny):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"instruction": "Say hi.", "response": "Hi!"}) + "\n")
+    assert load_records(str(path), columns={"output": "response"}) == [{"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+    with pytest.raises(DataError, match="data.format must be one of"):
+        load_source(str(path), "chatml")

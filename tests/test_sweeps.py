@@ -190,8 +190,9 @@ def test_paper_preset_is_the_papers_node(tmp_path):
 
 
 def test_study_trains_evaluates_and_analyses_a_grid_in_one_command(tmp_path):
-    """``plwlab study`` (make study) on the embedded default, made small: 3 datasets of different Rg built from the
-    bundled sample x PLW 0, 0.1, 1, two steps each, evaluated with the quick preset and analysed into one folder."""
+    """``plwlab study`` (make study) on the embedded default, made small: 3 Alpaca-format datasets of different Rg
+    built from the bundled sample and the multi-turn chat sample (per-segment weights) x PLW 0, 0.1, 1, two steps
+    each, evaluated with the quick preset and analysed together into one folder."""
     import csv
     import json
     import subprocess
@@ -206,12 +207,15 @@ def test_study_trains_evaluates_and_analyses_a_grid_in_one_command(tmp_path):
                           capture_output=True, text=True, env=cli_env(), timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader((out / "runs" / "results.csv").open()))
-    assert len({r["run_id"] for r in rows}) == 9
+    assert len({r["run_id"] for r in rows}) == 12
     rg = {r["dataset"]: float(r["rg"]) for r in rows}
-    assert rg["sample_short"] < 0.5 < rg["sample_medium"] < 1.5 < rg["alpaca_sample"]  # three different Rg
+    assert rg["sample_short"] < 0.5 < rg["sample_medium"] < 1.5 < min(rg["chat_sample"], rg["alpaca_sample"])
     summary = json.loads((out / "analysis" / "summary.json").read_text())
     assert set(summary["glmm"]) | set(summary["glmm_skipped"]) == set(rg) and "gam" in summary
+    chat = [json.loads(p.read_text()) for p in (out / "runs").glob("*data=chat_sample*/metrics.json")]
+    assert len(chat) == 3 and all(m["data_format"] == "messages" and m["segment_weights"]["template"] == 0 for m in chat)
+    assert {r["benchmark"] for r in rows if r["dataset"] == "chat_sample"} >= {"memorization", "alpaca_eval", "piqa"}
     for stem in ("performance_by_wp", "plw_rg_contour", "run_metrics"):
         assert (out / "analysis" / f"{stem}.png").exists()
     report = (out / "REPORT.md").read_text()
-    assert "9 runs: PLW 0, 0.1, 1 x 3 datasets" in report and "![plw_rg_contour](analysis/plw_rg_contour.png)" in report
+    assert "12 runs: PLW 0, 0.1, 1 x 4 datasets" in report and "![plw_rg_contour](analysis/plw_rg_contour.png)" in report

@@ -3,6 +3,7 @@
     plwlab stats data=alpaca_data model=llama2 [data.path=...] [--out stats.csv]
     plwlab stats data=alpaca_data,alpaca_data_short model.tokenizer=/path/tokenizer.model
     plwlab build-data data=alpaca_data_medium data.path=/data/alpaca_data_cleaned.json model=llama2
+    plwlab stats data=chat_sample model.chat_template=chatml       # chat data: Rg per dataset and per turn
     plwlab recommend --rg 0.8          |   plwlab recommend data=alpaca_data_short model=llama2
     plwlab recommend --rg 0.8 --model-file outputs/analysis/gam.json
     plwlab analyze results.csv --out outputs/analysis [--runs outputs/plwlab]      # --runs: a sweep dir
@@ -50,44 +51,74 @@ def _expand_data(overrides: list[str]) -> list[list[str]]:
     return [overrides]
 
 
-def _records(cfg: Any, tokenizer: Any) -> tuple[list[dict[str, str]], str]:
-    from plwlab.alpaca import build_variant, load_records
+def _tokenizer(cfg: Any) -> Any:
+    """The run's tokenizer, with ``model.chat_template`` applied as train.py applies it."""
+    from plwlab.model import load_tokenizer
 
-    d = cfg.data
-    path = d.path
-    if d.variant != "as_is":
-        built, _ = build_variant(d.path, d.variant, tokenizer, d.cache_dir, d.target_rg, on_invalid=d.on_invalid,
-                                 empty_output=d.empty_output)
-        path = str(built)
-    records = load_records(path, on_invalid=d.on_invalid, empty_output=d.empty_output)
-    return (records[: d.limit] if d.limit else records), path
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    if cfg.model.get("chat_template"):
+        from plwlab.chat import set_chat_template
+
+        set_chat_template(tokenizer, cfg.model.chat_template)
+    return tokenizer
+
+
+def _examples(cfg: Any, tokenizer: Any) -> tuple[list[Any], str, dict[str, Any] | None]:
+    """What a data config trains on (records or conversations, variant built, limit applied)."""
+    from plwlab.config import to_dict
+    from plwlab.sources import load_examples
+
+    d = to_dict(cfg.data)
+    return load_examples(d["path"], tokenizer, d["format"], d["split"], d["columns"], d["roles"], d["on_invalid"],
+                         d["empty_output"], d["variant"], d["target_rg"], d["cache_dir"], d["limit"])  # fmt: skip
+
+
+def _rg(cfg: Any, examples: list[Any], tokenizer: Any) -> float:
+    """The paper's Rg of a data config's examples (chat: assistant over system + user content tokens)."""
+    from plwlab.sources import CHAT_FORMATS
+
+    if cfg.data.format in CHAT_FORMATS:
+        from plwlab.stats import chat_rg
+
+        return chat_rg(examples, tokenizer)
+    from plwlab.alpaca import token_lengths
+
+    return token_lengths(examples, tokenizer).rg
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
     from plwlab.alpaca import PAPER_RG
-    from plwlab.model import load_tokenizer
-    from plwlab.stats import dataset_stats
+    from plwlab.sources import CHAT_FORMATS
+    from plwlab.stats import chat_stats, dataset_stats
 
     rows = []
     for overrides in _expand_data(args.overrides):
         cfg = compose_config(overrides, args.config_dir)
-        tokenizer = load_tokenizer(cfg.model.tokenizer)
-        records, path = _records(cfg, tokenizer)
-        stats = dataset_stats(records, tokenizer, cfg.data.max_length)
-        rows.append({"dataset": cfg.data.name, "path": path, "tokenizer": cfg.model.tokenizer,
+        tokenizer = _tokenizer(cfg)
+        examples, path, _ = _examples(cfg, tokenizer)
+        if cfg.data.format in CHAT_FORMATS:
+            think = list(cfg.data.think_tags) if cfg.data.think_tags else None
+            stats = chat_stats(examples, tokenizer, cfg.data.max_length, think)
+        else:
+            template = "none" if cfg.data.format == "prompt_completion" else "alpaca"
+            stats = dataset_stats(examples, tokenizer, cfg.data.max_length, template)
+        rows.append({"dataset": cfg.data.name, "format": cfg.data.format, "path": path, "tokenizer": cfg.model.tokenizer,
                      "max_length": cfg.data.max_length, **stats, "paper_rg": PAPER_RG.get(cfg.data.name)})  # fmt: skip
-    table = Table(title="Token statistics (fields tokenized alone; Rg = mean output / mean (instruction + input))")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    title = ("Token statistics (fields tokenized alone; Rg = mean output / mean (instruction + input); chat: "
+             "assistant / (system + user) content tokens, rg_turn_j: the j-th exchange)")  # fmt: skip
+    table = Table(title=title)
     table.add_column("statistic")
     for row in rows:
         table.add_column(row["dataset"], justify="right")
-    for key in rows[0]:
+    for key in columns:
         if key not in ("dataset", "path", "tokenizer"):
-            table.add_row(key, *(_fmt(row[key]) for row in rows))
+            table.add_row(key, *(_fmt(row.get(key)) for row in rows))
     console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     console.print(f"wrote {out}")
@@ -102,17 +133,13 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_build_data(args: argparse.Namespace) -> None:
-    from plwlab.alpaca import build_variant
     from plwlab.config import ConfigError
-    from plwlab.model import load_tokenizer
 
     cfg = compose_config(args.overrides, args.config_dir)
     d = cfg.data
     if d.variant == "as_is":
         raise ConfigError(f"data={d.name} is used as is; nothing to build (choose a variant, e.g. data=alpaca_data_short)")
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
-    path, manifest = build_variant(d.path, d.variant, tokenizer, d.cache_dir, d.target_rg, on_invalid=d.on_invalid,
-                                   empty_output=d.empty_output)
+    _, path, manifest = _examples(cfg, _tokenizer(cfg))
     console.print(f"{d.name}: {path}\n  n={manifest['n']} (source {manifest['n_source']}), inverted "
                   f"{manifest['n_inverted']}, dropped {manifest['n_dropped']}, Rg {manifest['rg']:.4g} "
                   f"(source {manifest['rg_source']:.4g})")  # fmt: skip
@@ -126,14 +153,12 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
     rg = args.rg
     if rg is None:
-        from plwlab.alpaca import token_lengths
-        from plwlab.model import load_tokenizer
-
         cfg = compose_config(args.overrides, args.config_dir)
-        tokenizer = load_tokenizer(cfg.model.tokenizer)
-        records, _ = _records(cfg, tokenizer)
-        rg = token_lengths(records, tokenizer).rg
-        console.print(f"{cfg.data.name}: Rg {rg:.4g} ({len(records)} examples, tokenizer {cfg.model.tokenizer})")
+        tokenizer = _tokenizer(cfg)
+        examples, _, _ = _examples(cfg, tokenizer)
+        rg = _rg(cfg, examples, tokenizer)
+        console.print(f"{cfg.data.name}: Rg {rg:.4g} ({len(examples)} {cfg.data.format} examples, tokenizer "
+                      f"{cfg.model.tokenizer})")  # fmt: skip
     if args.model_file:
         console.print(str(recommend_plw(rg, args.column, args.model_file)), markup=False, highlight=False, soft_wrap=True)
         return

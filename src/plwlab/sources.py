@@ -78,8 +78,12 @@ def load_source(path: str, format: str = "alpaca", split: str = "train", columns
         return load_conversations(path, format, on_invalid, split, columns, roles)
     if format == "prompt_completion":  # the prompt as instruction, the completion as output, no input
         names = {"prompt": "prompt", "completion": "completion", **(columns or {})}
-        records = load_records(path, split, on_invalid, empty_output,
-                               {"instruction": names["prompt"], "output": names["completion"]})  # fmt: skip
+        try:
+            records = load_records(path, split, on_invalid, empty_output,
+                                   {"instruction": names["prompt"], "output": names["completion"]})  # fmt: skip
+        except DataError as e:  # name the fields as this format calls them
+            message = str(e).replace("'instruction'", repr(names["prompt"])).replace("'output'", repr(names["completion"]))
+            raise DataError(message) from None
         return [{**r, "input": ""} for r in records]
     return load_records(path, split, on_invalid, empty_output, columns)
 
