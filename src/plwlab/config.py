@@ -49,8 +49,8 @@ class DataConfig:  # arguments of plwlab.datamodule.InstructionDataModule (token
     name: str = "alpaca"
     format: str = "alpaca"  # alpaca | prompt_completion | messages | sharegpt
     split: str = "train"  # of a hub dataset
-    columns: Optional[dict[str, str]] = None  # plwlab's name -> the dataset's column, e.g. {output: response}
-    roles: Optional[dict[str, str]] = None  # chat: the dataset's role name -> system | user | assistant
+    columns: Any = None  # plwlab's name -> the dataset's column, e.g. {output: response}
+    roles: Any = None  # chat: the dataset's role name -> system | user | assistant
     think_tags: Optional[list[str]] = None  # chat: [open, close] around a reasoning span in assistant turns
     max_length: int = 512
     val_size: float = 0.05
