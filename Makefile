@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) train.py
 
-study: setup  ## the whole study offline: PLW x 3 datasets trained, evaluated, analysed into outputs/study (~8 min)
+study: setup  ## the whole study offline: PLW x 4 datasets (3 Alpaca-format, 1 chat) trained, evaluated, analysed into outputs/study (~3 min)
 	$(VENV)/bin/plwlab study --out outputs/study
 
 test: setup

@@ -319,3 +319,14 @@ def test_alpaca_columns_are_mapped_and_a_jsonl_hub_style_file_reads(tmp_path, ti
     assert load_records(str(path), columns={"output": "response"}) == [{"instruction": "Say hi.", "input": "", "output": "Hi!"}]
     with pytest.raises(DataError, match="data.format must be one of"):
         load_source(str(path), "chatml")
+
+
+def test_a_local_dataset_folder_loads_through_datasets_as_a_hub_id_would(tmp_path, tiny):
+    """The hub path (``datasets.load_dataset``) run offline on a folder laid out as a hub dataset repository."""
+    folder = tmp_path / "my_chats" / "data"
+    folder.mkdir(parents=True)
+    rows = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]} for i in range(3)]
+    (folder / "train-00000.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert load_source(str(tmp_path / "my_chats"), "messages") == [r["messages"] for r in rows]
+    with pytest.raises(DataError, match="cannot load dataset"):
+        load_source(str(tmp_path / "my_chats"), "messages", split="validation")

@@ -9,11 +9,11 @@ from plwlab.batching import collate
 from plwlab.tokenization import TokenizedExample
 from plwlab.callbacks import LossRSD, ParamDistance
 from plwlab.datamodule import InstructionDataModule
-from plwlab.loss import completion_mask, next_token_nll, prompt_weighted_loss
+from plwlab.loss import completion_mask, next_token_nll, prompt_weighted_loss, segment_weighted_loss
 from plwlab.model import ModelLoadError, load_model
 from plwlab.module import PLWModule
 
-from plwlab.segments import COMPLETION_SEGMENTS, SEGMENTS
+from plwlab.segments import COMPLETION_IDS, COMPLETION_SEGMENTS, SEGMENTS
 
 from conftest import ASSETS, SAMPLE, tiny_model
 
@@ -222,3 +222,24 @@ def test_fused_adamw_gives_the_for_loop_update():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="optimizer_impl must be one of"):
         PLWModule(models["fused"], optimizer_impl="adafactor")
+
+
+@pytest.mark.parametrize("normalization", ["weight_sum", "nonzero", "completion"])
+@pytest.mark.parametrize("plw", [0.0, 0.1, 1.0])
+def test_alpaca_training_loss_is_bit_identical_to_the_prompt_weighted_loss(normalization, plw):
+    """On Alpaca data the module's segment-weighted loss (7 segments, weights from plw) gives the very bits of
+    :func:`prompt_weighted_loss` (prompt/completion), with its own denominator and with the step's (1.0)."""
+    loaded = tiny_model()
+    module = PLWModule(loaded.model, plw=plw, normalization=normalization)
+    dm = InstructionDataModule(loaded.tokenizer, path=str(SAMPLE), batch_size=6, val_size=0, limit=12, cache_dir=None)
+    dm.setup()
+    batch = collate([dm.train_set[i] for i in range(6)], loaded.tokenizer.pad_token_id)
+    with torch.no_grad():
+        nll = module(batch)
+    for denominator in (None, 1.0):
+        new = segment_weighted_loss(nll, batch["segment_ids"], batch["token_mask"], module.weights, COMPLETION_IDS,
+                                    normalization, denominator)  # fmt: skip
+        old = prompt_weighted_loss(nll, completion_mask(batch["segment_ids"]), batch["token_mask"], plw, normalization,
+                                   denominator)  # fmt: skip
+        for a, b in zip(new, old):
+            assert torch.equal(a, b)

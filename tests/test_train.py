@@ -229,31 +229,69 @@ FAMILIES = {
     "qwen2_5": ("qwen2", {"bos_token": None, "eos_token": "<|endoftext|>", "unk_token": None,
                           "pad_token": "<|endoftext|>"}, "<|endoftext|>"),
 }  # fmt: skip
+# Each family's chat template as its instruct model ships it (tools and multimodal branches left out), with the
+# special tokens it needs, and the text that closes an assistant turn
+CHAT_TEMPLATES = {
+    "llama3": ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
+               "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 "
+               "== 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt "
+               "%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+               ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+    "mistral": ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+                "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] "
+                "== 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant "
+                "roles are supported!') }}{% endif %}{% endfor %}", [], "</s>"),
+    "qwen2_5": ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + "
+                "'<|im_end|>\n' }}{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a "
+                "helpful assistant.<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{%- if not (message.role == "
+                "'system' and loop.first) %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + "
+                "'\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}",
+                ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("preset", sorted(FAMILIES))
 def test_model_presets_load_and_train_a_tiny_model_of_their_family(preset, tmp_path):
     """Each preset (hub id by default) loads a local directory of its architecture: here a tiny random model built
-    from its family's config, with a tiny tokenizer carrying the family's special tokens; it trains, and pads as
-    documented in its YAML."""
+    from its family's config, with a tiny tokenizer carrying the family's special tokens and chat template; it
+    trains on Alpaca data and on chat data through that template (Mistral's refuses system prompts: by name), and
+    pads as documented in its YAML."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from plwlab.chat import ChatDataError, end_of_turn_ids
+
     model_type, specials, pad = FAMILIES[preset]
+    template, chat_tokens, end_of_turn = CHAT_TEMPLATES[preset]
     tok = AutoTokenizer.from_pretrained(ROOT / "src" / "plwlab" / "assets" / "tiny_tokenizer")
     tok.add_special_tokens({k: v for k, v in specials.items() if v is not None})
+    tok.add_special_tokens({"additional_special_tokens": chat_tokens})
     for key, value in specials.items():
         if value is None:
             setattr(tok, key, None)
+    tok.chat_template = template
     tok.save_pretrained(tmp_path / "model")
     config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                   max_position_embeddings=1024)  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
-    cfg = compose_train([f"model={preset}", f"model.name_or_path={tmp_path / 'model'}", *QUICK, "trainer.max_steps=2",
-                         "model.attn_implementation=eager"], tmp_path / "run")  # fmt: skip
+    model = [f"model={preset}", f"model.name_or_path={tmp_path / 'model'}", "model.attn_implementation=eager"]
+    cfg = compose_train([*model, *QUICK, "trainer.max_steps=2"], tmp_path / "run")
     assert cfg.model.dtype == "float32" and cfg.model.gradient_checkpointing
     metrics = train(cfg)
     assert metrics["global_steps"] == 2 and metrics["final_train_loss"] > 0
     saved = AutoTokenizer.from_pretrained(tmp_path / "run" / "hf_model")
     assert saved.pad_token == pad and len(saved) == len(tok)  # no embedding row added
     assert AutoConfig.from_pretrained(tmp_path / "run" / "hf_model").model_type == model_type
+    assert end_of_turn_ids(saved)[-1] == saved.convert_tokens_to_ids(end_of_turn)
+    chat = [*model, "data=chat_sample", *QUICK, "trainer.max_steps=2"]
+    if preset == "mistral":  # its template raises on a system turn: the record is named, then train without them
+        with pytest.raises(ChatDataError, match="conversation 3: the chat template refuses it: Conversation roles must alternate"):
+            train(compose_train(chat, tmp_path / "chat_with_system"))
+        lines = (ROOT / "src" / "plwlab" / "assets" / "chat_sample.jsonl").read_text().splitlines()
+        (tmp_path / "no_system.jsonl").write_text("\n".join(line for line in lines if '"system"' not in line))
+        chat.append(f"data.path={tmp_path / 'no_system.jsonl'}")
+    metrics = train(compose_train(chat, tmp_path / "chat"))
+    assert metrics["data_format"] == "messages" and metrics["global_steps"] == 2 and metrics["final_train_loss"] > 0
+
+

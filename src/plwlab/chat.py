@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 from plwlab.alpaca import DataError
 from plwlab.segments import SEGMENT_ID
 
@@ -173,7 +175,10 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], th
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ChatDataError("the tokenizer has no chat template (set model.chat_template or use a chat model's tokenizer)")
-    text = _render(tokenizer, messages, False)
+    try:
+        text = _render(tokenizer, messages, False)
+    except TemplateError as e:  # e.g. Mistral's raise_exception on a system turn
+        raise ChatDataError(f"{name}: the chat template refuses it: {e}") from None
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
 

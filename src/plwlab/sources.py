@@ -37,8 +37,8 @@ def read_json_records(path: Path) -> list[Any]:
 
 
 def read_rows(path: str, split: str = "train") -> list[Any]:
-    """Rows of a local ``.json`` / ``.jsonl`` / ``.parquet`` file or, when ``path`` names no local file, of the
-    ``split`` of an HF hub dataset (``datasets.load_dataset``)."""
+    """Rows of a local ``.json`` / ``.jsonl`` / ``.parquet`` file or, through ``datasets.load_dataset``, the
+    ``split`` of a local dataset folder or an HF hub dataset id."""
     local = Path(path).expanduser()
     if local.is_file():
         if local.suffix == ".parquet":
@@ -46,7 +46,9 @@ def read_rows(path: str, split: str = "train") -> list[Any]:
 
             return pq.read_table(local).to_pylist()
         return read_json_records(local)
-    if local.exists() or path.startswith((".", "/", "~")) or path.endswith(LOCAL_SUFFIXES):
+    if local.is_dir():  # a local dataset folder (data files, or a dataset repository cloned for offline use)
+        path = str(local)
+    elif local.exists() or path.startswith((".", "/", "~")) or path.endswith(LOCAL_SUFFIXES):
         raise DataError(f"data file not found: {path}")
     import datasets
 
