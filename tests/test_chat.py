@@ -225,3 +225,18 @@ def test_a_chat_run_is_prompted_through_its_template_and_stops_at_its_end_of_tur
     alpaca = LoadedRun(loaded.model, tok, {"data_format": "alpaca"}, "r")
     assert instruction_prompt(alpaca, "Add.").startswith("Below is an instruction")
     assert instruction_prompt(LoadedRun(None, tok, {"data_format": "prompt_completion"}, "r"), "Add.", "1 2") == "Add.\n\n1 2"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("loss.segment_weights={assistnt: 1}", "unknown segment 'assistnt'; segments are template, system, user"),
+    ("loss.segment_weights={user: -1}", "loss.segment_weights.user must be a finite number >= 0"),
+    ("data.format=chatml", "data.format must be one of"),
+    ("data.think_tags=['<think>','</think>']", "data.think_tags must be \\[open, close\\] on chat data"),
+])  # fmt: skip
+def test_bad_chat_settings_stop_with_one_line(tmp_path, override, message):
+    from plwlab.config import ConfigError, validate
+
+    from conftest import compose_train
+
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_train([override], tmp_path))
