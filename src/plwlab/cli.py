@@ -73,22 +73,9 @@ def _examples(cfg: Any, tokenizer: Any) -> tuple[list[Any], str, dict[str, Any] 
                          d["empty_output"], d["variant"], d["target_rg"], d["cache_dir"], d["limit"])  # fmt: skip
 
 
-def _rg(cfg: Any, examples: list[Any], tokenizer: Any) -> float:
-    """The paper's Rg of a data config's examples (chat: assistant over system + user content tokens)."""
-    from plwlab.sources import CHAT_FORMATS
-
-    if cfg.data.format in CHAT_FORMATS:
-        from plwlab.stats import chat_rg
-
-        return chat_rg(examples, tokenizer)
-    from plwlab.alpaca import token_lengths
-
-    return token_lengths(examples, tokenizer).rg
-
-
 def cmd_stats(args: argparse.Namespace) -> None:
     from plwlab.alpaca import PAPER_RG
-    from plwlab.sources import CHAT_FORMATS
+    from plwlab.sources import CHAT_FORMATS, prompt_template
     from plwlab.stats import chat_stats, dataset_stats
 
     rows = []
@@ -100,8 +87,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
             think = list(cfg.data.think_tags) if cfg.data.think_tags else None
             stats = chat_stats(examples, tokenizer, cfg.data.max_length, think)
         else:
-            template = "none" if cfg.data.format == "prompt_completion" else "alpaca"
-            stats = dataset_stats(examples, tokenizer, cfg.data.max_length, template)
+            stats = dataset_stats(examples, tokenizer, cfg.data.max_length, prompt_template(cfg.data.format))
         rows.append({"dataset": cfg.data.name, "format": cfg.data.format, "path": path, "tokenizer": cfg.model.tokenizer,
                      "max_length": cfg.data.max_length, **stats, "paper_rg": PAPER_RG.get(cfg.data.name)})  # fmt: skip
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -153,10 +139,12 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
     rg = args.rg
     if rg is None:
+        from plwlab.stats import rg_measure
+
         cfg = compose_config(args.overrides, args.config_dir)
         tokenizer = _tokenizer(cfg)
         examples, _, _ = _examples(cfg, tokenizer)
-        rg = _rg(cfg, examples, tokenizer)
+        rg = rg_measure(cfg.data.format)(examples, tokenizer)
         console.print(f"{cfg.data.name}: Rg {rg:.4g} ({len(examples)} {cfg.data.format} examples, tokenizer "
                       f"{cfg.model.tokenizer})")  # fmt: skip
     if args.model_file:

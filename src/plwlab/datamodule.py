@@ -23,9 +23,9 @@ from plwlab.batching import (
     pack_examples,
     split_indices,
 )  # fmt: skip
-from plwlab.sources import CHAT_FORMATS, FORMATS, load_examples
-from plwlab.stats import chat_rg
-from plwlab.tokenization import cached_rg, cached_tokenize, cached_tokenize_chats
+from plwlab.sources import FORMATS, load_examples
+from plwlab.stats import rg_measure
+from plwlab.tokenization import cached_rg, cached_tokenize_source
 
 log = logging.getLogger(__name__)
 class InstructionDataModule(L.LightningDataModule):
@@ -103,10 +103,6 @@ class InstructionDataModule(L.LightningDataModule):
         self.val_set: TokenizedDataset | None = None
         self.stats: dict[str, float] = {}
 
-    @property
-    def is_chat(self) -> bool:
-        return self.format in CHAT_FORMATS
-
     def load(self) -> tuple[list[Any], str]:
         """The examples this data module trains on and the path they were read from (:func:`load_examples`)."""
         examples, path, self.manifest = load_examples(
@@ -119,14 +115,9 @@ class InstructionDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         examples_source, path = self.load()
-        if self.is_chat:
-            examples, n_empty = cached_tokenize_chats(examples_source, self.tokenizer, self.max_length, self.cache_dir,
-                                                      self.think_tags)  # fmt: skip
-            rg = cached_rg(examples_source, self.tokenizer, self.cache_dir, chat_rg)
-        else:
-            template = "none" if self.format == "prompt_completion" else "alpaca"
-            examples, n_empty = cached_tokenize(examples_source, self.tokenizer, self.max_length, self.cache_dir, template)
-            rg = cached_rg(examples_source, self.tokenizer, self.cache_dir)
+        examples, n_empty = cached_tokenize_source(examples_source, self.tokenizer, self.format, self.max_length,
+                                                   self.cache_dir, self.think_tags)  # fmt: skip
+        rg = cached_rg(examples_source, self.tokenizer, self.cache_dir, rg_measure(self.format))
         if n_empty:
             msg = (
                 f"{n_empty} of {len(examples)} examples lost every completion token to truncation at "

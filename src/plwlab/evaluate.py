@@ -31,15 +31,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from plwlab.alpaca import load_records
 from plwlab.batching import split_indices
 from plwlab.benchmarks import prepare_task, run_lm_eval
 from plwlab.files import atomic_write
 from plwlab.generation import generate
 from plwlab.judges import PairwiseJudge, alpaca_eval_package, win_rate, win_tie_lose
 from plwlab.chat import end_of_turn_ids
-from plwlab.sources import CHAT_FORMATS, as_conversations, load_source
-from plwlab.tokenization import cached_tokenize, cached_tokenize_chats, prompt_text
+from plwlab.sources import CHAT_FORMATS, load_built_variant, load_source, prompt_template
+from plwlab.tokenization import cached_tokenize_source, prompt_text
 
 log = logging.getLogger(__name__)
 RESULT_COLUMNS = ("run_id", "model", "dataset", "plw", "rg", "benchmark", "metric", "score", "stderr", "n",
@@ -114,7 +113,7 @@ def instruction_prompt(run: LoadedRun, instruction: str, input: str = "") -> str
         user = instruction + (f"\n\n{input}" if input else "")
         return run.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                                  add_generation_prompt=True)  # fmt: skip
-    template = "none" if run.meta.get("data_format") == "prompt_completion" else "alpaca"
+    template = prompt_template(run.meta.get("data_format", "alpaca"))
     return prompt_text({"instruction": instruction, "input": input}, template)
 
 
@@ -219,18 +218,13 @@ def training_records(run_dir: Path, tokenizer: Any) -> list[Any]:
     fmt = d.get("format", "alpaca")  # runs older than data.format trained on Alpaca records
     manifest = run_dir / "data_manifest.json"
     if manifest.exists():
-        examples = load_records(json.loads(manifest.read_text())["output_path"])
-        examples = as_conversations(examples) if fmt in CHAT_FORMATS else examples
+        examples = load_built_variant(json.loads(manifest.read_text())["output_path"], fmt)
     else:  # runs older than data.empty_output never kept an empty output
         examples = load_source(d.path, fmt, d.get("split", "train"), d.get("columns"), d.get("roles"),
                                d.get("on_invalid", "error"), d.get("empty_output", "skip"))  # fmt: skip
     examples = examples[: d.get("limit")]
     if d.get("empty_completion") == "drop":
-        if fmt in CHAT_FORMATS:
-            tokenized, _ = cached_tokenize_chats(examples, tokenizer, d.max_length, None, d.get("think_tags"))
-        else:
-            tokenized, _ = cached_tokenize(examples, tokenizer, d.max_length, None,
-                                           "none" if fmt == "prompt_completion" else "alpaca")  # fmt: skip
+        tokenized, _ = cached_tokenize_source(examples, tokenizer, fmt, d.max_length, None, d.get("think_tags"))
         examples = [r for r, e in zip(examples, tokenized) if e.has_completion]
     _, train = split_indices(len(examples), d.val_size, cfg.seed)
     return [examples[i] for i in train]

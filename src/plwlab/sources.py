@@ -16,6 +16,12 @@ FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt")
 CHAT_FORMATS = ("messages", "sharegpt")
 
 
+def prompt_template(format: str) -> str:  # noqa: A002
+    """The prompt template of a single-turn format (:func:`plwlab.tokenization.prompt_text`): ``none`` for
+    prompt/completion pairs, the Stanford Alpaca template otherwise."""
+    return "none" if format == "prompt_completion" else "alpaca"
+
+
 def read_json_records(path: Path) -> list[Any]:
     """The records of a local ``.json`` file (a list) or ``.jsonl`` file; a broken line is named by its number."""
     text = path.read_text(encoding="utf-8")
@@ -110,6 +116,12 @@ def as_conversations(records: list[dict[str, str]]) -> list[list[dict[str, str]]
              {"role": "assistant", "content": r["output"]}] for r in records]  # fmt: skip
 
 
+def load_built_variant(path: str, format: str) -> list[Any]:  # noqa: A002
+    """The examples of a built variant's file (Alpaca records; single-turn conversations again for chat data)."""
+    records = load_records(path)
+    return as_conversations(records) if format in CHAT_FORMATS else records
+
+
 def load_examples(
     path: str, tokenizer: Any, format: str = "alpaca", split: str = "train",  # noqa: A002
     columns: dict[str, str] | None = None, roles: dict[str, str] | None = None, on_invalid: str = "error",
@@ -122,9 +134,8 @@ def load_examples(
     source = load_source(path, format, split, columns, roles, on_invalid, empty_output)
     manifest = None
     if variant != "as_is":
-        chat = format in CHAT_FORMATS
-        built, manifest = build_variant(path, variant, tokenizer, cache_dir or "outputs/data", target_rg,
-                                        records=as_single_turn(source) if chat else source)  # fmt: skip
+        records = as_single_turn(source) if format in CHAT_FORMATS else source
+        built, manifest = build_variant(path, variant, tokenizer, cache_dir or "outputs/data", target_rg, records=records)
         path = str(built)
-        source = as_conversations(load_records(path)) if chat else load_records(path)
+        source = load_built_variant(path, format)
     return (source[:limit] if limit else source), path, manifest

@@ -3,7 +3,7 @@ pairs or chat conversations, with Rg per dataset and, for conversations, per tur
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +11,7 @@ import numpy as np
 from rich.progress import track
 
 from plwlab.alpaca import token_lengths
-from plwlab.tokenization import TokenizedExample, tokenize_chats, tokenize_examples
+from plwlab.tokenization import TokenizedExample, alpaca_rg, tokenize_chats, tokenize_examples
 
 MAX_TURNS = 5  # Rg of the first exchanges, one column each
 
@@ -65,6 +65,14 @@ def chat_rg(conversations: list[list[dict[str, str]]], tokenizer: Any) -> float:
     """The paper's Rg for conversations: assistant content tokens over system + user content tokens, each message
     tokenized alone (no template, no special tokens), as Alpaca's fields are."""
     return chat_token_lengths(conversations, tokenizer).rg
+
+
+def rg_measure(format: str) -> Callable[[Sequence[Any], Any], float]:  # noqa: A002
+    """The paper's Rg for a data ``format``: :func:`chat_rg` for conversations, else
+    :func:`plwlab.tokenization.alpaca_rg` (output over instruction + input)."""
+    from plwlab.sources import CHAT_FORMATS
+
+    return chat_rg if format in CHAT_FORMATS else alpaca_rg
 
 
 def _mean_std(values: np.ndarray) -> tuple[float, float]:

@@ -225,6 +225,19 @@ def cached_tokenize_chats(
     return _cached(conversations, tokenizer, key, cache_dir, build)
 
 
+def cached_tokenize_source(
+    examples: Sequence[Any], tokenizer: Any, format: str, max_length: int, cache_dir: str | Path | None,  # noqa: A002
+    think_tags: Sequence[str] | None = None,
+) -> tuple[list[TokenizedExample], int]:  # fmt: skip
+    """The examples of a data ``format`` (:data:`plwlab.sources.FORMATS`) tokenized and cached: conversations
+    through the chat template (:func:`cached_tokenize_chats`), records in their prompt template (:func:`cached_tokenize`)."""
+    from plwlab.sources import CHAT_FORMATS, prompt_template
+
+    if format in CHAT_FORMATS:
+        return cached_tokenize_chats(examples, tokenizer, max_length, cache_dir, think_tags)
+    return cached_tokenize(examples, tokenizer, max_length, cache_dir, prompt_template(format))
+
+
 def _cached(
     records: Sequence[Any], tokenizer: Any, key: list[Any], cache_dir: str | Path | None,
     build: Callable[[], tuple[list[TokenizedExample], int]],
