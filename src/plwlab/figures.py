@@ -13,8 +13,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import special  # noqa: E402
 
-from plwlab.analysis import GLMMFit, unit_scores, wp  # noqa: E402
+from plwlab.analysis import unit_scores, wp  # noqa: E402
 from plwlab.gam import TensorGAMFit  # noqa: E402
+from plwlab.glmm import GLMMFit  # noqa: E402
 
 RUN_METRICS = {
     "loss_rsd": "training-loss RSD (5-step windows)",

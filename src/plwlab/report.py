@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 
 from plwlab import figures
-from plwlab.analysis import GLMMFit, fit_beta_glmm, relative_scores
+from plwlab.analysis import relative_scores
 from plwlab.gam import fit_te_gam
+from plwlab.glmm import GLMMFit, fit_beta_glmm
 
 log = logging.getLogger(__name__)
 RG_GRID = np.round(np.arange(0.5, 8.01, 0.5), 1)
@@ -111,7 +112,7 @@ def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | Non
         glmm.insert(1, "rg", [rel.loc[rel["dataset"] == d, "rg"].iloc[0] for d in glmm["dataset"]])
         glmm.sort_values("rg").to_csv(out / "glmm.csv", index=False)
         columns = ["dataset", "rg", "intercept", "b1", "se_b1", "p_b1", "b2", "se_b2", "p_b2", "critical_plw", "loglik",
-                   "clean", "boundary"]  # fmt: skip
+                   "clean", "message", "boundary"]  # fmt: skip
         (out / "glmm.md").write_text(_markdown(glmm.sort_values("rg")[columns]))
 
     gams = {}
