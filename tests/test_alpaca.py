@@ -11,6 +11,7 @@ from plwlab.recommend import recommend_plw
 from plwlab.cli import main as cli
 from plwlab.datamodule import InstructionDataModule
 from plwlab.stats import dataset_stats
+from plwlab.tokenization import tokenize_examples
 
 from conftest import SAMPLE, SHARED_DATA, tiny_model
 
@@ -108,6 +109,11 @@ def test_dataset_stats_by_hand(tok, records):
     assert stats["total_tokens"] == lengths.instruction.sum() + lengths.input.sum() + lengths.output.sum()
     assert stats["rg_mean_of_ratios"] == pytest.approx(np.mean(lengths.output / lengths.prompt))
     assert 0 < stats["empty_completion_share"] < stats["truncated_share"] < 1
+    # Rg of what training sees: output tokens inside the max_length window (EOS not counted) over prompt tokens
+    examples, _ = tokenize_examples(sample, tok, max_length=80)
+    kept = sum(e.n_completion - int(e.input_ids[-1] == tok.eos_token_id) for e in examples)
+    assert stats["rg_within_max_length"] == pytest.approx(kept / lengths.prompt.sum())
+    assert stats["rg_within_max_length"] < stats["rg"]
 
 
 @pytest.mark.parametrize(("rg", "plw"), [(0.5, 0.155), (1.0, 0.155), (1.25, 0.169), (1.5, 0.183), (2.0, 0.239), (0.1, 0.155)])
@@ -176,6 +182,6 @@ def test_alpaca_52k_stats_with_llama_tokenizer():
     alpaca, spm = SHARED_DATA / "alpaca" / "alpaca_data.json", SHARED_DATA / "tokenizer" / "llama_tokenizer.model"
     if not (alpaca.exists() and spm.exists()):
         pytest.skip("../shared/data not present")
-    records = load_records(str(alpaca))
-    lengths = token_lengths(records, load_tokenizer(str(spm)))
-    assert lengths.rg == pytest.approx(3.27, rel=0.01)  # the paper's AlpacaData Rg
+    stats = dataset_stats(load_records(str(alpaca)), load_tokenizer(str(spm)), max_length=512)
+    assert round(stats["rg"], 4) == 3.2837  # 52,002 records, fields tokenized alone
+    assert round(stats["rg_within_max_length"], 2) == 3.27  # the paper's Table 1, to its printed digit

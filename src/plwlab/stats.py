@@ -81,11 +81,15 @@ def _mean_std(values: np.ndarray) -> tuple[float, float]:
 
 def dataset_stats(records: Sequence[dict[str, str]], tokenizer: Any, max_length: int = 512,
                   template: str = "alpaca") -> dict[str, float]:  # fmt: skip
-    """Table-1 style statistics: per-field token mean/std, totals, Rg, and truncation shares at ``max_length``."""
+    """Table-1 style statistics: per-field token mean/std, totals, Rg, and truncation shares at ``max_length``.
+    ``rg_within_max_length`` is Rg of what training sees: output tokens left inside the ``max_length`` window of the
+    templated sequence (EOS not counted) over prompt tokens."""
     lengths = token_lengths(records, tokenizer, progress=True)
     examples, _ = tokenize_examples(records, tokenizer, max_length=10**9, template=template)
     full = np.array([len(e.input_ids) for e in examples])
-    templated_prompt = full - np.array([e.n_completion for e in examples])
+    completion = np.array([e.n_completion for e in examples])  # output tokens + EOS, tokenized with the prompt
+    templated_prompt = full - completion
+    kept_output = np.clip(np.minimum(full, max_length) - templated_prompt, 0, completion - 1)
     prompt = lengths.prompt
     stats: dict[str, float] = {"n": len(records)}
     for field in ("instruction", "input", "output"):
@@ -95,6 +99,7 @@ def dataset_stats(records: Sequence[dict[str, str]], tokenizer: Any, max_length:
         total_tokens=int(prompt.sum() + lengths.output.sum()),
         rg=lengths.rg,
         rg_mean_of_ratios=float(np.mean(lengths.output / np.maximum(prompt, 1))),
+        rg_within_max_length=float(kept_output.sum() / max(prompt.sum(), 1)),
         truncated_share=float(np.mean(full > max_length)),
         empty_completion_share=float(np.mean(templated_prompt >= max_length)),
     )
