@@ -6,6 +6,7 @@ maximum likelihood with the Laplace approximation over the random effects.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,7 +245,7 @@ class BetaGLMMLaplace:
         return grad if grad is not None else np.full(len(p), np.nan)
 
 
-def optim_hess(gradient: Any, x: np.ndarray, step: float = OPTIM_HESS_STEP) -> np.ndarray:
+def optim_hess(gradient: Callable[[np.ndarray], np.ndarray], x: np.ndarray, step: float = OPTIM_HESS_STEP) -> np.ndarray:
     """R's ``optimHess(par, fn, gr)``: central differences of the gradient (step ndeps = 1e-3), symmetrised."""
     k = len(x)
     H = np.empty((k, k))

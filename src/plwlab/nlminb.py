@@ -12,7 +12,7 @@ as the states of two small loops (``_assess`` is DA7SST, ``nlminb`` is DRMNG plu
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,7 +22,6 @@ MESSAGES = {
     6: "absolute function convergence (6)", 7: "singular convergence (7)", 8: "false convergence (8)",
     9: "function evaluation limit reached without convergence (9)",
     10: "iteration limit reached without convergence (10)", 63: "fn cannot be computed at initial par (63)",
-    64: "bad parameters to the step assessment (64)",
 }  # fmt: skip
 
 
@@ -101,7 +100,6 @@ class _State:
     switch: int = 0
     toobig: int = 0
     xirc: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _assess(s: _State) -> None:
