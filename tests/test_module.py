@@ -243,3 +243,14 @@ def test_alpaca_training_loss_is_bit_identical_to_the_prompt_weighted_loss(norma
                                    denominator)  # fmt: skip
         for a, b in zip(new, old):
             assert torch.equal(a, b)
+
+
+def test_gradient_checkpointing_is_enabled_without_a_deprecation_warning():
+    """transformers 5 renamed gradient_checkpointing_enable (removed in v6); the current name is used where it exists."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = tiny_model(gradient_checkpointing=True).model
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    assert checkpointing if checkpointing is not None else model.is_gradient_checkpointing

@@ -136,7 +136,10 @@ def load_model(
     if len(tok) > pretrained_vocab_size:
         model.resize_token_embeddings(len(tok))
     if gradient_checkpointing:  # per decoder layer; non-reentrant, as FSDP2 needs
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name goes in v6
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         import peft
 
