@@ -8,7 +8,7 @@ import pytest
 from plwlab.analysis import PRIMARY_METRICS, primary_scores, relative_scores, wp
 from plwlab.cli import main as cli
 from plwlab.gam import CubicRegressionSpline, fit_te_gam, place_knots
-from plwlab.glmm import BetaGLMMLaplace, critical_plw, fit_beta_glmm, squeeze
+from plwlab.glmm import BetaGLMMLaplace, critical_plw, fit_beta_glmm, hessian_checks, numderiv_jacobian, squeeze
 from plwlab.report import analyze, collect_runs, fit_with_r
 
 from conftest import SHARED_DATA
@@ -84,6 +84,79 @@ def test_glmm_fits_and_flags_equal_glmmtmb_on_every_fixture_dataset(fixture):
             assert fit.critical_plw is None
         else:
             assert fit.critical_plw == pytest.approx(ref["lambda"], abs=1e-5), dataset
+
+
+# glmmTMB 1.1.5 (R 4.2.2) on synthetic_results(0), as `plwlab analyze --backend r` printed it:
+# (convergence, pdHess, warnings, logLik); logLik is NA where the Hessian is not positive definite.
+GLMMTMB_ON_SYNTHETIC = {
+    "long": (0, True, [], 3.75793058071175),
+    "medium": (1, False, ["non-positive-definite Hessian matrix", "singular convergence (7)"], None),
+    "short": (1, False, ["non-positive-definite Hessian matrix", "singular convergence (7)"], None),
+}
+
+
+def test_glmm_flags_and_loglik_equal_glmmtmb_off_the_fixture():
+    """Two fits whose variance components run to 0: glmmTMB's Hessian is not positive definite (nor on its second
+    look with numDeriv), so it warns, and its logLik is NA; plwlab's too (the objective is still kept)."""
+    rel = relative_scores(synthetic_results(0))
+    for dataset, (convergence, pd_hess, warnings, loglik) in GLMMTMB_ON_SYNTHETIC.items():
+        fit = fit_beta_glmm(rel[rel["dataset"] == dataset], dataset)
+        expected = [f"Model convergence problem; {w}. See vignette('troubleshooting')" for w in warnings]
+        assert (fit.convergence, fit.pd_hess, fit.warnings, fit.error) == (convergence, pd_hess, expected, ""), dataset
+        if loglik is None:
+            assert np.isnan(fit.loglik) and np.isfinite(fit.objective) and fit.to_dict()["loglik"] is None
+        else:
+            assert fit.loglik == pytest.approx(loglik, abs=1e-6) and fit.objective == -fit.loglik
+
+
+def test_glmm_where_glmmtmb_itself_stops():
+    """On synthetic_results(1) glmmTMB stops on 'long' (R: "Error in eigen(h): infinite or missing values in 'x'",
+    after the warning "NA/NaN function evaluation"; checked live in test_r_backend_on_synthetic_studies): the model SD
+    runs to where 1 / sd^2 overflows a double, TMB's objective is NaN beyond it, and numDeriv's steps cross it.
+    plwlab keeps the fit, names the error, and does not call it clean."""
+    rel = relative_scores(synthetic_results(1))
+    fit = fit_beta_glmm(rel[rel["dataset"] == "long"], "long")
+    assert fit.error == "infinite or missing values in 'x'" and not fit.clean
+    assert fit.warnings[0] == "NA/NaN function evaluation" and fit.convergence == 1
+    assert np.log(fit.sd_model) == pytest.approx(-0.5 * np.log(np.finfo(float).max), abs=1e-5)  # at the wall
+    objective = BetaGLMMLaplace(squeeze(np.full(4, 0.5), 4), np.array([0.0, 0.5, 1, 1]), np.array([0, 0, 1, 1]),
+                                np.array([0, 1, 0, 1]))  # fmt: skip
+    wall = -0.5 * np.log(np.finfo(float).max)
+    assert np.isfinite(objective(np.r_[np.zeros(7), wall + 1e-9])) and np.isnan(objective(np.r_[np.zeros(7), wall - 1e-9]))
+
+
+def test_numderiv_jacobian_equals_r():
+    """numDeriv::jacobian(f, c(0.7, 1e-9)) as R 4.2.2 / numDeriv 2016.8-1.1 printed it (Richardson, r = 4; the
+    second coordinate is below zero.tol, so it steps by eps): equal to the last bits, inexact parts included."""
+    def f(x):
+        return np.array([np.sin(x[0]) * np.exp(x[1]), x[0] ** 3 / (1 + x[1] ** 2), np.log(2 + x[0] * x[1])])
+
+    r = [[0.76484218806075577, 0.64421768788537626], [1.4699999999973996, -6.861014786869972e-10],
+         [5.1035293680986451e-10, 0.34999999987236258]]  # fmt: skip
+    np.testing.assert_allclose(numderiv_jacobian(f, np.array([0.7, 1e-9])), r, rtol=1e-13, atol=0)
+
+
+def test_hessian_checks_follow_glmmtmb():
+    """Each branch of glmmTMB's checks, on gradients whose Hessians are known."""
+    warning = "Model convergence problem; {}. See vignette('troubleshooting')".format
+    zero = np.zeros(2)
+    pd_hess, cov, warnings, error = hessian_checks(lambda x: np.array([2 * x[0], 4 * x[1]]), zero)
+    assert (pd_hess, warnings, error) == (True, [], "")
+    np.testing.assert_allclose(cov, np.diag([0.5, 0.25]))
+    # positive definite, but an eigenvalue below 10 eps
+    pd_hess, _, warnings, _ = hessian_checks(lambda x: np.array([x[0], 1e-17 * x[1]]), zero)
+    assert pd_hess and warnings == [warning("extreme or very small eigenvalues detected")]
+    # optimHess (step 1e-3) sees 1 - 2e6 * 1e-6 = -1; numDeriv's Richardson sees the true curvature 1: glmmTMB
+    # then calls it positive definite, without a warning, and takes numDeriv's inverse as the covariance
+    pd_hess, cov, warnings, error = hessian_checks(lambda x: np.array([x[0], x[1] - 2e6 * x[1] ** 3]), zero)
+    assert (pd_hess, warnings, error) == (True, [], "")
+    np.testing.assert_allclose(cov, np.eye(2), atol=1e-6)
+    # negative curvature on both looks
+    pd_hess, _, warnings, error = hessian_checks(lambda x: np.array([x[0], -x[1]]), zero)
+    assert (pd_hess, warnings, error) == (False, [warning("non-positive-definite Hessian matrix")], "")
+    # a gradient that cannot be computed off the point: glmmTMB stops in eigen() with this error
+    pd_hess, _, warnings, error = hessian_checks(lambda x: np.array([x[0], -x[1] if x[1] == 0 else np.nan]), zero)
+    assert (pd_hess, warnings, error) == (False, [], "infinite or missing values in 'x'")
 
 
 def test_laplace_gradient_is_exact():
@@ -187,7 +260,29 @@ def test_r_backend_reproduces_the_reference(tmp_path):
     reference = json.loads((FIXTURES / "reference.json").read_text())
     for dataset, ref in reference["glmm"].items():
         assert out["glmm"][dataset]["b1"] == pytest.approx(ref["b1"], abs=1e-6)
+        for flag in ("convergence", "pd_hess", "clean", "warnings"):
+            assert out["glmm"][dataset][flag] == ref[flag], (dataset, flag)
     assert out["gam"]["optimal_plw"] == pytest.approx({k: float(v) for k, v in reference["gam"]["optimal_plw"].items()})
+
+
+@pytest.mark.skipif(shutil.which("Rscript") is None, reason="R (Rscript) not installed")
+def test_r_backend_on_synthetic_studies(tmp_path):
+    """GLMMTMB_ON_SYNTHETIC is what glmmTMB gives on synthetic_results(0); on synthetic_results(1) glmmTMB itself stops
+    with an error on two datasets, and the R backend reports it per dataset instead of failing the whole table."""
+    second = synthetic_results(1).assign(dataset=lambda d: "s1_" + d["dataset"])
+    pd.concat([synthetic_results(0), second]).to_csv(tmp_path / "results.csv", index=False)
+    try:
+        out = fit_with_r(tmp_path / "results.csv", tmp_path / "r.json")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    for dataset, (convergence, pd_hess, warnings, loglik) in GLMMTMB_ON_SYNTHETIC.items():
+        r = out["glmm"][dataset]
+        r_warnings = [r["warnings"]] if isinstance(r["warnings"], str) else r["warnings"]
+        expected = [f"Model convergence problem; {w}. See vignette('troubleshooting')" for w in warnings]
+        assert (r["convergence"], r["pd_hess"], r_warnings) == (convergence, pd_hess, expected), dataset
+        assert r["loglik"] == (None if loglik is None else pytest.approx(loglik, abs=1e-8)), dataset
+    assert out["glmm"]["s1_long"]["error"] == "infinite or missing values in 'x'" and not out["glmm"]["s1_long"]["clean"]
+    assert "error" not in out["glmm"]["s1_medium"]
 
 
 def _study(plws=(0.0, 0.1, 1.0), rgs=(("short", 0.16), ("medium", 1.0), ("long", 3.5)), seed=0) -> pd.DataFrame:

@@ -41,5 +41,7 @@ def test_nan_objective_counts_as_infinite_and_a_bad_start_is_named():
     result = nlminb(lambda x: np.nan if x[0] <= 0 else x[0] - np.log(x[0]), lambda x: np.array([1 - 1 / x[0]]),
                     np.array([3.0]))  # fmt: skip
     assert result.convergence == 0 and result.x[0] == pytest.approx(1, abs=1e-6)
+    assert result.nan_evaluations >= 1  # the first step from 3 lands at or below 0
+    assert nlminb(rosenbrock, rosenbrock_gradient, np.array([-1.2, 1.0])).nan_evaluations == 0
     bad = nlminb(lambda x: np.nan, lambda x: np.zeros(1), np.array([0.0]))
     assert bad.code == 63 and bad.message == "fn cannot be computed at initial par (63)"

@@ -188,7 +188,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         console.print(f"{dataset}: GLMM skipped: {reason}", markup=False)
     for dataset, fit in summary["glmm"].items():
         plw = "no interior optimum" if fit["critical_plw"] is None else f"critical PLW {fit['critical_plw']:.3g}"
-        flags = "clean" if fit["clean"] else "NOT clean: " + fit["warnings"]
+        problems = "; ".join(filter(None, [fit["warnings"], fit["error"] and f"glmmTMB would stop: {fit['error']}"]))
+        flags = "clean" if fit["clean"] else "NOT clean: " + problems
         console.print(f"{dataset}: b1 {fit['b1']:.3f} (p {fit['p_b1']:.2g}), b2 {fit['b2']:.3f} (p {fit['p_b2']:.2g}); "
                       f"{plw}; {flags}" + (f"; boundary: {fit['boundary']}" if fit["boundary"] else ""))  # fmt: skip
     if "gam" in summary:

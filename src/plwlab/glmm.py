@@ -15,7 +15,7 @@ import pandas as pd
 from scipy import special, stats
 
 from plwlab.analysis import WP_EXPONENT
-from plwlab.nlminb import nlminb
+from plwlab.nlminb import EPS, nlminb
 
 GLMM_TERMS = ("intercept", "b1", "b2")
 # glmmTMB's outer parameters, in its order: beta, betad, theta (per term: log SDs, then correlation parameters).
@@ -46,8 +46,10 @@ def _warning(what: str) -> str:
 @dataclass
 class GLMMFit:
     """A fitted beta GLMM with glmmTMB's diagnostics: ``convergence`` and ``message`` are nlminb's,
-    ``pd_hess`` is sdreport's (Cholesky of the finite-difference Hessian in the optimizer's parameters), and
-    ``warnings`` are the ones glmmTMB would print. ``clean`` = converged, positive-definite Hessian and no warning.
+    ``pd_hess`` is glmmTMB's (sdreport's Cholesky test of the finite-difference Hessian in the optimizer's
+    parameters, then glmmTMB's own second look with numDeriv), ``warnings`` are the ones glmmTMB would print and
+    ``error`` the one it would stop with (the fit is kept). ``clean`` = converged, positive-definite Hessian, no
+    warning and no error.
     ``boundary`` lists variance components at the edge of the parameter space (an SD below 1e-4 or a correlation
     beyond ±0.9999: a singular fit), which glmmTMB does not report but which explain most of its warnings."""
 
@@ -60,34 +62,55 @@ class GLMMFit:
     sd_benchmark: tuple[float, float]
     corr_benchmark: float
     sd_model: float
-    loglik: float
+    objective: float
     convergence: int
     message: str
     iterations: int
     pd_hess: bool
     warnings: list[str]
+    error: str
     boundary: list[str]
 
     @property
     def clean(self) -> bool:
-        return self.convergence == 0 and self.pd_hess and not self.warnings
+        return self.convergence == 0 and self.pd_hess and not self.warnings and not self.error
+
+    @property
+    def loglik(self) -> float:
+        """``logLik`` as glmmTMB gives it: minus nlminb's final objective, NaN where the Hessian is not positive
+        definite (``objective`` keeps the value)."""
+        return -self.objective if self.pd_hess else float("nan")
 
     @property
     def critical_plw(self) -> float | None:
         return critical_plw(self.coef["b1"], self.coef["b2"])
 
     def to_dict(self) -> dict[str, Any]:
+        """One flat row; NaN (an SE or logLik glmmTMB gives as NA) becomes None, so summary.json stays strict JSON."""
         row: dict[str, Any] = {"dataset": self.dataset, "n": self.n}
         for term in GLMM_TERMS:
             row[term], row[f"se_{term}"], row[f"p_{term}"] = self.coef[term], self.se[term], self.p[term]
         row.update(
             critical_plw=self.critical_plw, phi=self.phi, sd_benchmark_wp=self.sd_benchmark[0],
             sd_benchmark_wp2=self.sd_benchmark[1], corr_benchmark=self.corr_benchmark, sd_model=self.sd_model,
-            loglik=self.loglik, convergence=self.convergence, message=self.message, iterations=self.iterations,
-            pd_hess=self.pd_hess, warnings="; ".join(self.warnings), boundary=";".join(self.boundary),
-            clean=self.clean,
+            loglik=self.loglik, objective=self.objective, convergence=self.convergence, message=self.message,
+            iterations=self.iterations, pd_hess=self.pd_hess, warnings="; ".join(self.warnings), error=self.error,
+            boundary=";".join(self.boundary), clean=self.clean,
         )  # fmt: skip
-        return row
+        return {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
+
+
+LOG_MAX = float(np.log(np.finfo(float).max))
+
+
+def _inner_hessian_overflows(p: np.ndarray) -> bool:
+    """Where TMB's objective is NaN: glmmTMB solves the inner problem for the random effects in their own scale,
+    whose Hessian holds ``Q_ij / (sd_i sd_j)`` (Q: the inverse correlation matrix, ``1 + theta^2`` on its diagonal);
+    once an entry overflows a double the Laplace value is NaN, which nlminb counts as +Inf with a warning."""
+    log_q = np.log1p(p[6] ** 2)
+    log_rho = np.log(abs(p[6])) - 0.5 * log_q if p[6] != 0 else -np.inf
+    largest = max(log_q - 2 * p[4], log_q - 2 * p[5], log_q + log_rho - p[4] - p[5], -2 * p[7])
+    return bool(largest > LOG_MAX)
 
 
 class BetaGLMMLaplace:
@@ -116,6 +139,7 @@ class BetaGLMMLaplace:
         self.logit_y, self.log_y, self.log_1my = np.log(y) - np.log1p(-y), np.log(y), np.log1p(-y)
         self.z = np.zeros(self.Z.shape[1])
         self._cache: tuple[bytes, float, np.ndarray | None] | None = None
+        self.best_value, self.best = np.inf, np.zeros(len(PARAMETERS))
 
     def _block(self, p: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """The 2x2 Cholesky factor of the benchmark covariance and its derivatives by (log_sd1, log_sd2, theta)."""
@@ -203,6 +227,8 @@ class BetaGLMMLaplace:
             return self._cache[1], self._cache[2]
         if not np.all(np.isfinite(p)) or np.max(p[3:]) > 700:  # exp() would overflow
             return np.inf, None
+        if _inner_hessian_overflows(p):
+            return np.nan, None
         phi = np.exp(p[3])
         lam, d_lam = self._lambda(p)
         A = self.Z @ lam
@@ -238,7 +264,12 @@ class BetaGLMMLaplace:
         return value, grad
 
     def __call__(self, p: np.ndarray) -> float:
-        return self.evaluate(p)[0]
+        """The objective as the optimizer calls it; the lowest finite value seen is kept in ``best`` (TMB's
+        ``last.par.best``, where sdreport and glmmTMB's Hessian checks are made)."""
+        value = self.evaluate(p)[0]
+        if value < self.best_value:
+            self.best_value, self.best = value, np.array(p, float)
+        return value
 
     def gradient(self, p: np.ndarray) -> np.ndarray:
         grad = self.evaluate(p, gradient=True)[1]
@@ -256,14 +287,81 @@ def optim_hess(gradient: Callable[[np.ndarray], np.ndarray], x: np.ndarray, step
     return 0.5 * (H + H.T)
 
 
+def _cholesky_succeeds(matrix: np.ndarray) -> bool:
+    if not np.all(np.isfinite(matrix)):
+        return False
+    try:
+        np.linalg.cholesky(matrix)
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
+def _inverse_or_nan(matrix: np.ndarray) -> np.ndarray:
+    """``solve(matrix)``, or NaN where R's ``try(solve(...))`` fails (as sdreport's ``Vtheta``)."""
+    try:
+        return np.linalg.inv(matrix) if np.all(np.isfinite(matrix)) else matrix * np.nan
+    except np.linalg.LinAlgError:
+        return matrix * np.nan
+
+
+def numderiv_jacobian(func: Callable[[np.ndarray], np.ndarray], x: np.ndarray, eps: float = 1e-4, d: float = 1e-4,
+                      r: int = 4, v: float = 2) -> np.ndarray:  # fmt: skip
+    """R's ``numDeriv::jacobian(func, x)`` (method "Richardson", its defaults): central differences with steps
+    ``h = |d x| + eps [|x| < zero.tol]`` halved ``r - 1`` times, combined by Richardson extrapolation."""
+    x = np.asarray(x, float)
+    n = len(x)
+    rows = len(func(x))  # numDeriv evaluates func(x) first
+    h = np.abs(d * x) + eps * (np.abs(x) < np.sqrt(EPS / 7e-7))
+    a = np.empty((r, rows, n))
+    for k in range(r):
+        for i in range(n):
+            e = np.zeros(n)
+            e[i] = h[i]
+            a[k, :, i] = (func(x + e) - func(x - e)) / (2 * h[i])
+        h = h / v
+    for m in range(1, r):
+        a = (a[1:] * 4**m - a[:-1]) / (4**m - 1)
+    return a[0]
+
+
+def hessian_checks(gradient: Callable[[np.ndarray], np.ndarray],
+                   best: np.ndarray) -> tuple[bool, np.ndarray, list[str], str]:  # fmt: skip
+    """glmmTMB 1.1.5's checks at ``best`` (TMB's ``last.par.best``): ``(pd_hess, covariance, warnings, error)``.
+
+    sdreport: ``optimHess`` of the gradient, ``pdHess`` = its Cholesky succeeds, covariance = its inverse. If not
+    positive definite, glmmTMB looks again with numDeriv's Jacobian of the gradient (symmetrised): positive definite
+    when its smallest eigenvalue exceeds machine epsilon (that Jacobian's inverse is then the covariance), else the
+    warning "non-positive-definite Hessian matrix"; a non-finite Jacobian makes glmmTMB stop with ``eigen``'s error,
+    returned as ``error``. If positive definite at once: "extreme or very small eigenvalues detected" when an
+    eigenvalue of the inverse covariance is below 10 epsilon.
+    """
+    hess = optim_hess(gradient, best)
+    pd_hess = _cholesky_succeeds(hess)
+    cov = _inverse_or_nan(hess)
+    warnings, error = [], ""
+    if not pd_hess:
+        h = numderiv_jacobian(gradient, best)
+        h = 0.5 * (h + h.T)
+        if not np.all(np.isfinite(h)):
+            error = "infinite or missing values in 'x'"
+        elif np.min(np.linalg.eigvalsh(h)) > EPS:
+            pd_hess, cov = True, _inverse_or_nan(h)
+        else:
+            warnings.append(_warning("non-positive-definite Hessian matrix"))
+    elif np.min(1 / np.linalg.eigvalsh(cov)) < EPS * 10:
+        warnings.append(_warning("extreme or very small eigenvalues detected"))
+    return pd_hess, cov, warnings, error
+
+
 def fit_beta_glmm(data: pd.DataFrame, dataset: str = "") -> GLMMFit:
     """Fit the paper's beta GLMM to one dataset's rows of ``relative_scores`` output, as glmmTMB 1.1.5 does.
 
     The response is ``y_mm`` squeezed into (0, 1) with n = rows of the dataset. From glmmTMB's start (all
-    parameters 0) nlminb minimises the Laplace objective (``iter.max = 300, eval.max = 400``); the Hessian is
-    ``optimHess`` of the gradient at the optimum (TMB's sdreport), ``pd_hess`` its Cholesky test, SEs and Wald
-    p-values from its inverse. Warnings as glmmTMB words them: a non-positive-definite Hessian, extreme or very small
-    eigenvalues of the covariance, and nlminb's message when its code is not 3-6 (e.g. "singular convergence (7)").
+    parameters 0) nlminb minimises the Laplace objective (``iter.max = 300, eval.max = 400``); coefficients are
+    nlminb's result, ``pd_hess``, the covariance (SEs, Wald p-values) and the Hessian warnings come from
+    :func:`hessian_checks` at the best point evaluated, and nlminb's message is added when its code is not 3-6
+    (e.g. "singular convergence (7)"), all worded as glmmTMB words them.
     """
     n = len(data)
     plws = sorted(data["plw"].unique())
@@ -278,25 +376,14 @@ def fit_beta_glmm(data: pd.DataFrame, dataset: str = "") -> GLMMFit:
     objective = BetaGLMMLaplace(y, data["wp"].to_numpy(float), benchmark, model)
     result = nlminb(objective, objective.gradient, np.zeros(len(PARAMETERS)), **GLMMTMB_CONTROL)
     x = result.x
-    hess = optim_hess(objective.gradient, x)
-    objective.evaluate(x)  # leave the inner mode at the optimum
-    warnings = []
-    try:
-        np.linalg.cholesky(hess)
-        pd_hess = True
-    except np.linalg.LinAlgError:
-        pd_hess = False
-    if not np.all(np.isfinite(hess)) or not pd_hess:
-        pd_hess = False
-        warnings.append(_warning("non-positive-definite Hessian matrix"))
-        cov = np.linalg.pinv(np.nan_to_num(hess))
-    else:
-        cov = np.linalg.inv(hess)
-        if np.min(1 / np.linalg.eigvalsh(cov)) < np.finfo(float).eps * 10:
-            warnings.append(_warning("extreme or very small eigen values detected"))
+    pd_hess, cov, hessian_warnings, error = hessian_checks(objective.gradient, objective.best)
+    # R's nlminb warns at every NaN objective (how many times depends on the path; plwlab says it once), before
+    # glmmTMB's own warnings
+    warnings = ["NA/NaN function evaluation"] * bool(result.nan_evaluations) + hessian_warnings
     if result.convergence != 0:
         warnings.append(_warning(result.message))
-    se = np.sqrt(np.clip(np.diag(cov)[:3], 0, None))
+    with np.errstate(invalid="ignore"):  # a negative variance gives NaN, as in R
+        se = np.sqrt(np.diag(cov)[:3])
     p = 2 * stats.norm.sf(np.abs(x[:3] / np.where(se > 0, se, np.nan)))
     sd_wp, sd_wp2, corr, sd_model = np.exp(x[4]), np.exp(x[5]), x[6] / np.sqrt(1 + x[6] ** 2), np.exp(x[7])
     boundary = [name for name, sd in (("sd_benchmark_wp", sd_wp), ("sd_benchmark_wp2", sd_wp2), ("sd_model", sd_model))
@@ -307,7 +394,7 @@ def fit_beta_glmm(data: pd.DataFrame, dataset: str = "") -> GLMMFit:
         dataset=dataset, n=n,
         coef=dict(zip(GLMM_TERMS, map(float, x[:3]))), se=dict(zip(GLMM_TERMS, map(float, se))),
         p=dict(zip(GLMM_TERMS, map(float, p))), phi=float(np.exp(x[3])), sd_benchmark=(float(sd_wp), float(sd_wp2)),
-        corr_benchmark=float(corr), sd_model=float(sd_model), loglik=-float(result.objective),
+        corr_benchmark=float(corr), sd_model=float(sd_model), objective=float(result.objective),
         convergence=result.convergence, message=result.message, iterations=result.iterations, pd_hess=pd_hess,
-        warnings=warnings, boundary=boundary,
+        warnings=warnings, error=error, boundary=boundary,
     )  # fmt: skip

@@ -34,6 +34,7 @@ class NlminbResult:
     code: int
     iterations: int
     evaluations: tuple[int, int]  # (function, gradient)
+    nan_evaluations: int = 0  # NaN objective values, each taken as +Inf with R's warning "NA/NaN function evaluation"
 
     @property
     def convergence(self) -> int:
@@ -375,8 +376,12 @@ def nlminb(fn: Callable[[np.ndarray], float], gr: Callable[[np.ndarray], np.ndar
     """Minimise ``fn`` from ``start`` as R's ``nlminb(start, fn, gr, control = list(iter.max, eval.max, rel.tol,
     x.tol))`` does (no bounds, scale 1); a NaN objective counts as +Inf, as in R."""
 
+    nan_evaluations = 0
+
     def f_at(x: np.ndarray) -> float:
+        nonlocal nan_evaluations
         value = float(fn(x))
+        nan_evaluations += bool(np.isnan(value))
         return np.inf if np.isnan(value) else value
 
     def g_at(x: np.ndarray) -> np.ndarray:
@@ -391,7 +396,7 @@ def nlminb(fn: Callable[[np.ndarray], float], gr: Callable[[np.ndarray], np.ndar
     L = np.eye(n)  # Hessian approximation diag(d)^2 with d = 1
     s.f = s.f0 = f_at(x)
     if not np.isfinite(s.f):
-        return NlminbResult(x, s.f, 63, 0, (1, 0))
+        return NlminbResult(x, s.f, 63, 0, (1, 0), nan_evaluations)
     g = g_at(x)
     s.dgnorm = float(np.linalg.norm(g))
     s.radius = s.lmax0
@@ -494,4 +499,4 @@ def nlminb(fn: Callable[[np.ndarray], float], gr: Callable[[np.ndarray], np.ndar
         elif label == 340:
             code, label = cnvcod, 350
         elif label == 350:
-            return NlminbResult(x, s.f, code, s.niter, (s.nfcall, s.ngcall))
+            return NlminbResult(x, s.f, code, s.niter, (s.nfcall, s.ngcall), nan_evaluations)

@@ -112,7 +112,7 @@ def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | Non
         glmm.insert(1, "rg", [rel.loc[rel["dataset"] == d, "rg"].iloc[0] for d in glmm["dataset"]])
         glmm.sort_values("rg").to_csv(out / "glmm.csv", index=False)
         columns = ["dataset", "rg", "intercept", "b1", "se_b1", "p_b1", "b2", "se_b2", "p_b2", "critical_plw", "loglik",
-                   "clean", "message", "boundary"]  # fmt: skip
+                   "clean", "message", "warnings", "error", "boundary"]  # fmt: skip
         (out / "glmm.md").write_text(_markdown(glmm.sort_values("rg")[columns]))
 
     gams = {}

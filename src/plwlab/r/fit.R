@@ -11,9 +11,14 @@ for (ds in sort(unique(d$dataset))) {
   n <- nrow(x)
   x$y <- (x$y_mm * (n - 1) + 0.5) / n
   warn <- character(0)
-  m <- withCallingHandlers(
+  m <- tryCatch(withCallingHandlers(
     glmmTMB(y ~ wp + I(wp^2) + (0 + wp + I(wp^2) | benchmark) + (1 | model), data = x, family = beta_family()),
-    warning = function(w) { warn <<- c(warn, conditionMessage(w)); invokeRestart("muffleWarning") })
+    warning = function(w) { warn <<- c(warn, conditionMessage(w)); invokeRestart("muffleWarning") }),
+    error = function(e) conditionMessage(e))
+  if (is.character(m)) {  # glmmTMB stopped (e.g. "infinite or missing values in 'x'" checking the Hessian)
+    glmm[[ds]] <- list(n = n, error = m, warnings = warn, clean = FALSE)
+    next
+  }
   cf <- summary(m)$coefficients$cond
   b1 <- cf["wp", 1]; b2 <- cf["I(wp^2)", 1]; v <- -b1 / (2 * b2)
   glmm[[ds]] <- list(
