@@ -1,6 +1,6 @@
 """Fit the beta GLMM with plwlab and with R's glmmTMB on the same tables, and count where their flags agree.
 
-    python tools/compare_glmm_with_r.py [--synthetic 8] [--noisy-fixture 4] [--out outputs/glmm_vs_r]
+    python tools/compare_glmm_with_r.py [--synthetic 12] [--noisy-fixture 8] [--out outputs/glmm_vs_r]
 
 Needs Rscript with glmmTMB, mgcv and jsonlite (Debian: r-base-core r-cran-glmmtmb r-cran-mgcv r-cran-jsonlite).
 The tables: ``synthetic_results(seed)`` of tests/test_analysis.py (3 datasets each), and the simulated fixture in
@@ -36,8 +36,14 @@ def tables(n_synthetic: int, n_noisy: int) -> dict[str, pd.DataFrame]:
     if n_noisy and FIXTURE.exists():
         fixture, rng = pd.read_csv(FIXTURE), np.random.default_rng(7)
         for k in range(n_noisy):
-            out[f"fixture_noise{k}"] = fixture.assign(score=fixture["score"] + rng.normal(0, 0.01 * (k % 4 + 1), len(fixture)))
+            noise = rng.normal(0, 0.01 * (k % 4 + 1), len(fixture))
+            out[f"fixture_noise{k}"] = fixture.assign(score=fixture["score"] + noise)
     return out
+
+
+def warnings_of(r_fit: dict) -> list[str]:
+    """jsonlite writes a one-element list as a plain string."""
+    return [r_fit["warnings"]] if isinstance(r_fit["warnings"], str) else list(r_fit["warnings"])
 
 
 def short(warnings: list[str]) -> list[str]:
@@ -46,8 +52,8 @@ def short(warnings: list[str]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--synthetic", type=int, default=8)
-    parser.add_argument("--noisy-fixture", type=int, default=4)
+    parser.add_argument("--synthetic", type=int, default=12)
+    parser.add_argument("--noisy-fixture", type=int, default=8)
     parser.add_argument("--out", default="outputs/glmm_vs_r")
     args = parser.parse_args()
     out = Path(args.out)
@@ -59,16 +65,12 @@ def main() -> None:
         rel = relative_scores(table)
         for dataset, r in r_fits.items():
             fit = fit_beta_glmm(rel[rel["dataset"] == dataset], dataset)
-            if "error" in r:  # glmmTMB stopped: no fit, only the warnings before the error
-                warnings = r["warnings"] if isinstance(r["warnings"], list) else [r["warnings"]]
-                theirs, ours = (short(warnings[:1]), r["error"]), (short(fit.warnings[:1]), fit.error)
-                theirs, ours = (theirs[0][:1] if theirs[0] == ["NA/NaN function evaluation"] else [], theirs[1]), \
-                    (ours[0] if ours[0] == ["NA/NaN function evaluation"] else [], ours[1])
-                errors += 1
-                errors_equal += fit.error == r["error"]
+            if "error" in r:  # glmmTMB stopped: compare its error and whether nlminb met a NaN objective before it
+                theirs = ("NA/NaN function evaluation" in warnings_of(r), r["error"])
+                ours = ("NA/NaN function evaluation" in fit.warnings, fit.error)
+                errors, errors_equal = errors + 1, errors_equal + (fit.error == r["error"])
             else:
-                warnings = [r["warnings"]] if isinstance(r["warnings"], str) else r["warnings"]
-                theirs = (r["convergence"], r["pd_hess"], short(warnings), None)
+                theirs = (r["convergence"], r["pd_hess"], short(warnings_of(r)), None)
                 ours = (fit.convergence, fit.pd_hess, short(fit.warnings), fit.error or None)
             same = ours == theirs
             total, flags_agree, clean_agree = total + 1, flags_agree + same, clean_agree + (fit.clean == r["clean"])
