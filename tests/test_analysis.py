@@ -86,6 +86,11 @@ def test_glmm_fits_and_flags_equal_glmmtmb_on_every_fixture_dataset(fixture):
             assert fit.critical_plw == pytest.approx(ref["lambda"], abs=1e-5), dataset
 
 
+def glmmtmb_warning(what: str) -> str:
+    """A warning as glmmTMB 1.1.5 words it (written out here, not taken from plwlab)."""
+    return f"Model convergence problem; {what}. See vignette('troubleshooting')"
+
+
 # glmmTMB 1.1.5 (R 4.2.2) on synthetic_results(0), as `plwlab analyze --backend r` printed it:
 # (convergence, pdHess, warnings, logLik); logLik is NA where the Hessian is not positive definite.
 GLMMTMB_ON_SYNTHETIC = {
@@ -101,7 +106,7 @@ def test_glmm_flags_and_loglik_equal_glmmtmb_off_the_fixture():
     rel = relative_scores(synthetic_results(0))
     for dataset, (convergence, pd_hess, warnings, loglik) in GLMMTMB_ON_SYNTHETIC.items():
         fit = fit_beta_glmm(rel[rel["dataset"] == dataset], dataset)
-        expected = [f"Model convergence problem; {w}. See vignette('troubleshooting')" for w in warnings]
+        expected = [glmmtmb_warning(w) for w in warnings]
         assert (fit.convergence, fit.pd_hess, fit.warnings, fit.error) == (convergence, pd_hess, expected, ""), dataset
         if loglik is None:
             assert np.isnan(fit.loglik) and np.isfinite(fit.objective) and fit.to_dict()["loglik"] is None
@@ -138,14 +143,13 @@ def test_numderiv_jacobian_equals_r():
 
 def test_hessian_checks_follow_glmmtmb():
     """Each branch of glmmTMB's checks, on gradients whose Hessians are known."""
-    warning = "Model convergence problem; {}. See vignette('troubleshooting')".format
     zero = np.zeros(2)
     pd_hess, cov, warnings, error = hessian_checks(lambda x: np.array([2 * x[0], 4 * x[1]]), zero)
     assert (pd_hess, warnings, error) == (True, [], "")
     np.testing.assert_allclose(cov, np.diag([0.5, 0.25]))
     # positive definite, but an eigenvalue below 10 eps
     pd_hess, _, warnings, _ = hessian_checks(lambda x: np.array([x[0], 1e-17 * x[1]]), zero)
-    assert pd_hess and warnings == [warning("extreme or very small eigenvalues detected")]
+    assert pd_hess and warnings == [glmmtmb_warning("extreme or very small eigenvalues detected")]
     # optimHess (step 1e-3) sees 1 - 2e6 * 1e-6 = -1; numDeriv's Richardson sees the true curvature 1: glmmTMB
     # then calls it positive definite, without a warning, and takes numDeriv's inverse as the covariance
     pd_hess, cov, warnings, error = hessian_checks(lambda x: np.array([x[0], x[1] - 2e6 * x[1] ** 3]), zero)
@@ -153,7 +157,7 @@ def test_hessian_checks_follow_glmmtmb():
     np.testing.assert_allclose(cov, np.eye(2), atol=1e-6)
     # negative curvature on both looks
     pd_hess, _, warnings, error = hessian_checks(lambda x: np.array([x[0], -x[1]]), zero)
-    assert (pd_hess, warnings, error) == (False, [warning("non-positive-definite Hessian matrix")], "")
+    assert (pd_hess, warnings, error) == (False, [glmmtmb_warning("non-positive-definite Hessian matrix")], "")
     # a gradient that cannot be computed off the point: glmmTMB stops in eigen() with this error
     pd_hess, _, warnings, error = hessian_checks(lambda x: np.array([x[0], -x[1] if x[1] == 0 else np.nan]), zero)
     assert (pd_hess, warnings, error) == (False, [], "infinite or missing values in 'x'")
@@ -278,7 +282,7 @@ def test_r_backend_on_synthetic_studies(tmp_path):
     for dataset, (convergence, pd_hess, warnings, loglik) in GLMMTMB_ON_SYNTHETIC.items():
         r = out["glmm"][dataset]
         r_warnings = [r["warnings"]] if isinstance(r["warnings"], str) else r["warnings"]
-        expected = [f"Model convergence problem; {w}. See vignette('troubleshooting')" for w in warnings]
+        expected = [glmmtmb_warning(w) for w in warnings]
         assert (r["convergence"], r["pd_hess"], r_warnings) == (convergence, pd_hess, expected), dataset
         assert r["loglik"] == (None if loglik is None else pytest.approx(loglik, abs=1e-8)), dataset
     assert out["glmm"]["s1_long"]["error"] == "infinite or missing values in 'x'" and not out["glmm"]["s1_long"]["clean"]

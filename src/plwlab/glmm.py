@@ -23,6 +23,7 @@ PARAMETERS = ("intercept", "b1", "b2", "log_phi", "log_sd_benchmark_wp", "log_sd
               "log_sd_model")  # fmt: skip
 GLMMTMB_CONTROL = {"iter_max": 300, "eval_max": 400}  # glmmTMBControl()'s optCtrl
 OPTIM_HESS_STEP = 1e-3  # optimHess's ndeps, as TMB's sdreport uses it
+LOG_MAX = float(np.log(np.finfo(float).max))  # above this, exp() overflows a double
 
 
 def critical_plw(b1: float, b2: float) -> float | None:
@@ -98,9 +99,6 @@ class GLMMFit:
             boundary=";".join(self.boundary), clean=self.clean,
         )  # fmt: skip
         return {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
-
-
-LOG_MAX = float(np.log(np.finfo(float).max))
 
 
 def _inner_hessian_overflows(p: np.ndarray) -> bool:
