@@ -7,10 +7,10 @@
 import argparse
 from pathlib import Path
 
-from plwlab.alpaca import load_records
-from plwlab.batching import GlobalBatchSampler, pack_examples, padding_share
-from plwlab.model import load_tokenizer
-from plwlab.tokenization import cached_tokenize
+from plwlab.data.alpaca import load_records
+from plwlab.data.batching import GlobalBatchSampler, pack_examples, padding_share
+from plwlab.data.tokenization import cached_tokenize
+from plwlab.training.model import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -14,7 +14,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from plwlab.loss import chunked_next_token_nll, prompt_weighted_loss
+from plwlab.training.loss import chunked_next_token_nll, prompt_weighted_loss
 
 CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
               num_key_value_heads=4, max_position_embeddings=4096)  # fmt: skip

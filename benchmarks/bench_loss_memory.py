@@ -1,7 +1,7 @@
 """Peak extra memory of the weighted loss (forward + backward) at vocab 32000, 512 tokens, batch 8 on CPU.
 
-1. Head + loss: naive (full fp32 logits, then plwlab.loss.next_token_nll) vs chunked
-   (plwlab.loss.chunked_next_token_nll).
+1. Head + loss: naive (full fp32 logits, then plwlab.training.loss.next_token_nll) vs chunked
+   (plwlab.training.loss.chunked_next_token_nll).
 2. The loss alone, given the logits (fp32 and bf16): plwlab's next_token_nll vs F.cross_entropy on the upcast
    logits (the usual path), as a multiple of the logits tensor itself. Backward must return a logits-sized
    gradient, so 1.0x is the floor; goal <= 1.05x.
@@ -20,10 +20,9 @@ import subprocess
 import sys
 
 import torch
-
 import torch.nn.functional as F
 
-from plwlab.loss import chunked_next_token_nll, next_token_nll, prompt_weighted_loss
+from plwlab.training.loss import chunked_next_token_nll, next_token_nll, prompt_weighted_loss
 
 B, L, V = 8, 512, 32000
 LOSS_ONLY = ["plwlab-float32", "cross_entropy-float32", "plwlab-bfloat16", "cross_entropy-bfloat16"]

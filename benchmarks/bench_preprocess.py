@@ -7,18 +7,17 @@ alternate over ``--repeats`` rounds; RATIO lines give the ratio of medians and t
     python benchmarks/bench_preprocess.py [--alpaca PATH] [--tokenizer PATH] [--limit N] [--repeats 3]
 """
 
-import statistics
-
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from plwlab.alpaca import alpaca_prompt, load_records
-from plwlab.tokenization import cached_tokenize, tokenize_examples
-from plwlab.model import load_tokenizer
+from plwlab.data.alpaca import alpaca_prompt, load_records
+from plwlab.data.tokenization import cached_tokenize, tokenize_examples
+from plwlab.training.model import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from plwlab import ASSETS, CONF_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizer" / "llama_tokenizer.model"
 MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8,
@@ -67,8 +69,8 @@ def plwlab_run(tokenizer: str, batching: str | None, epochs: int) -> float:
     """Real tokens/s of plwlab's train() with its default callbacks (and a step timer)."""
     from hydra import compose, initialize_config_dir
 
-    from plwlab.config import register
-    from plwlab.train import train
+    from plwlab.training.config import register
+    from plwlab.training.train import train
 
     register()
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +78,7 @@ def plwlab_run(tokenizer: str, batching: str | None, epochs: int) -> float:
         timing = out / "timing.json"
         extra = [f"trainer.max_epochs={epochs}", "+callbacks.timer._target_=bench_train_timer.Timer",
                  f"+callbacks.timer.path={timing}"]  # fmt: skip
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", overrides=overrides(tokenizer, batching, out) + extra)
         train(cfg)
         result = json.loads(timing.read_text())
@@ -87,12 +89,12 @@ def plwlab_batches(tokenizer: str, epochs: int) -> tuple[list[dict[str, torch.Te
     """The batches plwlab's default path trains on (its datamodule and sampler), the initial model, and pad id."""
     from hydra import compose, initialize_config_dir
 
-    from plwlab.config import register
-    from plwlab.datamodule import InstructionDataModule
-    from plwlab.model import load_model
+    from plwlab.data.datamodule import InstructionDataModule
+    from plwlab.training.config import register
+    from plwlab.training.model import load_model
 
     register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides(tokenizer, None, Path(tempfile.gettempdir())))
     torch.manual_seed(cfg.seed)
     loaded = load_model(name="bench", tokenizer=tokenizer, config=dict(cfg.model.config), add_pad_token=True)
@@ -110,7 +112,7 @@ def plwlab_batches(tokenizer: str, epochs: int) -> tuple[list[dict[str, torch.Te
 def bare_loop(batches: list[dict[str, torch.Tensor]], loaded: object, plw: float = 0.1) -> float:
     """The minimum around the same math: forward, plwlab's pure loss functions, backward, fused AdamW step, on
     given batches; no Lightning, no callbacks, no logging. The ratio to it is the framework's overhead."""
-    from plwlab.loss import completion_mask, next_token_nll, prompt_weighted_loss
+    from plwlab.training.loss import completion_mask, next_token_nll, prompt_weighted_loss
 
     model = loaded.model
     model.train()
@@ -136,10 +138,9 @@ def hf_trainer(tokenizer: str, epochs: int, sampling: str = "random") -> float |
     fastest built-in option."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from plwlab.alpaca import load_records
-    from plwlab.config import ASSETS
-    from plwlab.model import load_model
-    from plwlab.tokenization import tokenize_examples
+    from plwlab.data.alpaca import load_records
+    from plwlab.data.tokenization import tokenize_examples
+    from plwlab.training.model import load_model
 
     torch.manual_seed(0)
     loaded = load_model(name="bench", tokenizer=tokenizer, config={"model_type": "llama", **MODEL,
@@ -193,7 +194,7 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    tokenizer = str(LLAMA_TOKENIZER) if LLAMA_TOKENIZER.exists() else str(ROOT / "src" / "plwlab" / "assets" / "tiny_tokenizer")
+    tokenizer = str(LLAMA_TOKENIZER) if LLAMA_TOKENIZER.exists() else str(ASSETS / "tiny_tokenizer")
     batches, loaded, default_batching = plwlab_batches(tokenizer, args.epochs)
     initial = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     configs = {f"plwlab default ({default_batching})": lambda: plwlab_run(tokenizer, None, args.epochs),

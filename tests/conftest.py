@@ -13,8 +13,9 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from plwlab.config import ASSETS, register  # noqa: E402
-from plwlab.model import LoadedModel, load_model  # noqa: E402
+from plwlab import ASSETS, CONF_DIR  # noqa: E402
+from plwlab.training.config import register  # noqa: E402
+from plwlab.training.model import LoadedModel, load_model  # noqa: E402
 
 torch.set_num_threads(1)
 register()
@@ -42,7 +43,7 @@ def tiny_model(dtype: str = "float32", seed: int = 0, **kwargs) -> LoadedModel:
 
 def compose_train(overrides: list[str], run_dir: Path) -> DictConfig:
     """The train config as train.py composes it, with a fixed run directory (no Hydra runtime needed)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[f"paths.run_dir={run_dir}", *overrides])
 
 

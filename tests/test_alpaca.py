@@ -3,17 +3,17 @@ import json
 
 import numpy as np
 import pytest
-
-from plwlab.alpaca import (
-    INVERT_NO_INPUT, DataError, build_variant, invert, load_records, rg_target_variant, short_variant, token_lengths,
-)  # fmt: skip
-from plwlab.recommend import recommend_plw
-from plwlab.cli import main as cli
-from plwlab.datamodule import InstructionDataModule
-from plwlab.stats import dataset_stats
-from plwlab.tokenization import tokenize_examples
-
 from conftest import SAMPLE, SHARED_DATA, tiny_model
+
+from plwlab.analysis.recommend import recommend_plw
+from plwlab.cli import main as cli
+from plwlab.data.alpaca import load_records
+from plwlab.data.datamodule import InstructionDataModule
+from plwlab.data.rg import token_lengths
+from plwlab.data.sources import DataError
+from plwlab.data.stats import dataset_stats
+from plwlab.data.tokenization import tokenize_examples
+from plwlab.data.variants import INVERT_NO_INPUT, build_variant, invert, rg_target_variant, short_variant
 
 FIXTURE_REFERENCE = SHARED_DATA.parent / "fixtures" / "analysis" / "reference.json"
 
@@ -139,7 +139,7 @@ def test_recommend_edges_and_model_file(tmp_path):
 
 def test_embedded_table4_equals_the_papers_table():
     """plwlab's Table 4 (values and flat marks, all three columns) equals ../shared/paper/table4_optimal_plw.csv."""
-    from plwlab.recommend import TABLE4
+    from plwlab.analysis.recommend import TABLE4
 
     path = SHARED_DATA.parent / "paper" / "table4_optimal_plw.csv"
     if not path.exists():
@@ -177,7 +177,7 @@ def test_cli_stats_build_and_recommend(tmp_path, capsys):
 
 
 def test_alpaca_52k_stats_with_llama_tokenizer():
-    from plwlab.model import load_tokenizer
+    from plwlab.training.model import load_tokenizer
 
     alpaca, spm = SHARED_DATA / "alpaca" / "alpaca_data.json", SHARED_DATA / "tokenizer" / "llama_tokenizer.model"
     if not (alpaca.exists() and spm.exists()):

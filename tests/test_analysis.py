@@ -4,14 +4,20 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-
-from plwlab.analysis import PRIMARY_METRICS, primary_scores, relative_scores, wp
-from plwlab.cli import main as cli
-from plwlab.gam import CubicRegressionSpline, fit_te_gam, place_knots
-from plwlab.glmm import BetaGLMMLaplace, critical_plw, fit_beta_glmm, hessian_checks, numderiv_jacobian, squeeze
-from plwlab.report import analyze, collect_runs, fit_with_r
-
 from conftest import SHARED_DATA
+
+from plwlab.analysis.analyze import analyze, collect_runs, fit_with_r
+from plwlab.analysis.gam import CubicRegressionSpline, fit_te_gam, place_knots
+from plwlab.analysis.glmm import (
+    BetaGLMMLaplace,
+    critical_plw,
+    fit_beta_glmm,
+    hessian_checks,
+    numderiv_jacobian,
+    squeeze,
+)  # fmt: skip
+from plwlab.analysis.scores import PRIMARY_METRICS, primary_scores, relative_scores, wp
+from plwlab.cli import main as cli
 
 FIXTURES = SHARED_DATA.parent / "fixtures" / "analysis"
 needs_fixture = pytest.mark.skipif(not (FIXTURES / "results.csv").exists(), reason="../shared/fixtures absent")
@@ -337,7 +343,7 @@ def test_analyze_robustness_on_real_sweep_shapes(tmp_path, capsys):
 
 
 def test_simple_aggregate_puts_win_rates_and_accuracies_on_one_scale():
-    from plwlab.analysis import unit_scores
+    from plwlab.analysis.scores import unit_scores
 
     picked = primary_scores(_study())
     units = unit_scores(picked)

@@ -5,15 +5,22 @@ import logging
 
 import pytest
 import yaml
-
-from plwlab.alpaca import alpaca_prompt
-from plwlab.benchmarks import (
-    BENCHMARKS, prepare_task, read_arc, read_piqa, read_truthfulqa_gen, read_truthfulqa_mc, read_winogrande, read_wmt,
-    run_lm_eval, translation_instruction,
-)  # fmt: skip
-from plwlab.config import ASSETS
-
 from conftest import SHARED_DATA, tiny_model
+
+from plwlab import ASSETS
+from plwlab.data.alpaca import alpaca_prompt
+from plwlab.evaluation.harness import (
+    BENCHMARKS,
+    prepare_task,
+    read_arc,
+    read_piqa,
+    read_truthfulqa_gen,
+    read_truthfulqa_mc,
+    read_winogrande,
+    read_wmt,
+    run_lm_eval,
+    translation_instruction,
+)  # fmt: skip
 
 SAMPLE = ASSETS / "eval_sample"
 

@@ -4,12 +4,11 @@
 import json
 
 import pytest
-
-from plwlab.alpaca import DataError
-from plwlab.chat import ChatDataError, load_conversations, to_messages, tokenize_conversation
-from plwlab.segments import SEGMENT_ID, SEGMENTS
-
 from conftest import ASSETS, SHARED_DATA, tiny_model
+
+from plwlab.data.chat import ChatDataError, load_conversations, to_messages, tokenize_conversation
+from plwlab.data.segments import SEGMENT_ID, SEGMENTS
+from plwlab.data.sources import DataError
 
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
           " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
@@ -131,8 +130,8 @@ CHAT_SAMPLE = ASSETS / "chat_sample.jsonl"
 
 
 def test_chat_datamodule_batches_carry_segments_and_rg():
-    from plwlab.datamodule import InstructionDataModule
-    from plwlab.stats import chat_rg
+    from plwlab.data.datamodule import InstructionDataModule
+    from plwlab.data.rg import chat_rg
 
     tok = tiny_model(chat_template="chatml").tokenizer
     dm = InstructionDataModule(tok, path=str(CHAT_SAMPLE), format="messages", val_size=10, batch_size=4, cache_dir=None)
@@ -162,7 +161,7 @@ def test_role_and_key_mapping_and_the_sharegpt_format(tmp_path):
 
 
 def test_variants_invert_single_turn_chats_and_refuse_multi_turn_ones(tmp_path):
-    from plwlab.sources import load_examples
+    from plwlab.data.examples import load_examples
 
     tok = tiny_model(chat_template="chatml").tokenizer
     single = tmp_path / "single.jsonl"
@@ -180,7 +179,8 @@ def test_variants_invert_single_turn_chats_and_refuse_multi_turn_ones(tmp_path):
 
 
 def test_rg_per_dataset_and_per_turn_counts_content_tokens():
-    from plwlab.stats import chat_stats, chat_token_lengths
+    from plwlab.data.rg import chat_token_lengths
+    from plwlab.data.stats import chat_stats
 
     tok = tiny_model(chat_template="chatml").tokenizer
     n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -211,8 +211,8 @@ def test_plwlab_stats_and_recommend_accept_a_chat_data_config(tmp_path, capsys):
 
 
 def test_a_chat_run_is_prompted_through_its_template_and_stops_at_its_end_of_turn():
-    from plwlab.chat import end_of_turn_ids
-    from plwlab.evaluate import LoadedRun, example_prompt, instruction_prompt
+    from plwlab.data.chat import end_of_turn_ids
+    from plwlab.evaluation.runs import LoadedRun, example_prompt, instruction_prompt
 
     loaded = tiny_model(chat_template="chatml")
     tok = loaded.tokenizer
@@ -234,9 +234,9 @@ def test_a_chat_run_is_prompted_through_its_template_and_stops_at_its_end_of_tur
     ("data.think_tags=['<think>','</think>']", "data.think_tags must be \\[open, close\\] on chat data"),
 ])  # fmt: skip
 def test_bad_chat_settings_stop_with_one_line(tmp_path, override, message):
-    from plwlab.config import ConfigError, validate
-
     from conftest import compose_train
+
+    from plwlab.training.config import ConfigError, validate
 
     with pytest.raises(ConfigError, match=message):
         validate(compose_train([override], tmp_path))

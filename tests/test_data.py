@@ -3,14 +3,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from plwlab.alpaca import DataError, alpaca_prompt, load_records
-from plwlab.batching import collate
-from plwlab.datamodule import InstructionDataModule
-from plwlab.sources import load_source
-from plwlab.tokenization import tokenize_examples
-
 from conftest import SAMPLE
+
+from plwlab.data.alpaca import alpaca_prompt, load_records
+from plwlab.data.batching import collate
+from plwlab.data.datamodule import InstructionDataModule
+from plwlab.data.examples import load_source
+from plwlab.data.sources import DataError
+from plwlab.data.tokenization import tokenize_examples
 
 
 def test_alpaca_templates_are_stanfords():
@@ -161,7 +161,7 @@ def test_empty_completion_policies(tiny, policy, caplog):
 def test_shared_alpaca_with_llama_tokenizer():
     from conftest import SHARED_DATA
 
-    from plwlab.model import load_tokenizer
+    from plwlab.training.model import load_tokenizer
 
     alpaca, spm = SHARED_DATA / "alpaca" / "alpaca_data.json", SHARED_DATA / "tokenizer" / "llama_tokenizer.model"
     if not (alpaca.exists() and spm.exists()):
@@ -216,8 +216,8 @@ def test_bare_sentencepiece_model_tokenizes_as_sentencepiece(tmp_path):
     saves to a tokenizer.json that reloads with the same ids (the run's exported tokenizer)."""
     from transformers import AutoTokenizer
 
-    from plwlab.model import load_tokenizer
-    from plwlab.tokenization import batch_token_ids
+    from plwlab.data.tokenization import batch_token_ids
+    from plwlab.training.model import load_tokenizer
 
     path, sp = _llama_like_spm_model(tmp_path)
     tok = load_tokenizer(str(path))
@@ -238,8 +238,8 @@ def test_alpaca_52k_tokenized_as_stanford_with_sentencepiece():
     import sentencepiece as spm
     from conftest import SHARED_DATA
 
-    from plwlab.alpaca import alpaca_prompt
-    from plwlab.model import load_tokenizer
+    from plwlab.data.alpaca import alpaca_prompt
+    from plwlab.training.model import load_tokenizer
 
     alpaca, model = SHARED_DATA / "alpaca" / "alpaca_data.json", SHARED_DATA / "tokenizer" / "llama_tokenizer.model"
     if not (alpaca.exists() and model.exists()):
@@ -260,8 +260,8 @@ def test_tokenized_cache_is_keyed_by_merges_and_normalizer_not_only_vocab(tmp_pa
     tokenizes differently, so it must not share a cache entry."""
     from transformers import LlamaTokenizer
 
-    from plwlab.alpaca import tokenizer_fingerprint
-    from plwlab.model import load_tokenizer
+    from plwlab.data.tokenization import tokenizer_fingerprint
+    from plwlab.training.model import load_tokenizer
 
     path, _ = _llama_like_spm_model(tmp_path)
     (tmp_path / "hf").mkdir()
@@ -275,9 +275,8 @@ def test_tokenized_cache_is_keyed_by_merges_and_normalizer_not_only_vocab(tmp_pa
 def test_batched_tokenization_ignores_truncation_left_on_the_tokenizer(tmp_path):
     """A fast tokenizer called with truncation/padding keeps them on its backend until its next plain call; the
     batched path and the cache key must not inherit them (Stanford's preprocessing leaves truncation on)."""
-    from plwlab.alpaca import tokenizer_fingerprint
-    from plwlab.model import load_tokenizer
-    from plwlab.tokenization import batch_token_ids
+    from plwlab.data.tokenization import batch_token_ids, tokenizer_fingerprint
+    from plwlab.training.model import load_tokenizer
 
     path, _ = _llama_like_spm_model(tmp_path)
     tok = load_tokenizer(str(path))
@@ -296,7 +295,7 @@ def test_prompt_completion_pairs_from_parquet_with_a_column_mapping(tmp_path, ti
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from plwlab.segments import SEGMENT_ID
+    from plwlab.data.segments import SEGMENT_ID
 
     path = tmp_path / "pairs.parquet"
     pq.write_table(pa.table({"question": ["What is 2+2?", "Name a colour."], "answer": [" 4", " Blue."]}), path)

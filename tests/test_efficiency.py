@@ -3,16 +3,15 @@
 import numpy as np
 import pytest
 import torch
-
-from plwlab.alpaca import load_records
-from plwlab.batching import GlobalBatchSampler, collate, pack_examples, padding_share
-from plwlab.loss import chunked_next_token_nll, completion_mask, next_token_nll, prompt_weighted_loss
-from plwlab.module import PLWModule
-from plwlab.tokenization import cached_tokenize, tokenize_examples
-from plwlab.train import train
-
 from conftest import SAMPLE, compose_train, tiny_model
 from test_train import QUICK
+
+from plwlab.data.alpaca import load_records
+from plwlab.data.batching import GlobalBatchSampler, collate, pack_examples, padding_share
+from plwlab.data.tokenization import cached_tokenize, tokenize_examples
+from plwlab.training.loss import chunked_next_token_nll, completion_mask, next_token_nll, prompt_weighted_loss
+from plwlab.training.module import PLWModule
+from plwlab.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +145,9 @@ def test_training_with_packing_or_grouping_and_chunked_loss(tmp_path, batching):
 def test_segment_tokenization_equals_plain_tokenization():
     from conftest import SHARED_DATA
 
-    from plwlab.alpaca import alpaca_prompt
-    from plwlab.tokenization import _newline_safe_backend, batch_token_ids
-    from plwlab.model import load_tokenizer
+    from plwlab.data.alpaca import alpaca_prompt
+    from plwlab.data.tokenization import _newline_safe_backend, batch_token_ids
+    from plwlab.training.model import load_tokenizer
 
     tiny = tiny_model().tokenizer
     assert _newline_safe_backend(tiny) is None  # byte-level BPE: plain batched path
@@ -179,7 +178,7 @@ def test_benchmark_scripts_run(tmp_path):
 
 def test_rg_is_cached_with_the_tokenized_data(tmp_path, monkeypatch):
     """Runs 2..N of a sweep load tokens and Rg from the cache: the tokenizer is not called at all."""
-    from plwlab.datamodule import InstructionDataModule
+    from plwlab.data.datamodule import InstructionDataModule
 
     tok = tiny_model().tokenizer
     first = InstructionDataModule(tok, path=str(SAMPLE), limit=60, cache_dir=str(tmp_path))

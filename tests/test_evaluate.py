@@ -6,20 +6,21 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
-from plwlab.alpaca import alpaca_prompt
-from plwlab.datamodule import InstructionDataModule
-from plwlab.evaluate import (
-    append_results, load_run, memorization_bleu, reference_outputs, responses, result_row, training_records,
-)  # fmt: skip
-from plwlab.generation import generate
-from plwlab.tokenization import cached_tokenize
-from plwlab.train import train
-
 from conftest import ROOT, SAMPLE, SHARED_DATA, compose_train
+from omegaconf import OmegaConf
 from test_train import QUICK
 
+from plwlab import CONF_DIR
+from plwlab.data.alpaca import alpaca_prompt
+from plwlab.data.datamodule import InstructionDataModule
+from plwlab.data.tokenization import cached_tokenize
+from plwlab.evaluation.evaluate import result_row
+from plwlab.evaluation.generation import generate
+from plwlab.evaluation.memorization import memorization_bleu, training_records
+from plwlab.evaluation.responses import reference_outputs, responses
+from plwlab.evaluation.runs import load_run
+from plwlab.results import append_results
+from plwlab.training.train import train
 
 MEMORIZATION_ONLY = ["eval=mechanisms", "eval.memorization.n=2", "eval.memorization.max_new_tokens=4", "~eval.generations"]
 
@@ -28,7 +29,7 @@ def compose_eval(overrides: list[str]):
     """The evaluate config as evaluate.py composes it."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("evaluate", overrides=overrides)
 
 
@@ -78,7 +79,7 @@ def test_memorization_bleu_of_a_perfect_memorizer(run_dir, monkeypatch):
     def parrot(model, tokenizer, prompts, *args, **kwargs):
         return [tokenizer(by_prompt[p], add_special_tokens=False)["input_ids"] for p in prompts]
 
-    monkeypatch.setattr("plwlab.evaluate.generate", parrot)
+    monkeypatch.setattr("plwlab.evaluation.runs.generate", parrot)
     score, _, _ = memorization_bleu(run, records, n=20)
     assert score > 90  # the byte-level tokenizer round-trips the completions
 
@@ -114,7 +115,7 @@ def test_responses_are_cached_and_references_aligned(run_dir, monkeypatch, tmp_p
     def no_generation(*args, **kwargs):
         raise AssertionError("should have used the cache")
 
-    monkeypatch.setattr("plwlab.evaluate.generate", no_generation)
+    monkeypatch.setattr("plwlab.evaluation.runs.generate", no_generation)
     assert responses(run, run_dir, "demo", records, max_new_tokens=6, batch_size=2) == first
     with pytest.raises(AssertionError, match="cache"):  # other settings: generated again
         responses(run, run_dir, "demo", records, max_new_tokens=7, batch_size=2)
@@ -137,7 +138,7 @@ def test_responses_are_cached_and_references_aligned(run_dir, monkeypatch, tmp_p
 def test_a_broken_run_does_not_stop_the_others(tmp_path, run_dir):
     import shutil
 
-    from plwlab.evaluate import evaluate
+    from plwlab.evaluation.evaluate import evaluate
 
     sweep = tmp_path / "sweep"
     for name in ("a", "b"):
@@ -202,7 +203,8 @@ def test_multirun_shards_split_the_runs(tmp_path, run_dir):
 
 def test_wandb_eval_run_offline(tmp_path, run_dir, monkeypatch):
     import wandb
-    from plwlab.evaluate import evaluate
+
+    from plwlab.evaluation.evaluate import evaluate
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     init_kwargs = {}
@@ -222,7 +224,7 @@ def test_wandb_eval_run_offline(tmp_path, run_dir, monkeypatch):
 def test_paper_preset_on_the_real_local_files(tmp_path, run_dir, monkeypatch):
     """eval=paper as composed, on the real PIQA, WinoGrande and TruthfulQA files and the real AlpacaEval and PandaLM
     instruction sets (few items each); the hub-only tasks (ARC, WMT) and the 7B+ judges are left out."""
-    from plwlab.evaluate import evaluate
+    from plwlab.evaluation.evaluate import evaluate
 
     monkeypatch.setenv("PLWLAB_DATA", str(SHARED_DATA))
     hub_only = ["arc_challenge", "wmt14_en_fr", "wmt14_fr_en", "wmt16_en_de", "wmt16_de_en", "wmt16_en_ro", "wmt16_ro_en"]
@@ -241,8 +243,8 @@ def test_paper_preset_on_the_real_local_files(tmp_path, run_dir, monkeypatch):
 def test_a_local_judge_model_is_loaded_once_for_all_runs(tmp_path, run_dir, monkeypatch):
     import shutil
 
-    from plwlab.evaluate import evaluate
-    from plwlab.judges import PairwiseJudge
+    from plwlab.evaluation.evaluate import evaluate
+    from plwlab.evaluation.judges import PairwiseJudge
 
     judge_dir = tmp_path / "judge"
     shutil.copytree(run_dir / "hf_model", judge_dir)  # any HF causal LM folder (or hub id) can judge
@@ -287,7 +289,7 @@ def _copy_run(run_dir: Path, to: Path, name: str) -> Path:
 
 
 def test_sweeps_with_the_same_overrides_keep_their_own_rows(tmp_path, run_dir):
-    from plwlab.evaluate import evaluate
+    from plwlab.evaluation.evaluate import evaluate
 
     a = _copy_run(run_dir, tmp_path / "a" / "plw=0.1", "a")
     b = _copy_run(run_dir, tmp_path / "b" / "plw=0.1", "b")
@@ -307,7 +309,8 @@ def test_sweeps_with_the_same_overrides_keep_their_own_rows(tmp_path, run_dir):
 
 @pytest.mark.parametrize("bad", ["extra fields", "truncated last line"])
 def test_a_malformed_results_table_stops_before_any_work(tmp_path, run_dir, bad):
-    from plwlab.evaluate import RESULT_COLUMNS, evaluate
+    from plwlab.evaluation.evaluate import evaluate
+    from plwlab.results import COLUMNS as RESULT_COLUMNS
 
     run = _copy_run(run_dir, tmp_path / "sweep" / "plw=0.1", "plwlab")
     table = tmp_path / "r.csv"
@@ -321,7 +324,7 @@ def test_a_malformed_results_table_stops_before_any_work(tmp_path, run_dir, bad)
 
 
 def test_a_failing_judge_keeps_the_other_benchmarks_rows(tmp_path, run_dir, monkeypatch):
-    import plwlab.evaluate as ev
+    import plwlab.evaluation.evaluate as ev
 
     run = _copy_run(run_dir, tmp_path / "sweep" / "plw=0.1", "plwlab")
 
@@ -346,14 +349,15 @@ def test_a_failing_judge_keeps_the_other_benchmarks_rows(tmp_path, run_dir, monk
 def test_cached_responses_are_keyed_by_dtype_and_weights(run_dir, tmp_path, monkeypatch):
     import shutil
 
-    import plwlab.evaluate as ev
+    import plwlab.evaluation.responses as ev
+    import plwlab.evaluation.runs as runs
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir / "hf_model", copy / "hf_model")
     records = [{"instruction": "Say hi.", "input": ""}]
     calls = []
-    real = ev.generate
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    real = runs.generate
+    monkeypatch.setattr(runs, "generate", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
     ev.responses(load_run(copy), copy, "demo", records, max_new_tokens=4, batch_size=1)
     ev.responses(load_run(copy), copy, "demo", records, max_new_tokens=4, batch_size=1)  # cached
     ev.responses(load_run(copy, dtype="float64"), copy, "demo", records, max_new_tokens=4, batch_size=1)

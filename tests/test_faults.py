@@ -8,16 +8,15 @@ import sys
 import time
 
 import pytest
-
-from plwlab.alpaca import DataError
-from plwlab.config import ConfigError
-from plwlab.model import ModelLoadError
-from plwlab.module import TrainingDiverged
-from plwlab.rundir import RunRefused, run_dir_lock
-from plwlab.train import train
-
 from conftest import ROOT, SAMPLE, compose_train
 from test_train import QUICK, cli_env, run_cli
+
+from plwlab.data.sources import DataError
+from plwlab.rundir import RunRefused, run_dir_lock
+from plwlab.training.config import ConfigError
+from plwlab.training.model import ModelLoadError
+from plwlab.training.module import TrainingDiverged
+from plwlab.training.train import train
 
 
 def test_a_refused_relaunch_leaves_finished_runs_untouched_and_exits_non_zero(tmp_path):
@@ -154,7 +153,7 @@ def test_a_path_valued_override_gives_a_flat_run_dir_that_records_its_data(tmp_p
 def test_analyze_refuses_two_datasets_under_one_name():
     import pandas as pd
 
-    from plwlab.analysis import relative_scores
+    from plwlab.analysis.scores import relative_scores
 
     rows = pd.DataFrame({"model": "m", "dataset": "alpaca_sample", "rg": [3.0, 3.0, 0.5], "plw": [0, 1, 0],
                          "benchmark": "piqa", "score": [0.5, 0.6, 0.55]})  # fmt: skip

@@ -8,17 +8,31 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
-from plwlab.generation import continuation_logprobs
-from plwlab.cli import main as cli
-from plwlab.config import ASSETS
-from plwlab.judges import (
-    GUANACO_HUMAN, GUANACO_SYSTEM, LOGPROB_VERDICTS, RANKING_SYSTEM, RANKING_USER, PairwiseJudge, Verdict,
-    alpaca_eval_messages, alpaca_eval_package, human_agreement, is_switched, pandalm_prompt, parse_guanaco,
-    parse_pandalm, parse_ranking, read_pandalm_testset, win_rate, win_tie_lose,
-)  # fmt: skip
-
 from conftest import SHARED_DATA
+
+from plwlab import ASSETS
+from plwlab.cli import main as cli
+from plwlab.evaluation.generation import continuation_logprobs
+from plwlab.evaluation.judges import (
+    GUANACO_HUMAN,
+    GUANACO_SYSTEM,
+    LOGPROB_VERDICTS,
+    RANKING_SYSTEM,
+    RANKING_USER,
+    PairwiseJudge,
+    Verdict,
+    alpaca_eval_messages,
+    alpaca_eval_package,
+    human_agreement,
+    is_switched,
+    pandalm_prompt,
+    parse_guanaco,
+    parse_pandalm,
+    parse_ranking,
+    read_pandalm_testset,
+    win_rate,
+    win_tie_lose,
+)  # fmt: skip
 
 ANNOTATED = ASSETS / "eval_sample" / "pandalm_annotated.json"
 

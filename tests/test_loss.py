@@ -3,12 +3,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from plwlab.batching import collate
-from plwlab.loss import completion_mask, loss_denominator, next_token_nll, prompt_weighted_loss
-from plwlab.tokenization import tokenize_examples
-
 from conftest import tiny_model
+
+from plwlab.data.batching import collate
+from plwlab.data.tokenization import tokenize_examples
+from plwlab.training.loss import completion_mask, next_token_nll, prompt_weighted_loss, segment_denominator
 
 RECORDS = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue."},
@@ -109,6 +108,11 @@ def test_all_completion_truncated_plw0_is_finite():
         loaded.model.zero_grad()
 
 
+def loss_denominator(n_prompt: float, n_completion: float, plw: float, normalization: str) -> torch.Tensor:
+    """The normalizer D of prompt_weighted_loss from token counts: segment_denominator with W = (PLW, 1), C = {1}."""
+    return segment_denominator(torch.tensor([n_prompt, n_completion]), (plw, 1.0), (1,), normalization)
+
+
 def test_denominator_conventions_and_errors():
     # PLW leaving 0 makes the "nonzero" denominator jump by 1 + 1/Rg (here Rg = 0.1: 11x)
     assert loss_denominator(100, 10, 0.0, "nonzero").item() == 10
@@ -148,7 +152,7 @@ def test_next_token_nll_shifts_targets_not_logits():
 def test_next_token_nll_equals_cross_entropy_on_upcast_logits(dtype, monkeypatch):
     """The block-wise NLL (no full-size temporary) gives F.cross_entropy's values and gradients on the upcast
     logits, with ignored targets and row blocks that do not divide the rows; and it passes gradcheck in float64."""
-    import plwlab.loss as loss_module
+    import plwlab.training.loss as loss_module
 
     monkeypatch.setattr(loss_module, "ROW_BLOCK_ELEMENTS", 3 * 50)  # 3 rows per block: 4 blocks over 10 rows
     torch.manual_seed(0)
@@ -206,7 +210,7 @@ def test_alpaca_loss_is_bit_identical_after_segment_weights(normalization, plw, 
 def test_segment_weights_follow_the_token_loop():
     """Per-role weights (template 0.05, system 0, user 0.1, assistant 1, reasoning 0.5) against a plain loop over
     tokens, in all three normalizations (completion segments: assistant and reasoning)."""
-    from plwlab.loss import segment_weighted_loss
+    from plwlab.training.loss import segment_weighted_loss
 
     torch.manual_seed(2)
     weights = (0.05, 0.0, 0.1, 1.0, 0.5)

@@ -4,18 +4,16 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-
-from plwlab.batching import collate
-from plwlab.tokenization import TokenizedExample
-from plwlab.callbacks import LossRSD, ParamDistance
-from plwlab.datamodule import InstructionDataModule
-from plwlab.loss import completion_mask, next_token_nll, prompt_weighted_loss, segment_weighted_loss
-from plwlab.model import ModelLoadError, load_model
-from plwlab.module import PLWModule
-
-from plwlab.segments import COMPLETION_IDS, COMPLETION_SEGMENTS, SEGMENTS
-
 from conftest import ASSETS, SAMPLE, tiny_model
+
+from plwlab.data.batching import collate
+from plwlab.data.datamodule import InstructionDataModule
+from plwlab.data.segments import COMPLETION_IDS, COMPLETION_SEGMENTS, SEGMENTS
+from plwlab.data.tokenization import TokenizedExample
+from plwlab.training.callbacks import LossRSD, ParamDistance
+from plwlab.training.loss import completion_mask, next_token_nll, prompt_weighted_loss, segment_weighted_loss
+from plwlab.training.model import ModelLoadError, load_model
+from plwlab.training.module import PLWModule
 
 CHAT_SAMPLE = ASSETS / "chat_sample.jsonl"
 
@@ -104,13 +102,16 @@ def test_micro_batch_scope_averages_micro_batch_losses():
     assert abs(micro.last_step_loss - step.last_step_loss) > 1e-6  # the two conventions really differ here
 
 
-def test_module_rejects_bad_arguments(tiny):
-    with pytest.raises(ValueError, match="normalization"):
-        PLWModule(tiny.model, normalization="mean")
-    with pytest.raises(ValueError, match="denominator_scope"):
-        PLWModule(tiny.model, denominator_scope="epoch")
-    with pytest.raises(ValueError, match="plw"):
-        PLWModule(tiny.model, plw=-1)
+def test_bad_module_arguments_are_refused_where_the_config_is_checked(tmp_path):
+    """PLWModule trusts its arguments: the config layer (plwlab.training.config.validate) refuses bad ones."""
+    from conftest import compose_train
+
+    from plwlab.training.config import ConfigError, validate
+
+    for override, message in (("loss.normalization=mean", "normalization"), ("loss.denominator_scope=epoch", "denominator_scope"),
+                              ("plw=-1", "plw"), ("optim.optimizer_impl=adafactor", "optimizer_impl must be one of")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            validate(compose_train([override], tmp_path))
 
 
 def test_param_distance_excludes_added_embedding_rows():
@@ -203,7 +204,7 @@ def test_lora_trains_only_the_adapter():
 def test_fused_adamw_gives_the_for_loop_update():
     """The fused AdamW plwlab picks on CPU takes the same steps as PyTorch's per-parameter loop (its CPU default),
     to float rounding, with the PLW loss over several steps."""
-    from plwlab.module import adamw_impl
+    from plwlab.training.optim import adamw_impl
 
     torch.manual_seed(0)
     examples = [TokenizedExample.from_prompt_length(list(range(5, 17)), 5), TokenizedExample.from_prompt_length(list(range(30, 40)), 4)]
@@ -220,8 +221,6 @@ def test_fused_adamw_gives_the_for_loop_update():
             optimizer.step()
     for (name, a), b in zip(models["fused"].named_parameters(), models["for_loop"].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    with pytest.raises(ValueError, match="optimizer_impl must be one of"):
-        PLWModule(models["fused"], optimizer_impl="adafactor")
 
 
 @pytest.mark.parametrize("normalization", ["weight_sum", "nonzero", "completion"])

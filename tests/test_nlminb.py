@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from plwlab.nlminb import nlminb
+from plwlab.analysis.nlminb import nlminb
 
 
 def rosenbrock(x):

@@ -1,9 +1,8 @@
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
-
 from conftest import ROOT, SHARED_DATA
+from nbclient import NotebookClient
 from test_analysis import synthetic_results
 
 FIXTURE = SHARED_DATA.parent / "fixtures" / "analysis" / "results.csv"

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT
+from safetensors.torch import load_file
 from test_train import cli_env, read_metrics_csv, run_cli, train_losses
 
 # float64 so that 1 and 2 processes agree to 1e-9 (only the summation order differs)

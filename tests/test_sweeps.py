@@ -12,14 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from plwlab.checkpointing import CheckpointError, RunCheckpoint
-from plwlab.rundir import RunRefused
-from plwlab.train import train
-
 from conftest import ROOT, compose_train
+from safetensors.torch import load_file
 from test_train import QUICK, run_cli, train_losses
+
+from plwlab.rundir import RunRefused
+from plwlab.training.checkpointing import CheckpointError, RunCheckpoint
+from plwlab.training.train import train
 
 RESUMABLE = ["data.limit=100", "data.val_size=4", "trainer.max_epochs=2", "callbacks.checkpoint.every_n_steps=5",
              "callbacks.progress=null", "model.config.hidden_size=256", "model.config.intermediate_size=688"]  # fmt: skip
@@ -138,7 +137,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, sharded):
 def test_the_checkpoint_runs_after_every_other_callback(tmp_path):
     import lightning as L
 
-    from plwlab.callbacks import LossRSD
+    from plwlab.training.callbacks import LossRSD
 
     checkpoint, rsd = RunCheckpoint(str(tmp_path)), LossRSD()
     trainer = L.Trainer(callbacks=[checkpoint, rsd], logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -172,21 +171,21 @@ def test_submitit_local_launcher(tmp_path):
 def test_paper_preset_is_the_papers_node(tmp_path):
     from hydra.utils import instantiate
 
-    from plwlab.config import accumulation, validate
-    from plwlab.train import make_strategy
+    from plwlab.training.config import batch_geometry, validate
+    from plwlab.training.train import make_strategy
 
     cfg = compose_train(["experiment=paper"], tmp_path)
     validate(cfg)
-    assert (cfg.trainer.devices, cfg.data.batch_size, accumulation(cfg), cfg.global_batch_size) == (4, 4, 8, 128)
+    assert (cfg.trainer.devices, cfg.data.batch_size, batch_geometry(cfg).accumulation, cfg.global_batch_size) == (4, 4, 8, 128)
     assert (cfg.model.dtype, cfg.trainer.precision, cfg.matmul_precision) == ("float32", "bf16-mixed", "high")
     assert (cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.weight_decay, cfg.trainer.max_epochs) == (2e-5, 0.03, 0, 3)
     assert cfg.loss.denominator_scope == "micro_batch" and cfg.data.max_length == 512 and cfg.seed == 42
     assert cfg.model.gradient_checkpointing and cfg.trainer.gradient_clip_val == 1.0
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg.strategy, batch_geometry(cfg).world_size)
     assert type(strategy).__name__ == "ModelParallelStrategy" and strategy._data_parallel_size == 4
     assert strategy._tensor_parallel_size == 1
     grid = compose_train(["experiment=paper_grid"], tmp_path)
-    assert accumulation(grid) == 8 and grid.name == "paper_grid" and instantiate(grid.callbacks.checkpoint).every_minutes == 30
+    assert batch_geometry(grid).accumulation == 8 and grid.name == "paper_grid" and instantiate(grid.callbacks.checkpoint).every_minutes == 30
 
 
 def test_study_trains_evaluates_and_analyses_a_grid_in_one_command(tmp_path):

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, compose_train
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from plwlab.config import ConfigError
-from plwlab.train import train
-
-from conftest import ROOT, compose_train
+from plwlab.training.config import ConfigError
+from plwlab.training.train import train
 
 QUICK = ["data.limit=48", "data.val_size=4", "trainer.max_epochs=1", "callbacks.progress=null"]
 
@@ -73,7 +72,7 @@ def test_end_to_end_run_directory_and_hf_export(tmp_path):
 
     export = tmp_path / "hf_model"
     meta = json.loads((export / "plwlab.json").read_text())
-    assert meta["plw"] == 0.05 and meta["data"] == "alpaca_sample" and meta["model"] == "tiny-llama"
+    assert meta["plw"] == 0.05 and meta["dataset"] == "alpaca_sample" and meta["model"] == "tiny-llama"
     model = AutoModelForCausalLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
@@ -259,7 +258,7 @@ def test_model_presets_load_and_train_a_tiny_model_of_their_family(preset, tmp_p
     pads as documented in its YAML."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from plwlab.chat import ChatDataError, end_of_turn_ids
+    from plwlab.data.chat import ChatDataError, end_of_turn_ids
 
     model_type, specials, pad = FAMILIES[preset]
     template, chat_tokens, end_of_turn = CHAT_TEMPLATES[preset]

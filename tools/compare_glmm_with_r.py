@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_analysis import synthetic_results  # noqa: E402
 
-from plwlab.analysis import relative_scores  # noqa: E402
-from plwlab.glmm import fit_beta_glmm  # noqa: E402
-from plwlab.report import fit_with_r  # noqa: E402
+from plwlab.analysis.analyze import fit_with_r  # noqa: E402
+from plwlab.analysis.glmm import fit_beta_glmm  # noqa: E402
+from plwlab.analysis.scores import relative_scores  # noqa: E402
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "analysis" / "results.csv"
 PREFIX, SUFFIX = "Model convergence problem; ", ". See vignette('troubleshooting')"

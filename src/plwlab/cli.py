@@ -1,4 +1,5 @@
-"""``plwlab`` command: dataset statistics, dataset variants and PLW recommendations.
+"""``plwlab`` command: dataset statistics and variants, PLW recommendations, the analysis of a results table, the
+whole study, and judge checks.
 
     plwlab stats data=alpaca_data model=llama2 [data.path=...] [--out stats.csv]
     plwlab stats data=alpaca_data,alpaca_data_short model.tokenizer=/path/tokenizer.model
@@ -24,23 +25,25 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-# Each command imports what it needs when it runs: ``plwlab recommend --rg`` must not pay for torch or Lightning.
+from plwlab import CONF_DIR
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Each command imports what it needs when it runs: ``plwlab recommend --rg`` must not pay for torch or Lightning.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def compose_config(overrides: list[str], config_dir: Path = CONF_DIR) -> Any:
-    """The train config (a DictConfig) as train.py composes it."""
+    """The train config (a DictConfig) as train.py composes it, checked as train.py checks it."""
     from hydra import compose, initialize_config_dir
 
-    from plwlab.config import ConfigError, register
+    from plwlab.training.config import ConfigError, register, validate
 
     if not (config_dir / "train.yaml").exists():
-        raise ConfigError(f"no conf/train.yaml in {config_dir}; pass --config-dir")
+        raise ConfigError(f"no train.yaml in {config_dir}; pass --config-dir")
     register()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        return compose("train", overrides=overrides)
+        cfg = compose("train", overrides=overrides)
+    validate(cfg)
+    return cfg
 
 
 def _expand_data(overrides: list[str]) -> list[list[str]]:
@@ -53,20 +56,19 @@ def _expand_data(overrides: list[str]) -> list[list[str]]:
 
 def _tokenizer(cfg: Any) -> Any:
     """The run's tokenizer, with ``model.chat_template`` applied as train.py applies it."""
-    from plwlab.model import load_tokenizer
+    from plwlab.data.chat import set_chat_template
+    from plwlab.training.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     if cfg.model.get("chat_template"):
-        from plwlab.chat import set_chat_template
-
         set_chat_template(tokenizer, cfg.model.chat_template)
     return tokenizer
 
 
 def _examples(cfg: Any, tokenizer: Any) -> tuple[list[Any], str, dict[str, Any] | None]:
     """What a data config trains on (records or conversations, variant built, limit applied)."""
-    from plwlab.config import to_dict
-    from plwlab.sources import load_examples
+    from plwlab.data.examples import load_examples
+    from plwlab.training.config import to_dict
 
     d = to_dict(cfg.data)
     return load_examples(d["path"], tokenizer, d["format"], d["split"], d["columns"], d["roles"], d["on_invalid"],
@@ -74,20 +76,16 @@ def _examples(cfg: Any, tokenizer: Any) -> tuple[list[Any], str, dict[str, Any] 
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
-    from plwlab.alpaca import PAPER_RG
-    from plwlab.sources import CHAT_FORMATS, prompt_template
-    from plwlab.stats import chat_stats, dataset_stats
+    from plwlab.data.rg import PAPER_RG
+    from plwlab.data.stats import token_statistics
 
     rows = []
     for overrides in _expand_data(args.overrides):
         cfg = compose_config(overrides, args.config_dir)
         tokenizer = _tokenizer(cfg)
         examples, path, _ = _examples(cfg, tokenizer)
-        if cfg.data.format in CHAT_FORMATS:
-            think = list(cfg.data.think_tags) if cfg.data.think_tags else None
-            stats = chat_stats(examples, tokenizer, cfg.data.max_length, think)
-        else:
-            stats = dataset_stats(examples, tokenizer, cfg.data.max_length, prompt_template(cfg.data.format))
+        think = list(cfg.data.think_tags) if cfg.data.think_tags else None
+        stats = token_statistics(examples, tokenizer, cfg.data.format, cfg.data.max_length, think)
         rows.append({"dataset": cfg.data.name, "format": cfg.data.format, "path": path, "tokenizer": cfg.model.tokenizer,
                      "max_length": cfg.data.max_length, **stats, "paper_rg": PAPER_RG.get(cfg.data.name)})  # fmt: skip
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -119,7 +117,7 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_build_data(args: argparse.Namespace) -> None:
-    from plwlab.config import ConfigError
+    from plwlab.training.config import ConfigError
 
     cfg = compose_config(args.overrides, args.config_dir)
     d = cfg.data
@@ -135,16 +133,16 @@ def cmd_build_data(args: argparse.Namespace) -> None:
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
-    from plwlab.recommend import FLAT, TABLE4_COLUMNS, recommend_plw, table4_rows
+    from plwlab.analysis.recommend import FLAT, TABLE4_COLUMNS, recommend_plw, table4_rows
 
     rg = args.rg
     if rg is None:
-        from plwlab.stats import rg_measure
+        from plwlab.data.rg import dataset_rg
 
         cfg = compose_config(args.overrides, args.config_dir)
         tokenizer = _tokenizer(cfg)
         examples, _, _ = _examples(cfg, tokenizer)
-        rg = rg_measure(cfg.data.format)(examples, tokenizer)
+        rg = dataset_rg(examples, tokenizer, cfg.data.format)
         console.print(f"{cfg.data.name}: Rg {rg:.4g} ({len(examples)} {cfg.data.format} examples, tokenizer "
                       f"{cfg.model.tokenizer})")  # fmt: skip
     if args.model_file:
@@ -159,24 +157,21 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    import pandas as pd
-
-    from plwlab.analysis import primary_scores
-    from plwlab.report import analyze, collect_runs, run_metrics
+    from plwlab.analysis.analyze import analyze, collect_runs, fit_with_r, run_metrics
+    from plwlab.analysis.scores import primary_scores
+    from plwlab.results import read_table
 
     try:
         metrics = dict(m.split("=", 1) for m in args.metric)
     except ValueError:
         raise ValueError(f"--metric takes BENCHMARK=METRIC, got {args.metric}") from None
-    table = pd.read_csv(args.results)
+    table = read_table(args.results)
     if table.empty:
         raise ValueError(f"{args.results} has no result rows (run evaluate.py on trained runs first)")
     results = primary_scores(table, metrics)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.backend == "r":
-        from plwlab.report import fit_with_r
-
         results.to_csv(out / "scores.csv", index=False)  # the rows the fit uses
         fit_with_r(out / "scores.csv", out / "r_fits.json")
         console.print(f"wrote {out / 'r_fits.json'} (glmmTMB + mgcv)")
@@ -210,7 +205,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_judge_check(args: argparse.Namespace) -> None:
-    from plwlab.judges import PairwiseJudge, human_agreement, read_pandalm_testset
+    from plwlab.evaluation.judges import PairwiseJudge, human_agreement, read_pandalm_testset
 
     items = read_pandalm_testset(args.testset)[: args.limit]
     judge = PairwiseJudge.from_pretrained(args.model, args.dtype, args.device, style=args.style, mode=args.mode,
@@ -242,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     ana.add_argument("results", help="CSV with columns model, dataset, rg, plw, benchmark, score (evaluate.py's results.csv "
                      "also has metric: the primary metric per benchmark is used)")
     ana.add_argument("--metric", action="append", default=[], metavar="BENCHMARK=METRIC",
-                     help="use this metric for a benchmark (default: plwlab.analysis.PRIMARY_METRICS), repeatable")
+                     help="use this metric for a benchmark (default: plwlab.analysis.scores.PRIMARY_METRICS), repeatable")
     ana.add_argument("--out", default="outputs/analysis", help="output folder")
     ana.add_argument("--runs", help="folder of training runs (metrics.json) for the run-metric box plots")
     ana.add_argument("--backend", choices=["python", "r"], default="python",

@@ -1,6 +1,13 @@
-"""The run directory's state machine: a run directory holds one config (its digest), and ``status.json`` says
-whether the run is new, running, interrupted, failed or finished, how many attempts it took and what it resumed
-from. :func:`prepare_run_dir` decides whether to start, resume from ``checkpoints/last.ckpt`` or skip."""
+"""A training run's directory: the one module that knows its layout, its identity (run id, config digest), its
+state and its lock. Training writes it (:mod:`plwlab.training.train`), evaluation and analysis read it.
+
+``status.json`` says whether the run is running, interrupted, failed or finished, how many attempts it took and
+what it resumed from; a run directory holds one config (its digest), and :func:`prepare_run_dir` decides whether
+to start, resume from ``checkpoints/last.ckpt`` or skip. Layout (:class:`RunDir`)::
+
+    config.yaml  status.json  metrics.csv  metrics.json  data_manifest.json  refused.json  .lock
+    checkpoints/last.ckpt -> step-N.ckpt     hf_model/ (+ plwlab.json)     eval/ (generations/, status.json)
+"""
 
 from __future__ import annotations
 
@@ -13,17 +20,18 @@ import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+import yaml
+from omegaconf import DictConfig, OmegaConf
 
-from plwlab.config import to_dict
 from plwlab.files import atomic_write
 
 # keys that do not change what a run computes: they may differ between a run and its resumption
 NON_IDENTITY_KEYS = ("paths", "logger", "resume", "plan_only", "name")
+LAST_CHECKPOINT = "last.ckpt"  # in checkpoints/: a link to the latest whole checkpoint
 
 
 class RunError(RuntimeError):
@@ -34,39 +42,167 @@ class RunRefused(RunError):
     """A run directory holds another config's run, or another process is training in it: it is left untouched."""
 
 
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one training run's directory, and what is read from them."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    # -- layout
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"  # the resolved train config
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.json"  # the final summary
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.path / "metrics.csv"  # per optimizer step (the CSV logger's)
+
+    def metrics_attempt_csv(self, attempt: int) -> Path:
+        """Where an earlier attempt's ``metrics.csv`` is kept when the run resumes."""
+        return self.path / f"metrics.attempt{attempt}.csv"
+
+    @property
+    def data_manifest(self) -> Path:
+        return self.path / "data_manifest.json"  # a built dataset variant's manifest
+
+    @property
+    def refused_file(self) -> Path:
+        return self.path / "refused.json"  # why a launcher left this directory untouched
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST_CHECKPOINT
+
+    @property
+    def hf_model(self) -> Path:
+        return self.path / "hf_model"  # save_pretrained export (or LoRA adapter) + tokenizer
+
+    @property
+    def export_meta_file(self) -> Path:
+        return self.hf_model / "plwlab.json"  # PLW, model, dataset, Rg, ... of the export
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    @property
+    def eval_status_file(self) -> Path:
+        return self.eval_dir / "status.json"
+
+    def generations_file(self, name: str) -> Path:
+        """The cached responses of the run to the instruction set ``name``."""
+        return self.eval_dir / "generations" / f"{name}.json"
+
+    # -- reading
+    @property
+    def is_exported(self) -> bool:
+        """Training finished and exported the model (evaluation needs this)."""
+        return self.export_meta_file.exists()
+
+    def status(self) -> dict[str, Any]:
+        return _read_json(self.status_file)
+
+    def metrics(self) -> dict[str, Any]:
+        return _read_json(self.metrics_file)
+
+    def export_meta(self) -> dict[str, Any]:
+        """``hf_model/plwlab.json`` (exports before the ``dataset`` key named it ``data``)."""
+        meta = _read_json(self.export_meta_file)
+        if "data" in meta:
+            meta.setdefault("dataset", meta.pop("data"))
+        return meta
+
+    def train_config(self) -> DictConfig:
+        return OmegaConf.load(self.config_file)
+
+    @property
+    def name(self) -> str:
+        """The training ``name`` (the sweep's), from ``config.yaml``; else the parent folder's name."""
+        config = yaml.safe_load(self.config_file.read_text()) if self.config_file.exists() else None
+        return (config or {}).get("name") or self.path.parent.name
+
+    @property
+    def run_id(self) -> str:
+        """``<training name>/<run dir name>``: unique across sweeps that share overrides. Results rows carry it."""
+        return f"{self.name}/{self.path.name}"
+
+    # -- writing
+    def write_status(self, status: dict[str, Any]) -> None:
+        write_json(self.status_file, status)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically replace ``path`` with ``data`` as JSON."""
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def find_runs(root: str | Path, marker: str = "status.json") -> list[RunDir]:
+    """The run directories below ``root`` (itself included) that hold ``marker``, sorted."""
+    return [RunDir(p.parent) for p in sorted(Path(root).rglob(marker))]
+
+
+def check_writable(directory: str | Path) -> None:
+    """Create ``directory`` if needed and write a file in it; a :class:`RunError` naming it if that fails."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to run directory {directory}: {e.strerror or e}") from e
+
+
 def record_failure(run_dir: Path, error: BaseException) -> None:
     """Mark a run failed in its ``status.json`` (kept for the sweep summary), if the directory is writable. A
     refusal is recorded beside the run (``refused.json``), never in it, and a finished run is never marked failed."""
+    run = RunDir(run_dir)
     try:
         if isinstance(error, RunRefused):
-            write_json(run_dir / "refused.json", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "error": str(error)})
+            write_json(run.refused_file, {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "error": str(error)})
             return
-        status_file = run_dir / "status.json"
-        status = json.loads(status_file.read_text()) if status_file.exists() else {"attempts": 1}
+        status = run.status() or {"attempts": 1}
         if status.get("status") == "finished":
             return
         status.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(status_file, status)
+        run.write_status(status)
     except OSError:
         pass
 
 
 def config_digest(cfg: DictConfig) -> str:
     """Hash of everything that determines what a run computes (not where it writes or how it logs)."""
-    identity = {k: v for k, v in to_dict(cfg).items() if k not in NON_IDENTITY_KEYS}
+    identity = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NON_IDENTITY_KEYS}
     for name in ("progress", "checkpoint"):  # how a run shows progress and how often it checkpoints
         identity.get("callbacks", {}).pop(name, None)
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _usable_checkpoint(path: Path) -> bool:
+def usable_checkpoint(path: Path) -> bool:
     """A torch checkpoint is a zip archive (a truncated one has no readable central directory); a distributed
     (sharded) checkpoint is a directory with its ``.metadata``. ``last.ckpt`` is a link to one of them."""
     if path.is_dir():
@@ -78,24 +214,6 @@ def _usable_checkpoint(path: Path) -> bool:
         return False
 
 
-class OutputDirCheck(Callback):
-    """Hydra callback: an output directory that cannot be created is one line of error before Hydra tries (and
-    fails with a traceback)."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_writable(config.hydra.run.dir)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_writable(config.hydra.sweep.dir)
-
-
-def _check_writable(directory: str) -> None:
-    try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to run directory {directory}: {e.strerror or e}") from None
-
-
 @contextmanager
 def run_dir_lock(run_dir: Path, rank: int = 0) -> Iterator[None]:
     """Hold ``<run_dir>/.lock`` (rank 0; the OS releases it when the process dies, even by kill -9) while a run
@@ -103,17 +221,18 @@ def run_dir_lock(run_dir: Path, rank: int = 0) -> Iterator[None]:
     if rank != 0:
         yield
         return
+    run = RunDir(run_dir)
+    check_writable(run.path)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / ".lock", "a+")
+        handle = open(run.lock_file, "a+")
     except OSError as e:
-        raise RunError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from e
+        raise RunError(f"cannot write to run directory {run.path}: {e.strerror or e}") from e
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            raise RunRefused(f"{run_dir} is in use by another training process ({handle.read().strip()}); skipped") from None
+            raise RunRefused(f"{run.path} is in use by another training process ({handle.read().strip()}); skipped") from None
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         handle.flush()
@@ -126,27 +245,21 @@ def run_dir_lock(run_dir: Path, rank: int = 0) -> Iterator[None]:
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[str, Path | None, dict[str, Any]]:
     """Decide what to do with ``run_dir``: ("skip", None, status) when the same config already finished there,
     ("resume", checkpoint, status) when it was interrupted, ("start", None, status) otherwise."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"cannot write to run directory {run_dir}: {e.strerror or e}") from e
-    status_file = run_dir / "status.json"
-    status = json.loads(status_file.read_text()) if status_file.exists() else {"attempts": 0}
+    run = RunDir(run_dir)
+    check_writable(run.path)
+    status = run.status() or {"attempts": 0}
     digest = config_digest(cfg)
     if status.get("config_digest", digest) != digest:
         raise RunRefused(
-            f"{run_dir} holds a run of a different config (digest {status['config_digest']} != {digest}); "
+            f"{run.path} holds a run of a different config (digest {status['config_digest']} != {digest}); "
             "use another name/run dir, or delete it"
         )
     status["config_digest"] = digest
     if status.get("status") == "finished" and cfg.resume:
         return "skip", None, status
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run.last_checkpoint
     if cfg.resume and (last.exists() or last.is_symlink()):
-        if not _usable_checkpoint(last):
+        if not usable_checkpoint(last):
             raise RunError(f"{last} is unreadable (truncated?); delete it to restart this run from scratch")
         return "resume", last, status
     return "start", None, status

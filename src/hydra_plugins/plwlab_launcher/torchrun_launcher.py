@@ -25,7 +25,7 @@ class TorchrunLauncher(Launcher):
         self.config = config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from plwlab.sweep import override_dirname
+        from plwlab.training.sweep import override_dirname
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         script = self.script or sys.argv[0]

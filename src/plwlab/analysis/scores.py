@@ -1,0 +1,76 @@
+"""The scores the analysis models: one primary score per run and benchmark, min-max relative scores, and wp (the
+paper's transformed PLW)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from plwlab.evaluation.harness import WMT_TASKS
+
+log = logging.getLogger(__name__)
+WP_EXPONENT = 0.30103  # log10(2), so wp(0.1) = 0.5
+
+
+def wp(plw: np.ndarray | float) -> np.ndarray | float:
+    """The paper's transformed PLW, ``PLW ** 0.30103`` (0 -> 0, 0.1 -> 0.5, 1 -> 1)."""
+    return np.power(plw, WP_EXPONENT)
+
+
+# The metric the analysis uses for each benchmark of an evaluate.py results table (all higher-is-better).
+PRIMARY_METRICS = {
+    "arc_challenge": "acc_norm", "piqa": "acc_norm", "truthfulqa_mc2": "acc", "winogrande": "acc",
+    "truthfulqa_gen": "bleu_acc", "alpaca_eval": "win_rate", "pandalm": "win_rate",
+    **dict.fromkeys(WMT_TASKS, "bleu"),
+}  # fmt: skip
+
+
+def primary_scores(results: pd.DataFrame, metrics: dict[str, str] | None = None) -> pd.DataFrame:
+    """One score per run and benchmark from an evaluate.py table (which has a ``metric`` column): the rows of
+    ``PRIMARY_METRICS`` updated by ``metrics``; other rows (memorization, generation length, secondary metrics) are
+    dropped, as are NaN scores (e.g. a judge with no parseable verdict) and benchmarks not in either (with a warning).
+    The ``metric`` column is kept (it says which scores are percentages). A table without it is returned as is."""
+    if "metric" not in results.columns:
+        return results
+    chosen = {**PRIMARY_METRICS, **(metrics or {})}
+    unknown = sorted(set(results["benchmark"]) - set(chosen) - {"memorization"})
+    if unknown:
+        log.warning("benchmarks without a chosen metric are left out (add --metric BENCHMARK=METRIC): %s", unknown)
+    keep = results["metric"] == results["benchmark"].map(chosen)
+    return results[keep & results["score"].notna()].reset_index(drop=True)
+
+
+PERCENT_METRICS = ("win_rate", "bleu", "chrf", "ter")  # reported on 0-100; accuracies on 0-1
+
+
+def unit_scores(results: pd.DataFrame) -> pd.Series:
+    """Scores on one 0-1 scale for averaging across benchmarks: percentages (win rates, BLEU) divided by 100.
+    Uses the ``metric`` column, or each benchmark's :data:`PRIMARY_METRICS` entry where there is none."""
+    metric = results["metric"] if "metric" in results.columns else results["benchmark"].map(PRIMARY_METRICS)
+    return results["score"].where(~metric.isin(PERCENT_METRICS), results["score"] / 100)
+
+
+def relative_scores(results: pd.DataFrame) -> pd.DataFrame:
+    """Add ``y_mm`` (score min-max scaled within each (dataset, benchmark)) and ``wp`` to a results table with
+    columns model, dataset, rg, plw, benchmark, score. A constant group gets 0.5."""
+    missing = {"model", "dataset", "rg", "plw", "benchmark", "score"} - set(results.columns)
+    if missing:
+        raise ValueError(f"results table lacks columns {sorted(missing)}")
+    for column, what, fix in (("rg", "Rg values", "give each data file its own data.name"),
+                              ("data_sha256", "data files (content hashes)", "give each data file its own data.name"),
+                              ("train_steps", "training lengths (steps)", "analyse one study at a time")):  # fmt: skip
+        if column not in results.columns:
+            continue
+        mixed = results.groupby(["dataset", "model"])[column].nunique()
+        if (mixed > 1).any():
+            (dataset, model), n = mixed.idxmax(), mixed.max()
+            raise ValueError(f"dataset {dataset!r} has {n} different {what} for model {model!r}: different runs "
+                             f"would be fitted as one group; {fix}")  # fmt: skip
+    out = results.copy()
+    group = out.groupby(["dataset", "benchmark"])["score"]
+    lo, hi = group.transform("min"), group.transform("max")
+    out["y_mm"] = np.where(hi > lo, (out["score"] - lo) / (hi - lo).where(hi > lo, 1.0), 0.5)
+    out["wp"] = wp(out["plw"].to_numpy(float))
+    return out

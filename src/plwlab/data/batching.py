@@ -1,0 +1,177 @@
+"""Batching of tokenized examples: the seeded train/validation split, packing several examples per row, collation
+(padded or packed rows), the global-batch sampler that gives every world size the same batches, and the
+mid-epoch resumable training DataLoader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from plwlab.data.tokenization import TokenizedExample
+
+BATCHING = ("padded", "length_grouped", "packed")
+
+
+def pack_examples(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing: example indices grouped into rows of at most ``max_length`` tokens.
+
+    Deterministic (ties by index). Each example goes to the fullest row it still fits in, so rows end up nearly full.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    by_space: list[list[int]] = [[] for _ in range(max_length + 1)]  # remaining space -> row ids
+    rows: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        if n > max_length:
+            raise ValueError(f"example {i} has {n} tokens > max_length {max_length}")
+        space = next((s for s in range(n, max_length + 1) if by_space[s]), None)
+        if space is None:
+            rows.append([i])
+            row, space = len(rows) - 1, max_length
+        else:
+            row = by_space[space].pop()
+            rows[row].append(i)
+        by_space[space - n].append(row)
+    return rows
+
+
+def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """The seeded validation / training split of ``n`` examples: (validation indices, sorted training indices).
+    ``val_size`` is a fraction (< 1) or a count."""
+    n_val = int(val_size * n) if val_size < 1 else int(val_size)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order[:n_val], sorted(order[n_val:])
+
+
+class TokenizedDataset(Dataset):
+    """Examples, or packed rows of examples (``rows``: lists of example indices)."""
+
+    def __init__(self, examples: Sequence[TokenizedExample], rows: list[list[int]] | None = None) -> None:
+        self.examples = list(examples)
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.examples)
+
+    def __getitem__(self, i: int) -> list[TokenizedExample]:
+        return [self.examples[j] for j in self.rows[i]] if self.rows is not None else [self.examples[i]]
+
+    def n_tokens(self, i: int) -> int:
+        return sum(len(e.input_ids) for e in self[i])
+
+
+def collate(items: Sequence[list[TokenizedExample]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest: ``input_ids``, ``segment_ids`` (:mod:`plwlab.data.segments`), ``token_mask`` (B, L).
+
+    A row of one example also gets ``attention_mask`` (= ``token_mask``). A row of several packed examples gets
+    ``position_ids`` restarting at 0 for each example and no attention mask: HF models then attend within each
+    example only (block-diagonal causal mask; flash-attention varlen). ``token_mask`` is 0 on padding and on
+    the first token of every packed example, so no example is trained to predict the next one's first token.
+    """
+    packed = any(len(row) > 1 for row in items)
+    length = max(sum(len(e.input_ids) for e in row) for row in items)
+    batch = {k: torch.zeros(len(items), length, dtype=torch.long) for k in ("segment_ids", "token_mask")}
+    batch["input_ids"] = torch.full((len(items), length), pad_token_id, dtype=torch.long)
+    if packed:
+        batch["position_ids"] = torch.zeros(len(items), length, dtype=torch.long)
+    for r, row in enumerate(items):
+        start = 0
+        for k, e in enumerate(row):
+            end = start + len(e.input_ids)
+            batch["input_ids"][r, start:end] = torch.tensor(e.input_ids)
+            batch["segment_ids"][r, start:end] = torch.tensor(e.segment_ids)
+            batch["token_mask"][r, start + (k > 0) : end] = 1
+            if packed:
+                batch["position_ids"][r, start:end] = torch.arange(len(e.input_ids))
+            start = end
+        if packed:
+            batch["position_ids"][r, start:] = torch.arange(length - start)  # padding: a document of its own
+    if not packed:
+        batch["attention_mask"] = batch["token_mask"]
+    return batch
+
+
+class GlobalBatchSampler(Sampler[int]):
+    """Seeded per-epoch order of a dataset, sharded over ranks so that every *global* batch (micro-batch x
+    ranks) holds the same items on 1 or W processes, and every PLW of a sweep sees the same order.
+
+    ``group_size`` > 0 (length-grouped batching) sorts each chunk of ``group_size`` items of the permutation by
+    length, cuts it into optimizer steps of ``step_batch`` items (default: one global micro-batch) and shuffles the
+    whole steps (a last, partial one stays last), so batches hold similar lengths (less padding) and each
+    optimizer step holds the same examples whatever the micro-batch, device count and accumulation.
+    The order is padded by repetition to a multiple of ``step_batch`` (as ``DistributedSampler`` pads to the
+    world size), so every rank draws the same number of micro-batches and every optimizer step is full.
+    """
+
+    def __init__(self, lengths: Sequence[int], micro_batch: int, world: int = 1, rank: int = 0, seed: int = 42,
+                 group_size: int = 0, step_batch: int | None = None) -> None:  # fmt: skip
+        self.lengths, self.micro_batch, self.world, self.rank = np.asarray(lengths), micro_batch, world, rank
+        self.seed, self.group_size, self.epoch = seed, group_size, 0
+        self.global_batch = micro_batch * world
+        self.step_batch = step_batch or self.global_batch
+        if self.step_batch % self.global_batch:
+            raise ValueError(f"step_batch={self.step_batch} is not a multiple of micro_batch x world = {self.global_batch}")
+        self.total = -(-len(self.lengths) // self.step_batch) * self.step_batch
+        self.resume_epoch, self.resume_batches = -1, 0  # see resume_from
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_from(self, epoch: int, batches: int) -> None:
+        """Skip the first ``batches`` micro-batches of ``epoch`` (they were trained before an interruption).
+        ``len()`` stays the full epoch: Lightning counts the skipped batches as done."""
+        self.epoch, self.resume_epoch, self.resume_batches = epoch, epoch, batches
+
+    def global_order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        order += order[: self.total - len(order)]
+        if self.group_size:
+            chunks = [order[i : i + self.group_size] for i in range(0, len(order), self.group_size)]
+            order = [i for chunk in chunks for i in sorted(chunk, key=lambda j: -self.lengths[j])]
+            steps = [order[i : i + self.step_batch] for i in range(0, len(order), self.step_batch)]
+            full = len(steps) - (len(steps[-1]) < self.step_batch)
+            order = [i for s in torch.randperm(full, generator=g).tolist() for i in steps[s]]
+            order += [i for s in steps[full:] for i in s]
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        # a generator: the epoch and the resume position are read when the first index is drawn, not when
+        # iteration is set up (Lightning may set it up before it restores a checkpoint)
+        mine = self.global_order()[self.rank :: self.world]
+        if self.epoch == self.resume_epoch:
+            mine = mine[self.resume_batches * self.micro_batch :]
+        yield from mine
+
+    def __len__(self) -> int:
+        return self.total // self.world
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch. Lightning keeps :meth:`state_dict` (the epoch and the
+    micro-batches of it already trained, read from the fit loop by ``progress``) in every checkpoint and hands it
+    back through :meth:`load_state_dict` when it resumes; the :class:`GlobalBatchSampler` then skips what was
+    trained, so a resumed run sees exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.progress()
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.resume_from(state_dict["epoch"], state_dict["batches"])
+
+
+def padding_share(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Share of padding among the tokens processed when each batch (lists of item indices) is padded to its
+    longest item."""
+    lengths = np.asarray(lengths)
+    processed = sum(len(b) * lengths[list(b)].max() for b in batches)
+    return float(1 - lengths.sum() / processed) if processed else 0.0

@@ -1,0 +1,41 @@
+"""Token segments and their loss weights: the one vocabulary of "which part of an example is this token" shared
+by every data format, the loss and the statistics.
+
+Chat conversations (:mod:`plwlab.data.chat`): ``template`` (role headers, BOS, separators the chat template adds),
+``system``, ``user``, ``assistant`` (the *last* assistant turn, its end-of-turn marker included), ``reasoning``
+(a think span inside the last assistant turn), and ``earlier_assistant`` / ``earlier_reasoning`` (the same in
+every assistant turn before the last). Alpaca records and prompt/completion pairs have one prompt and one
+completion: the prompt (BOS and the Alpaca template included) is ``user``, the completion (EOS included)
+``assistant``.
+
+Weights: ``plw`` stays the one knob. By default every assistant segment weighs 1 and every other one ``plw``
+(Alpaca: exactly the paper's loss). ``loss.segment_weights`` overrides any of them, e.g. ``{template: 0,
+system: 0}`` (no loss on the template or the system prompt), ``{earlier_assistant: ${plw},
+earlier_reasoning: ${plw}}`` (train on the last assistant turn only; earlier ones are context), or
+``{reasoning: 0.5, earlier_reasoning: 0.5}`` (half weight on thinking).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+SEGMENTS = ("template", "system", "user", "assistant", "reasoning", "earlier_assistant", "earlier_reasoning")
+SEGMENT_ID = {name: i for i, name in enumerate(SEGMENTS)}
+# what a model is trained to produce: Rg's numerator, the "completion" normalization and the logged completion loss
+COMPLETION_SEGMENTS = ("assistant", "reasoning", "earlier_assistant", "earlier_reasoning")
+COMPLETION_IDS = tuple(SEGMENT_ID[s] for s in COMPLETION_SEGMENTS)
+PROMPT_ID, COMPLETION_ID = SEGMENT_ID["user"], SEGMENT_ID["assistant"]  # Alpaca and prompt/completion pairs
+
+
+def weight_table(plw: float, overrides: Mapping[str, float] | None = None) -> tuple[float, ...]:
+    """The weight of every segment (in :data:`SEGMENTS` order): 1 for completion segments, ``plw`` for the rest,
+    then ``overrides`` (segment name -> weight >= 0). An unknown name or a negative weight raises, naming it."""
+    weights = {s: 1.0 if s in COMPLETION_SEGMENTS else float(plw) for s in SEGMENTS}
+    for name, weight in (overrides or {}).items():
+        if name not in SEGMENT_ID:
+            raise ValueError(f"loss.segment_weights: unknown segment {name!r}; segments are {', '.join(SEGMENTS)}")
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"loss.segment_weights.{name} must be a finite number >= 0, got {weight!r}")
+        weights[name] = float(weight)
+    return tuple(weights[s] for s in SEGMENTS)

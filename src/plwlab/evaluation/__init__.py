@@ -1,0 +1,5 @@
+"""Evaluation of trained runs into the results table: the run loaded and prompted as it was trained
+(:mod:`~plwlab.evaluation.runs`), generation (:mod:`~plwlab.evaluation.generation`) and cached responses
+(:mod:`~plwlab.evaluation.responses`), memorization BLEU (:mod:`~plwlab.evaluation.memorization`), the lm-eval
+harness tasks (:mod:`~plwlab.evaluation.harness`), pairwise judges (:mod:`~plwlab.evaluation.judges`), and the
+orchestrator (:mod:`~plwlab.evaluation.evaluate`; ``evaluate.py`` calls :mod:`~plwlab.evaluation.main`)."""

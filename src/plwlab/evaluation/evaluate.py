@@ -1,0 +1,212 @@
+"""Evaluation of trained runs into the results table (``python evaluate.py run_dir=... eval=paper``).
+
+Per run, as ``cfg.eval`` asks: memorization BLEU on training prompts (:mod:`plwlab.evaluation.memorization`);
+greedy responses on the AlpacaEval and PandaLM instruction sets (:mod:`plwlab.evaluation.responses`) and their
+lengths; lm-eval-harness benchmarks (:mod:`plwlab.evaluation.harness`); pairwise judges against reference
+responses (:mod:`plwlab.evaluation.judges`).
+
+Rows (:mod:`plwlab.results`) are written as each benchmark finishes; a failing benchmark is logged, recorded in
+``<run>/eval/status.json`` and makes the exit code non-zero, and the other benchmarks' rows stay.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from plwlab.evaluation.harness import prepare_task, run_lm_eval
+from plwlab.evaluation.judges import PairwiseJudge, alpaca_eval_package, win_rate, win_tie_lose
+from plwlab.evaluation.memorization import memorization_bleu, training_records
+from plwlab.evaluation.responses import read_instructions, reference_outputs, responses
+from plwlab.evaluation.runs import LoadedRun, load_run
+from plwlab.files import atomic_write
+from plwlab.results import COLUMNS, append_results, default_path, read_results
+from plwlab.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def result_row(run: LoadedRun, benchmark: str, metric: str, score: float, stderr: float | None, n: int) -> dict[str, Any]:
+    """One row of the results table (:data:`plwlab.results.COLUMNS`) for ``run``."""
+    meta = run.meta
+    return {"run_id": run.run_id, "model": meta.get("model"), "dataset": meta.get("dataset"), "plw": meta.get("plw"),
+            "rg": meta.get("rg"), "benchmark": benchmark, "metric": metric, "score": score, "stderr": stderr, "n": n,
+            "config_digest": run.config_digest, "train_steps": run.train_steps,
+            "data_sha256": meta.get("data_sha256")}  # fmt: skip
+
+
+def judge_rows(run: LoadedRun, name: str, spec: DictConfig, outputs: list[dict[str, Any]], reference: list[str],
+               judges: dict[str, PairwiseJudge], cfg: DictConfig, results: Path) -> list[dict[str, Any]]:  # fmt: skip
+    """Win rate of the run's ``outputs`` against ``reference`` by the judge of ``spec`` (and the count of verdicts
+    that could not be parsed)."""
+    if spec.backend == "alpaca_eval":
+        refs = [{**o, "output": ref, "generator": "reference"} for o, ref in zip(outputs, reference)]
+        score, stderr, n = alpaca_eval_package(outputs, refs, spec.annotators_config,
+                                               str(results.parent / "alpaca_eval" / run.run_id))  # fmt: skip
+        return [result_row(run, name, "win_rate", score, stderr, n)]
+    if spec.backend != "local":
+        raise ValueError(f"judge backend must be 'local' or 'alpaca_eval', got {spec.backend!r}")
+    decoding = spec.get("decoding")
+    kwargs = {"style": spec.style, "mode": spec.mode, "max_new_tokens": spec.get("max_new_tokens"),
+              "batch_size": cfg.batch_size, "seed": spec.get("order_seed", 0),
+              "decoding": None if decoding is None else OmegaConf.to_container(decoding)}  # fmt: skip
+    if spec.model == "self":  # the evaluated model judges itself: checks the pipeline, not a real judge
+        judge = PairwiseJudge(run.model, run.tokenizer, **kwargs)
+    else:
+        key = json.dumps([spec.model, kwargs], sort_keys=True)
+        if key not in judges:  # loaded once for all runs
+            dtype, device = spec.get("dtype") or cfg.dtype, spec.get("device") or cfg.device
+            judges[key] = PairwiseJudge.from_pretrained(spec.model, dtype, device, **kwargs)
+        judge = judges[key]
+    verdicts = judge.compare([o["instruction"] for o in outputs], [o["input"] for o in outputs], reference,
+                             [o["output"] for o in outputs], spec.randomize_order)  # fmt: skip
+    score, stderr, n = win_rate([v.preference for v in verdicts])
+    invalid = len(verdicts) - n
+    if invalid:
+        log.warning("%s %s: %d of %d judge verdicts could not be parsed, e.g. %r", run.run_id, name, invalid,
+                    len(verdicts), next(v.raw for v in verdicts if v.preference is None)[:200])  # fmt: skip
+    rows = [result_row(run, name, "win_rate", score, stderr, n),
+            result_row(run, name, "unparsed_verdicts", float(invalid), None, len(verdicts))]  # fmt: skip
+    if spec.style == "pandalm":  # PandaLM reports win / tie / lose counts beside the rate
+        counts = win_tie_lose([v.preference for v in verdicts])
+        rows += [result_row(run, name, metric, float(c), None, n) for metric, c in zip(("wins", "ties", "losses"), counts)]
+    return rows
+
+
+def evaluate_run(
+    cfg: DictConfig, run_dir: Path, judges: dict[str, PairwiseJudge], results: Path
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The evaluations of ``cfg.eval`` for one run. Each benchmark's rows go into ``results`` as soon as they are
+    done; a benchmark that fails is logged and recorded in ``<run_dir>/eval/status.json`` and the others go on.
+    Returns the rows and the failures ("benchmark: error")."""
+    run = load_run(run_dir, cfg.dtype, cfg.device)
+    ev = cfg.eval
+    rows: list[dict[str, Any]] = []
+    status: dict[str, str] = {}
+    generated: dict[str, list[dict[str, Any]]] = {}
+
+    def step(name: str, work: Callable[[], list[dict[str, Any]]]) -> None:
+        try:
+            new = work()
+        except Exception as e:  # one failing benchmark or judge must not take the others' rows with it
+            log.error("%s: %s failed: %s: %s", run.run_id, name, type(e).__name__, e)
+            status[name] = f"failed: {type(e).__name__}: {e}"[:2000]
+            return
+        append_results(results, new)
+        rows.extend(new)
+        status[name] = "ok"
+
+    if ev.get("memorization"):
+
+        def memorization() -> list[dict[str, Any]]:
+            mem = ev.memorization
+            records = training_records(run_dir, run.tokenizer)
+            score, signature, n = memorization_bleu(run, records, mem.n, cfg.seed, mem.max_new_tokens, cfg.batch_size)
+            log.info("%s memorization BLEU %.2f over %d prompts [%s]", run.run_id, score, n, signature)
+            return [result_row(run, "memorization", "bleu", score, None, n)]
+
+        step("memorization", memorization)
+    for name, spec in (ev.get("generations") or {}).items():
+
+        def generation(name: str = name, spec: DictConfig = spec) -> list[dict[str, Any]]:
+            outputs = responses(run, run_dir, name, read_instructions(spec.instructions, spec.limit),
+                                spec.max_new_tokens, cfg.batch_size)  # fmt: skip
+            lengths = torch.tensor([o["length"] for o in outputs], dtype=torch.float64)
+            stderr = float(lengths.std() / len(lengths) ** 0.5) if len(lengths) > 1 else None
+            generated[name] = outputs
+            return [result_row(run, name, "generation_length", float(lengths.mean()), stderr, len(lengths))]
+
+        step(f"{name} generations", generation)
+    harness: dict[str, Any] = {}
+    if ev.get("lm_eval") and ev.lm_eval.tasks:
+        harness = {"lm_eval_version": version("lm_eval"), "add_bos_token": ev.lm_eval.get("add_bos_token")}
+        task_dir = RunDir(run_dir).eval_dir / "lm_eval_tasks"
+        for benchmark, t in ev.lm_eval.tasks.items():
+
+            def lm_eval(benchmark: str = benchmark, t: DictConfig = t) -> list[dict[str, Any]]:
+                task = prepare_task(benchmark, task_dir, t.num_fewshot, t.get("data"), t.get("fewshot_data"),
+                                    ev.lm_eval.max_gen_toks)  # fmt: skip
+                return [result_row(run, b, m, score, stderr, n) for b, m, score, stderr, n in
+                        run_lm_eval(run.model, run.tokenizer, [task], task_dir, ev.lm_eval.limit, cfg.batch_size,
+                                    cfg.device, ev.lm_eval.get("add_bos_token"))]  # fmt: skip
+
+            step(benchmark, lm_eval)
+    for name, spec in (ev.get("judges") or {}).items():
+        if spec.generations not in (ev.get("generations") or {}):
+            raise ValueError(f"judge {name} compares eval.generations.{spec.generations}, which this preset lacks")
+        if spec.reference is None:
+            log.warning("%s: judge %s skipped: no reference (set eval.judges.%s.reference)", run.run_id, name, name)
+            continue
+
+        def judge(name: str = name, spec: DictConfig = spec) -> list[dict[str, Any]]:
+            if spec.generations not in generated:
+                raise RuntimeError(f"its responses ({spec.generations}) could not be generated")
+            outputs = generated[spec.generations]
+            max_new_tokens = ev.generations[spec.generations].max_new_tokens
+            reference = reference_outputs(spec.reference, outputs, spec.generations, max_new_tokens, cfg)
+            return judge_rows(run, name, spec, outputs, reference, judges, cfg, results)
+
+        step(name, judge)
+    with atomic_write(RunDir(run_dir).eval_status_file) as tmp:
+        tmp.write_text(json.dumps({"run_id": run.run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                   **({"harness": harness} if harness else {}), **status}, indent=2))
+    if cfg.wandb.enabled and rows:
+        log_to_wandb(cfg, run_dir, rows)
+    return rows, [f"{name}: {state[len('failed: '):]}" for name, state in status.items() if state != "ok"]
+
+
+def log_to_wandb(cfg: DictConfig, run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """One W&B run (job_type eval, in the training run's group unless ``wandb.group`` is set) per evaluated run:
+    its scores as metrics and the rows as a table."""
+    import wandb  # imported only when W&B logging is on
+
+    run = RunDir(run_dir)
+    group = cfg.wandb.group or run.name  # default: the training runs' group (their sweep name)
+    with wandb.init(project=cfg.wandb.project, group=group, name=f"{run.run_id}-eval", job_type="eval",
+                    config={**run.export_meta(), "eval": OmegaConf.to_container(cfg.eval)}, dir=str(run.eval_dir),
+                    mode="offline" if cfg.wandb.offline else None) as w:  # fmt: skip
+        w.log({f"{r['benchmark']}/{r['metric']}": r["score"] for r in rows})
+        w.log({"results": wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows])})
+
+
+def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Evaluate every run matching ``cfg.run_dir`` (a run directory or a glob over a sweep; with ``num_shards``
+    > 1 only every ``num_shards``-th run from ``shard``) and append the rows to the results table (``cfg.results``,
+    or :func:`plwlab.results.default_path`). Raises after all runs if any run or benchmark failed (their rows stay)."""
+    matches = {Path(p).resolve() for p in glob.glob(str(cfg.run_dir))}  # resolved: a linked run counts once
+    runs = sorted(p for p in matches if RunDir(p).is_exported)
+    if not runs:
+        raise FileNotFoundError(f"no finished training run (with hf_model/plwlab.json) matches {cfg.run_dir}")
+    if not 0 <= cfg.shard < cfg.num_shards:
+        raise ValueError(f"shard must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
+    results = Path(cfg.results) if cfg.results else default_path(runs)
+    read_results(results)  # a malformed table is an error now, not after hours of evaluation
+    runs = runs[cfg.shard :: cfg.num_shards]
+    judges: dict[str, PairwiseJudge] = {}
+    rows: list[dict[str, Any]] = []
+    failed = []
+    for i, run_dir in enumerate(runs):
+        log.info("[%d/%d] evaluating %s", i + 1, len(runs), run_dir)
+        try:
+            run_rows, failures = evaluate_run(cfg, run_dir, judges, results)
+        except Exception as e:  # one broken run must not stop a sweep's evaluation; reported at the end
+            if len(runs) == 1:
+                raise
+            log.exception("evaluating %s failed", run_dir)
+            failed.append(f"{run_dir.name} ({type(e).__name__}: {e})")
+            continue
+        rows += run_rows
+        failed += [f"{run_dir.name} {failure}" for failure in failures]
+    log.info("%d rows for %d runs written to %s", len(rows), len(runs), results)
+    if failed:
+        raise RuntimeError(f"{len(failed)} evaluations failed (the others' rows are in {results}): " + "; ".join(failed))
+    return rows

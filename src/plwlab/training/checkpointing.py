@@ -1,0 +1,122 @@
+"""Training checkpoints that are always whole: written aside, then published by an atomic link flip.
+
+``checkpoints/step-00000050.ckpt`` (a file, or a folder of shards under FSDP2) is written by every rank; once all
+ranks are done, rank 0 points ``checkpoints/last.ckpt`` (a symbolic link) at it in one atomic rename and deletes
+the previous one. A preemption or a full disk at any moment leaves ``last.ckpt`` pointing at the previous complete
+checkpoint, never at a mix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
+
+from plwlab.rundir import LAST_CHECKPOINT, RunDir
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (full disk, unwritable directory); the previous one is intact."""
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class RunCheckpoint(Checkpoint):
+    """Checkpoint the whole training state (model, optimizer, schedule, loop and data position, callbacks) every
+    ``every_n_steps`` optimizer steps and/or every ``every_minutes`` minutes of training (rank 0's clock), as
+    described in this module's docstring. ``keep=False`` (default): :meth:`discard` removes the checkpoints once the
+    run has finished (train.py calls it after the HF export and ``status.json`` are written); ``keep=True`` also
+    saves the final state at the end of training and keeps it. Logs ``checkpoint/save_seconds``. A Lightning
+    ``Checkpoint``, so the Trainer runs it after every other callback: their state of the step is in the file."""
+
+    def __init__(
+        self, dirpath: str | None = None, every_n_steps: int | None = 50, every_minutes: float | None = None,
+        keep: bool = False,
+    ) -> None:  # fmt: skip
+        if every_n_steps is not None and every_n_steps < 1 or every_minutes is not None and every_minutes <= 0:
+            raise ValueError(f"every_n_steps must be >= 1 and every_minutes > 0 (or null), got {every_n_steps}, {every_minutes}")
+        self.dirpath = None if dirpath is None else Path(dirpath)  # None: the run directory's checkpoints/
+        self.every_n_steps, self.every_minutes, self.keep = every_n_steps, every_minutes, keep
+        self._seen_step = 0
+        self._last_save = time.monotonic()
+
+    @property
+    def last(self) -> Path:
+        return self.dirpath / LAST_CHECKPOINT
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = RunDir(trainer.default_root_dir).checkpoints
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._seen_step, self._last_save = trainer.global_step, time.monotonic()
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        step = trainer.global_step
+        if step == self._seen_step:  # still accumulating gradients: no optimizer step yet
+            return False
+        self._seen_step = step
+        due = self.every_n_steps is not None and step % self.every_n_steps == 0
+        if self.every_minutes is not None:  # every rank must take the same decision: rank 0's clock decides
+            due |= trainer.strategy.broadcast(time.monotonic() - self._last_save >= 60 * self.every_minutes)
+        return due
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._due(trainer):
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.keep and self.last.resolve().name != self._name(trainer.global_step):
+            self.save(trainer)
+
+    @staticmethod
+    def _name(step: int) -> str:
+        return f"step-{step:08d}.ckpt"
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write ``step-N.ckpt`` (all ranks), then atomically point ``last.ckpt`` at it and delete older ones."""
+        start = time.perf_counter()
+        target = self.dirpath / self._name(trainer.global_step)
+        try:
+            if trainer.is_global_zero:
+                self.dirpath.mkdir(parents=True, exist_ok=True)
+                _remove(target)  # a leftover of an interrupted save of this same step
+            trainer.strategy.barrier()
+            trainer.save_checkpoint(target)  # ends with a barrier: every rank's shard is on disk
+        except OSError as e:
+            if trainer.is_global_zero:
+                _remove(target)
+            raise CheckpointError(f"cannot write checkpoint {target}: {e.strerror or e}; the previous checkpoint is intact") from e
+        if trainer.is_global_zero:
+            link = self.dirpath / f".{LAST_CHECKPOINT}.{os.getpid()}"
+            link.unlink(missing_ok=True)
+            link.symlink_to(target.name)
+            os.replace(link, self.last)  # atomic: last.ckpt names the old or the new checkpoint, never neither
+            for old in self.dirpath.glob("step-*.ckpt"):
+                if old.name != target.name:
+                    _remove(old)
+        trainer.strategy.barrier()
+        self._last_save = time.monotonic()
+        seconds = time.perf_counter() - start
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"checkpoint/save_seconds": seconds}, step=trainer.global_step)
+        log.info("checkpoint %s written in %.1f s", target, seconds)
+
+    def discard(self) -> None:
+        """Remove the checkpoints (rank 0 only: call it after training, when no other rank needs them)."""
+        if self.dirpath.exists():
+            shutil.rmtree(self.dirpath)

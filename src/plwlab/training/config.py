@@ -1,0 +1,230 @@
+"""The train config: its typed Hydra schema (so ``plw=0`` arrives as a float and typos fail), the checks that turn
+bad values into one-line errors (the one place where config values are validated: the code below trusts them),
+and what derives from it, the batch geometry (:func:`batch_geometry`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from plwlab import ASSETS
+from plwlab.data.batching import BATCHING
+from plwlab.data.segments import weight_table
+from plwlab.data.sources import CHAT_FORMATS, FORMATS
+from plwlab.data.variants import VARIANTS
+from plwlab.files import safe_dirname
+from plwlab.training.loss import DENOMINATOR_SCOPES, NORMALIZATIONS
+from plwlab.training.optim import OPTIMIZER_IMPLS
+
+HALF_DTYPES = ("bfloat16", "float16")
+HALF_TRUE_PRECISIONS = ("bf16-true", "16-true")  # Lightning casts every weight to half precision
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value."""
+
+
+@dataclass
+class ModelConfig:  # arguments of plwlab.training.model.load_model
+    name: str = MISSING
+    tokenizer: str = MISSING
+    name_or_path: Optional[str] = None
+    config: Optional[dict[str, Any]] = None
+    dtype: str = "float32"
+    add_pad_token: bool = False
+    attn_implementation: Optional[str] = None
+    gradient_checkpointing: bool = False
+    chat_template: Optional[str] = None  # chatml | a .jinja file | a template string (default: the tokenizer's)
+    lora: Any = None  # peft.LoraConfig kwargs, e.g. {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}
+
+
+@dataclass
+class DataConfig:  # arguments of plwlab.data.datamodule.InstructionDataModule (tokenizer and seed come from model and seed)
+    path: str = MISSING  # a local .json/.jsonl/.parquet file or an HF hub dataset id
+    name: str = "alpaca"
+    format: str = "alpaca"  # alpaca | prompt_completion | messages | sharegpt
+    split: str = "train"  # of a hub dataset
+    columns: Any = None  # plwlab's name -> the dataset's column, e.g. {output: response}
+    roles: Any = None  # chat: the dataset's role name -> system | user | assistant
+    think_tags: Optional[list[str]] = None  # chat: [open, close] around a reasoning span in assistant turns
+    max_length: int = 512
+    val_size: float = 0.05
+    batch_size: int = 4
+    eval_batch_size: Optional[int] = None
+    num_workers: int = 0
+    limit: Optional[int] = None
+    empty_completion: str = "keep"
+    batching: str = "length_grouped"  # length_grouped | padded (experiment=paper: the paper's) | packed
+    on_invalid: str = "error"
+    empty_output: str = "keep"  # keep (Stanford: trains on EOS alone) | skip
+    variant: str = "as_is"
+    target_rg: Optional[float] = None
+    cache_dir: Optional[str] = "outputs/data"  # built variants + tokenized data (null: no tokenized cache)
+
+
+@dataclass
+class LossConfig:  # loss arguments of plwlab.training.module.PLWModule
+    # per-segment weights over the plw default (plwlab.data.segments), e.g. {template: 0, earlier_assistant: 0.1}
+    segment_weights: Any = None
+    normalization: str = "weight_sum"
+    denominator_scope: str = "step"
+    chunk_tokens: Optional[int] = None  # memory-lean loss: logits computed this many targets at a time
+
+
+@dataclass
+class OptimConfig:  # optimizer arguments of plwlab.training.module.PLWModule (Stanford Alpaca defaults)
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    optimizer_impl: str = "auto"  # auto (fused where supported) | fused | foreach | for_loop
+
+
+@dataclass
+class TrainConfig:
+    plw: float = 0.1
+    allow_plw_above_one: bool = False
+    # sequences (packed rows) per optimizer step over all devices; null = data.batch_size x devices (no
+    # accumulation). Gradient accumulation = global_batch_size / (data.batch_size x devices x nodes).
+    global_batch_size: Optional[int] = None
+    allow_low_precision_weights: bool = False  # let AdamW update bf16/fp16 parameters (no fp32 master weights)
+    matmul_precision: Optional[str] = None  # torch.set_float32_matmul_precision: "high" = TF32 on Ampere+
+    resume: bool = True  # skip a finished run, resume an interrupted one from checkpoints/last.ckpt
+    plan_only: bool = False  # with -m: print the sweep plan and stop
+    seed: int = 42
+    name: str = "plwlab"
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)  # kwargs of lightning.Trainer
+    strategy: dict[str, Any] = field(default_factory=dict)  # {} = "auto", or a _target_ strategy
+    callbacks: dict[str, Any] = field(default_factory=dict)  # name -> _target_ callback (null disables)
+    logger: dict[str, Any] = field(default_factory=dict)  # name -> _target_ logger
+    paths: dict[str, Any] = field(default_factory=dict)
+
+
+def register() -> None:
+    """Register the schema and the resolvers ``${plwlab.asset:NAME}`` (path of a bundled asset) and
+    ``${plwlab.safe_dirname:TEXT}`` (a flat run-directory name)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("plwlab.asset"):
+        OmegaConf.register_new_resolver("plwlab.asset", lambda name: str(ASSETS / name))
+    if not OmegaConf.has_resolver("plwlab.safe_dirname"):
+        OmegaConf.register_new_resolver("plwlab.safe_dirname", safe_dirname)
+
+
+def to_dict(node: DictConfig) -> dict[str, Any]:
+    """A config node as plain Python containers, interpolations resolved."""
+    return OmegaConf.to_container(node, resolve=True)
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How the sequences of one optimizer step are laid out: ``micro_batch`` per process and forward pass, on
+    ``devices`` x ``nodes`` processes, over ``accumulation`` micro-batches. Computed once, by :func:`batch_geometry`."""
+
+    micro_batch: int
+    devices: int
+    nodes: int
+    accumulation: int
+
+    @property
+    def world_size(self) -> int:
+        """Processes: devices x nodes."""
+        return self.devices * self.nodes
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences (packed rows) per optimizer step."""
+        return self.micro_batch * self.world_size * self.accumulation
+
+
+def batch_geometry(cfg: DictConfig) -> BatchGeometry:
+    """The run's :class:`BatchGeometry`: ``data.batch_size`` per process, ``trainer.devices`` (a count or a list of
+    device ids) x ``trainer.num_nodes`` processes, and the accumulation that makes ``global_batch_size`` (null: no
+    accumulation)."""
+    devices = cfg.trainer.get("devices", 1)
+    count = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, list) else devices
+    if not isinstance(count, int) or count < 1:
+        raise ConfigError(
+            f"trainer.devices={devices} makes the global batch depend on the devices visible; name the count "
+            "(e.g. trainer.devices=4)"
+        )
+    nodes = int(cfg.trainer.get("num_nodes", 1))
+    per_step = cfg.data.batch_size * count * nodes
+    if cfg.global_batch_size is None:
+        return BatchGeometry(cfg.data.batch_size, count, nodes, 1)
+    if cfg.global_batch_size < per_step or cfg.global_batch_size % per_step:
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} is not a positive multiple of data.batch_size {cfg.data.batch_size} x "
+            f"{count * nodes} processes = {per_step}"
+        )
+    return BatchGeometry(cfg.data.batch_size, count, nodes, cfg.global_batch_size // per_step)
+
+
+def validate(cfg: DictConfig) -> BatchGeometry:
+    """Raise :class:`ConfigError` with a one-line message for values that cannot be right; return the batch geometry."""
+    if not math.isfinite(cfg.plw):
+        raise ConfigError(f"plw must be a finite number, got {cfg.plw}")
+    if cfg.plw < 0:
+        raise ConfigError(f"plw must be >= 0, got {cfg.plw}")
+    if cfg.plw > 1 and not cfg.allow_plw_above_one:
+        raise ConfigError(f"plw={cfg.plw} > 1 up-weights prompts over completions; set allow_plw_above_one=true if meant")
+    if cfg.loss.normalization not in NORMALIZATIONS:
+        raise ConfigError(f"loss.normalization must be one of {NORMALIZATIONS}, got {cfg.loss.normalization!r}")
+    if cfg.loss.denominator_scope not in DENOMINATOR_SCOPES:
+        raise ConfigError(f"loss.denominator_scope must be one of {DENOMINATOR_SCOPES}, got {cfg.loss.denominator_scope!r}")
+    if cfg.data.max_length < 2:
+        raise ConfigError(f"data.max_length must be >= 2 (a token and its successor), got {cfg.data.max_length}")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if cfg.data.format not in FORMATS:
+        raise ConfigError(f"data.format must be one of {FORMATS}, got {cfg.data.format!r}")
+    if cfg.data.think_tags is not None and (len(cfg.data.think_tags) != 2 or cfg.data.format not in CHAT_FORMATS):
+        raise ConfigError(f"data.think_tags must be [open, close] on chat data (format messages or sharegpt), got "
+                          f"{list(cfg.data.think_tags)} with format {cfg.data.format}")  # fmt: skip
+    try:
+        weight_table(cfg.plw, cfg.loss.segment_weights)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.data.variant not in VARIANTS:
+        raise ConfigError(f"data.variant must be one of {VARIANTS}, got {cfg.data.variant!r}")
+    if cfg.data.variant == "rg_target" and not (cfg.data.target_rg or 0) > 0:
+        raise ConfigError(f"data.variant=rg_target needs data.target_rg > 0, got {cfg.data.target_rg}")
+    if cfg.data.batching not in BATCHING:
+        raise ConfigError(f"data.batching must be one of {BATCHING}, got {cfg.data.batching!r}")
+    for key, allowed in (("empty_completion", ("keep", "drop", "error")), ("on_invalid", ("error", "skip")),
+                         ("empty_output", ("keep", "skip"))):  # fmt: skip
+        if cfg.data[key] not in allowed:
+            raise ConfigError(f"data.{key} must be one of {allowed}, got {cfg.data[key]!r}")
+    if cfg.optim.optimizer_impl not in OPTIMIZER_IMPLS:
+        raise ConfigError(f"optim.optimizer_impl must be one of {OPTIMIZER_IMPLS}, got {cfg.optim.optimizer_impl!r}")
+    if not 0 <= cfg.data.val_size:
+        raise ConfigError(f"data.val_size must be a fraction in [0, 1) or a count, got {cfg.data.val_size}")
+    if "accumulate_grad_batches" in cfg.trainer:
+        raise ConfigError("trainer.accumulate_grad_batches is derived: set global_batch_size (= data.batch_size x "
+                          "accumulation x devices x nodes) instead")  # fmt: skip
+    check_master_weights(cfg)
+    return batch_geometry(cfg)
+
+
+def check_master_weights(cfg: DictConfig) -> None:
+    """Refuse a config that would make AdamW update bf16/fp16 parameters, unless ``allow_low_precision_weights``."""
+    if cfg.allow_low_precision_weights:
+        return
+    if cfg.model.dtype in HALF_DTYPES and not cfg.model.lora:
+        setting, dtype = f"model.dtype={cfg.model.dtype}", cfg.model.dtype
+    elif str(cfg.trainer.get("precision")) in HALF_TRUE_PRECISIONS:
+        setting, dtype = f"trainer.precision={cfg.trainer.precision}", cfg.trainer.precision.removesuffix("-true")
+    else:
+        return
+    raise ConfigError(
+        f"{setting} makes AdamW update {dtype} weights (most lr 2e-5 updates round away); keep fp32 master weights "
+        "(model.dtype=float32 with trainer.precision=bf16-mixed) or set allow_low_precision_weights=true"
+    )

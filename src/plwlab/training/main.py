@@ -1,0 +1,55 @@
+"""The train.py command: ``python train.py [plw=0.1] [model=tiny] [data=alpaca_sample] ...`` (also ``plwlab-train``
+and ``python -m plwlab.training.main``). Sweep: ``python train.py -m plw=0,0.01,0.1,1``. See README.md,
+docs/cluster.md and conf/train.yaml."""
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from plwlab import CONF_DIR
+from plwlab.data.sources import DataError
+from plwlab.rundir import RunError, record_failure
+from plwlab.training.config import ConfigError, batch_geometry, register
+from plwlab.training.model import ModelLoadError
+from plwlab.training.module import TrainingDiverged
+from plwlab.training.train import train
+
+log = logging.getLogger("train")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        world = batch_geometry(cfg).world_size
+        if multirun and hydra_cfg.launcher._target_.endswith("BasicLauncher") and world > 1:
+            raise SystemExit(
+                "error: a sweep with the basic launcher runs in one process group, so it cannot start "
+                f"{world} processes per run; use hydra/launcher=torchrun (this node, one run after another) or "
+                "hydra/launcher=slurm"
+            )
+        metrics = train(cfg)
+    except (ConfigError, DataError, ModelLoadError, RunError, TrainingDiverged) as e:
+        if multirun:  # one failing run must not stop the sweep; the summary lists it
+            log.error("run failed: %s", e)
+            record_failure(Path(hydra_cfg.runtime.output_dir), e)
+            return None
+        raise SystemExit(f"error: {e}") from None
+    except Exception as e:
+        if multirun:
+            log.exception("run failed")
+            record_failure(Path(hydra_cfg.runtime.output_dir), e)
+            return None
+        raise
+    return metrics.get("val/loss")
+
+
+register()
+
+if __name__ == "__main__":
+    main()

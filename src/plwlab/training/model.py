@@ -1,0 +1,157 @@
+"""Loading an HF causal LM and its tokenizer: pretrained (hub id or local directory) or randomly initialised from
+a config, optionally with a LoRA adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tokenizers import processors
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedModel, PreTrainedTokenizerFast,
+)  # fmt: skip
+from transformers.convert_slow_tokenizer import import_protobuf
+from transformers.tokenization_utils_base import generate_merges
+
+from plwlab.data.chat import set_chat_template
+from plwlab.data.tokenization import sentencepiece_normalizer
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded (bad path, offline hub, bad preset)."""
+
+
+class LoadedModel(NamedTuple):
+    model: PreTrainedModel
+    tokenizer: Any
+    pretrained_vocab_size: int  # embedding rows before any added token: excluded from weight distances
+
+
+def _looks_local(name_or_path: str) -> bool:
+    """A path rather than a hub id (``owner/name``): absolute, relative with ./ or ../, home-relative, or existing."""
+    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).expanduser().exists()
+
+
+def _check_local_dir(name_or_path: str, what: str, marker: str) -> None:
+    """A one-line error for a local model or tokenizer directory that is missing or holds no ``marker`` file."""
+    path = Path(name_or_path).expanduser()
+    if not _looks_local(name_or_path) or path.is_file():
+        return
+    if not path.exists():
+        raise ModelLoadError(f"{what} {'file' if path.suffix else 'directory'} {name_or_path} does not exist")
+    if not any(path.glob(marker)):
+        raise ModelLoadError(f"{what} directory {name_or_path} has no {marker} (not a HF {what} folder?)")
+
+
+def sentencepiece_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """A fast tokenizer equal to SentencePiece on a bare BPE ``tokenizer.model`` (LLaMA's), adding BOS as LLaMA
+    expects; it saves as a ``tokenizer.json`` that reloads unchanged (``AutoTokenizer``).
+
+    transformers 5 builds a bare ``.model`` differently in two ways, both fixed here. It ranks the BPE merges by
+    token id, which puts ``("▁", "▁")`` (id 259, the lowest SentencePiece score) first: ``"words:  vegetable"``
+    gives ``▁▁ ve get able`` instead of SentencePiece's ``▁ ▁veget able``; here merges are ranked by piece score.
+    And its Metaspace pre-tokenizer prepends "▁" only to a text that does not start with a space (``" x"`` gives
+    ``▁x``, SentencePiece ``▁ ▁x``); here SentencePiece's dummy prefix is always prepended (the legacy LLaMA
+    ``tokenizer.json`` normalizer).
+    """
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    if not (spec.model_type == 2 and spec.byte_fallback and norm.name == "identity" and norm.add_dummy_prefix
+            and not norm.remove_extra_whitespaces):  # fmt: skip
+        raise ModelLoadError(f"{path}: only a byte-fallback BPE SentencePiece model with identity normalization (LLaMA's) "
+                             "can be loaded from a bare .model; pass a HF tokenizer directory instead")  # fmt: skip
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    merges = generate_merges(vocab, {p.piece: p.score for p in proto.pieces})
+    backend = LlamaTokenizer(vocab=vocab, merges=merges)._tokenizer  # byte-fallback BPE + SentencePiece's decoder
+    backend.normalizer = sentencepiece_normalizer()
+    backend.pre_tokenizer = None
+    bos, eos, unk = (proto.pieces[i].piece for i in (spec.bos_id, spec.eos_id, spec.unk_id))
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, spec.bos_id)])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=unk)
+
+
+def load_tokenizer(tokenizer: str) -> Any:
+    """A tokenizer from a hub id, a local directory, or a bare SentencePiece ``.model`` file (LLaMA)."""
+    path = Path(tokenizer).expanduser()
+    _check_local_dir(tokenizer, "tokenizer", "tokenizer*")
+    try:
+        if path.is_file() and path.suffix == ".model":
+            return sentencepiece_tokenizer(path)
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else tokenizer)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load tokenizer {tokenizer!r}: {str(e).splitlines()[0]}") from e
+
+
+def load_model(
+    name: str,
+    tokenizer: str,
+    name_or_path: str | None = None,
+    config: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    add_pad_token: bool = False,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+    lora: dict[str, Any] | None = None,
+    chat_template: str | None = None,
+) -> LoadedModel:
+    """Load a pretrained causal LM (``name_or_path``: hub id or local dir) or build a randomly initialised one
+    from ``config`` (kwargs of ``AutoConfig.for_model``, e.g. ``model_type: llama``), plus its tokenizer.
+
+    A tokenizer without a pad token gets ``[PAD]`` added (embeddings resized, as Stanford Alpaca does) when
+    ``add_pad_token``, else reuses its unk/eos token (padding never enters the loss). ``lora`` holds
+    ``peft.LoraConfig`` kwargs to train a LoRA adapter instead of all weights. ``chat_template`` (chat data on a
+    tokenizer without one, or to replace it): ``chatml`` (adds its two tokens, as TRL's ``setup_chat_format``), a
+    ``.jinja`` file or a template string (:func:`plwlab.data.chat.set_chat_template`).
+    """
+    if (name_or_path is None) == (config is None):
+        raise ModelLoadError(f"model preset {name!r}: set exactly one of name_or_path (pretrained) or config (random init)")
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ModelLoadError(f"model preset {name!r}: unknown dtype {dtype!r}")
+    if name_or_path is not None:
+        _check_local_dir(name_or_path, "model", "config.json")
+    tok = load_tokenizer(tokenizer)
+    if chat_template:
+        set_chat_template(tok, chat_template)
+    if tok.pad_token is None:
+        if add_pad_token:
+            tok.add_special_tokens({"pad_token": "[PAD]"})
+        else:
+            tok.pad_token = tok.unk_token or tok.eos_token
+    kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": attn_implementation}
+    if name_or_path is not None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
+    else:
+        special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        model_config = AutoConfig.for_model(**{"vocab_size": len(tok), **special, **config})
+        model = AutoModelForCausalLM.from_config(model_config, **kwargs)
+    pretrained_vocab_size = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > pretrained_vocab_size:
+        model.resize_token_embeddings(len(tok))
+    if gradient_checkpointing:  # per decoder layer; non-reentrant, as FSDP2 needs
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name goes in v6
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        import peft  # only LoRA runs pay for importing peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **lora))
+    return LoadedModel(model, tok, pretrained_vocab_size)
+
+
+def parameter_count(name_or_path: str) -> int | None:
+    """Parameters of a pretrained model, counted from its config alone (on the meta device, no weights read);
+    None when the config cannot be read (e.g. a hub id while offline: loading reports that)."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):  # a missing or broken model: loading it says what is wrong
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())

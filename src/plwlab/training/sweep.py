@@ -1,0 +1,119 @@
+"""Hydra callbacks of train.py: an output directory that cannot be written is one line of error
+(:class:`OutputDirCheck`); a sweep prints its plan before launching (``plan_only=true`` stops there) and a summary
+of finished / skipped / resumed / failed runs at the end, read from each run's ``status.json`` (so it also works
+for jobs that ran elsewhere, e.g. on SLURM) (:class:`SweepCallback`)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from plwlab.files import safe_dirname
+from plwlab.rundir import RunDir, RunError, check_writable, find_runs
+
+console = Console()
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """The override lists of every job of the sweep, as Hydra's basic sweeper expands them (command-line
+    overrides plus ``hydra.sweeper.params``; the command line wins)."""
+    task = list(config.hydra.overrides.task)
+    given = {o.split("=", 1)[0].lstrip("+~") for o in task}
+    params = config.hydra.sweeper.get("params") or {}
+    task += [f"{k}={v}" for k, v in params.items() if k not in given]
+    parsed = OverridesParser.create().parse_overrides(task)
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in parsed]  # fmt: skip
+    return [list(combo) for combo in itertools.product(*choices)]
+
+
+def override_dirname(overrides: list[str], config: DictConfig) -> str:
+    """A job's run-directory name: Hydra's ``override_dirname`` (sorted key=value pairs, excluded keys dropped) made
+    flat and safe, as ``hydra.sweep.subdir`` in conf/train.yaml does."""
+    spec = config.hydra.job.config.override_dirname
+    kept = sorted(o for o in overrides if o.split("=", 1)[0] not in set(spec.exclude_keys))
+    return safe_dirname(spec.item_sep.join(kept))
+
+
+def read_statuses(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """Run directory (relative to ``sweep_dir``) -> its status, for every run below ``sweep_dir``."""
+    return {str(run.path.relative_to(sweep_dir)): run.status() for run in find_runs(sweep_dir)}
+
+
+class OutputDirCheck(Callback):
+    """An output directory that cannot be created is one line of error before Hydra tries (and fails with a
+    traceback)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(config.hydra.sweep.dir)
+
+
+def _check_writable(directory: str) -> None:
+    try:
+        check_writable(directory)
+    except RunError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+class SweepCallback(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sweep_jobs(config)
+        statuses = read_statuses(sweep_dir) if sweep_dir.exists() else {}
+        table = Table(title=f"Sweep plan: {len(jobs)} runs in {sweep_dir}")
+        table.add_column("#", justify="right")
+        table.add_column("run")
+        table.add_column("state")
+        counts: dict[str, int] = {}
+        for i, job in enumerate(jobs):
+            state = statuses.get(override_dirname(job, config), {}).get("status", "new")
+            state = {"finished": "done (skip)", "running": "interrupted (resume)", "interrupted": "interrupted (resume)",
+                     "failed": "failed (retry)"}.get(state, state)  # fmt: skip
+            counts[state] = counts.get(state, 0) + 1
+            table.add_row(str(i), " ".join(job), state)
+        console.print(table)
+        console.print("; ".join(f"{n} {s}" for s, n in counts.items()))
+        if config.get("plan_only"):
+            console.print("plan_only=true: nothing launched")
+            raise SystemExit(0)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        statuses = read_statuses(sweep_dir) if sweep_dir.exists() else {}
+        this_sweep = {override_dirname(job, config) for job in sweep_jobs(config)}
+        statuses = {run: st for run, st in statuses.items() if run in this_sweep}
+        summary: dict[str, list[str]] = {"finished": [], "skipped": [], "resumed": [], "failed": [], "refused": [],
+                                         "other": []}  # fmt: skip
+        for run, st in statuses.items():
+            if st.get("status") == "failed":
+                summary["failed"].append(f"{run}: {st.get('error')}")
+            elif st.get("status") == "finished" and st.get("skipped", "") >= getattr(self, "started", ""):
+                summary["skipped"].append(run)
+            elif st.get("status") == "finished":
+                summary["resumed" if st.get("resumed_from") else "finished"].append(run)
+            else:
+                summary["other"].append(f"{run}: {st.get('status')}")
+        for run in sorted(this_sweep):  # refused runs were left untouched; the refusal is recorded beside them
+            refusal = RunDir(sweep_dir / run).refused_file
+            if refusal.exists() and json.loads(refusal.read_text())["time"] >= getattr(self, "started", ""):
+                summary["refused"].append(f"{run}: {json.loads(refusal.read_text())['error']}")
+        (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        console.print("Sweep summary: " + ", ".join(f"{len(v)} {k}" for k, v in summary.items() if v), markup=False)
+        for kind in ("failed", "refused"):
+            for line in summary[kind]:
+                console.print(f"  {kind.upper()} {line}", markup=False)
+        if summary["failed"] or summary["refused"]:  # scripts, SLURM dependencies and CI rely on the exit code
+            raise SystemExit(1)

@@ -1,0 +1,202 @@
+"""train(cfg): assemble model, data, callbacks, loggers and the Lightning Trainer from a composed config, fit, and
+write the run directory (:mod:`plwlab.rundir`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from plwlab.data.datamodule import InstructionDataModule
+from plwlab.rundir import RunDir, RunError, prepare_run_dir, record_failure, run_dir_lock, write_json
+from plwlab.training.callbacks import LossRSD, ParamDistance
+from plwlab.training.checkpointing import CheckpointError, RunCheckpoint
+from plwlab.training.config import BatchGeometry, ConfigError, to_dict, validate
+from plwlab.training.model import load_model, parameter_count
+from plwlab.training.module import PLWModule
+
+log = logging.getLogger(__name__)
+CPU_PARAMETER_LIMIT = 1_000_000_000  # a pretrained model above this on trainer=cpu is a mistake, not a plan
+
+
+def check_model_fits_device(cfg: DictConfig) -> None:
+    """Refuse to fine-tune a billion-parameter model on CPU (e.g. ``model=llama2`` without ``trainer=gpu``)."""
+    if cfg.trainer.get("accelerator") != "cpu" or cfg.model.name_or_path is None:
+        return
+    n = parameter_count(cfg.model.name_or_path)
+    if n is not None and n > CPU_PARAMETER_LIMIT:
+        raise ConfigError(
+            f"model {cfg.model.name} has {n / 1e9:.1f}B parameters and trainer.accelerator=cpu: that would take "
+            "weeks; use trainer=gpu (or experiment=paper)"
+        )
+
+
+def make_strategy(strategy: DictConfig, world_size: int) -> Any:
+    """The configured Lightning strategy; FSDP2 (``ModelParallelStrategy``) shards over all ``world_size`` processes."""
+    if "_target_" not in strategy:
+        return "auto"
+    if strategy._target_.endswith("ModelParallelStrategy"):
+        return instantiate(strategy, data_parallel_size=world_size, tensor_parallel_size=1)
+    return instantiate(strategy)
+
+
+def total_steps(datamodule: InstructionDataModule, cfg: DictConfig, geometry: BatchGeometry) -> int:
+    """Optimizer steps of the whole run, as Lightning's fit loop takes them (a partial accumulation at the end of an
+    epoch still steps)."""
+    per_epoch = -(-datamodule.batches_per_epoch(geometry.world_size) // geometry.accumulation)
+    steps = per_epoch * max(cfg.trainer.get("max_epochs") or 1, 1)
+    max_steps = cfg.trainer.get("max_steps") or -1
+    return min(steps, max_steps) if max_steps > 0 else steps
+
+
+def make_loggers(cfg: DictConfig, status: dict[str, Any]) -> list[Any]:
+    """The configured loggers. A W&B run keeps one id per run directory (in ``status.json``): a resumed attempt
+    continues the same W&B run."""
+    loggers = []
+    for c in cfg.logger.values():
+        if c is None:
+            continue
+        if c._target_.endswith("WandbLogger"):
+            status.setdefault("wandb_id", secrets.token_hex(4))
+            loggers.append(instantiate(c, id=status["wandb_id"], resume="allow"))
+        else:
+            loggers.append(instantiate(c))
+    return loggers
+
+
+def finish_wandb(loggers: list[Any], failed: bool) -> None:
+    """End this run's W&B run, so that the next run of a sweep in this process opens its own."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb  # imported only by runs that log to W&B
+
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` with prompt loss weight ``cfg.plw``; return the final metrics.
+
+    The run directory ``cfg.paths.run_dir`` receives ``config.yaml`` (resolved), ``status.json``, ``metrics.csv``
+    (CSV logger), ``checkpoints/`` (while running; kept only with ``callbacks.checkpoint.keep=true``), ``hf_model/``
+    (HF export), ``metrics.json`` (the returned summary) and, for a built dataset variant, ``data_manifest.json``.
+    With ``resume=true`` (default) a finished run is skipped and an interrupted one resumes from
+    ``checkpoints/last.ckpt``.
+    """
+    geometry = validate(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    # before the Trainer exists: torchrun sets RANK, srun SLURM_PROCID, Lightning's launcher LOCAL_RANK (>0 only)
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("LOCAL_RANK") or 0)
+    with run_dir_lock(run_dir, rank):
+        return _train(cfg, RunDir(run_dir), geometry, rank == 0)
+
+
+def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, is_zero: bool) -> dict[str, Any]:
+    action, ckpt_path, status = prepare_run_dir(cfg, run.path)
+    if action == "skip":
+        log.info("run dir %s: already finished, skipped (resume=false reruns it)", run.path)
+        run.write_status({**status, "skipped": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        return {**run.metrics(), "skipped": True}
+    check_model_fits_device(cfg)
+    if cfg.matmul_precision:
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+    loggers = make_loggers(cfg, status)
+    if is_zero:
+        status.update(status="running", attempts=status["attempts"] + 1, resumed_from=str(ckpt_path) if ckpt_path else None,
+                      started=time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
+        run.write_status(status)
+        if ckpt_path is not None and run.metrics_csv.exists():  # the CSV logger would overwrite it
+            os.replace(run.metrics_csv, run.metrics_attempt_csv(status["attempts"] - 1))
+    trainer = None
+    try:
+        L.seed_everything(cfg.seed, workers=True)
+        loaded = load_model(**to_dict(cfg.model))
+        datamodule = InstructionDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, global_batch_size=geometry.global_batch,
+                                           **to_dict(cfg.data))  # fmt: skip
+        datamodule.setup("fit")
+        module = PLWModule(
+            loaded.model, plw=cfg.plw, pretrained_vocab_size=loaded.pretrained_vocab_size,
+            total_steps=total_steps(datamodule, cfg, geometry), **to_dict(cfg.loss), **to_dict(cfg.optim),
+        )  # fmt: skip
+        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+        trainer = L.Trainer(
+            **cfg.trainer,
+            accumulate_grad_batches=geometry.accumulation,
+            strategy=make_strategy(cfg.strategy, geometry.world_size),
+            callbacks=callbacks,
+            logger=loggers or False,
+            default_root_dir=str(run.path),  # where callbacks find the run directory
+            # RunCheckpoint (callbacks.checkpoint) writes the checkpoints; without it, Lightning must not add its own
+            enable_checkpointing=any(isinstance(cb, RunCheckpoint) for cb in callbacks),
+            use_distributed_sampler=False,  # InstructionDataModule shards data itself, identically for any world size
+        )
+        if is_zero:
+            run.config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            # Lightning's CSV logger warns that logs "will be deleted" whenever its folder is not empty, and the run
+            # directory always holds Hydra's files; a resumed run's earlier metrics.csv was moved aside above
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except BaseException as e:
+        if is_zero:  # every failure after the run started is recorded, also one before fit (bad model path, ...)
+            finish_wandb(loggers, failed=True)
+            # Lightning turns Ctrl-C into SystemExit(1) after marking the trainer interrupted
+            if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and trainer is not None and trainer.interrupted):
+                run.write_status({**status, "status": "interrupted"})
+            else:
+                record_failure(run.path, e)
+        if isinstance(e, CheckpointError):
+            raise RunError(str(e)) from e
+        if isinstance(e, OSError):
+            raise RunError(f"run {run.path} failed writing its outputs: {e.strerror or e}") from e
+        raise
+
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics.update(
+        plw=cfg.plw,
+        segment_weights=module.segment_weight_dict(),
+        rg=datamodule.stats["rg"],
+        dataset=cfg.data.name,
+        data_format=cfg.data.format,
+        data_path=datamodule.stats["data_path"],
+        data_sha256=datamodule.stats["data_sha256"],
+        n_train=datamodule.stats["n_train"],
+        n_empty_completion=datamodule.stats["n_empty_completion"],
+        global_steps=trainer.global_step,
+        global_batch_size=geometry.global_batch,
+        micro_batch_size=geometry.micro_batch,
+        accumulate_grad_batches=geometry.accumulation,
+        world_size=geometry.world_size,
+        strategy=type(trainer.strategy).__name__,
+        precision=str(trainer.precision),
+        **module.precision_report(),
+        fit_seconds=time.perf_counter() - start,
+        final_train_loss=module.last_step_loss,
+        resumed=ckpt_path is not None,
+    )
+    for cb in callbacks:
+        if isinstance(cb, LossRSD):
+            metrics["loss_rsd"] = cb.value
+        if isinstance(cb, ParamDistance):
+            metrics["param_distance"] = cb.last.get("total")
+    if trainer.is_global_zero:
+        finish_wandb(loggers, failed=False)
+        write_json(run.metrics_file, metrics)
+        if datamodule.manifest is not None:
+            write_json(run.data_manifest, datamodule.manifest)
+        status.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
+        run.write_status(status)
+        for cb in callbacks:
+            if isinstance(cb, RunCheckpoint) and not cb.keep:
+                cb.discard()  # the run is complete: hf_model/ is the result, the training state is no longer needed
+        log.info("run dir %s: %s", run.path, json.dumps(metrics))
+    return metrics
