@@ -84,11 +84,6 @@ def test_memorization_bleu_of_a_perfect_memorizer(run_dir, monkeypatch):
     assert score > 90  # the byte-level tokenizer round-trips the completions
 
 
-def _append(args):
-    path, i = args
-    append_results(path, [{"run_id": f"r{i}", "benchmark": "b", "metric": "m", "score": i}])
-
-
 def test_results_table_replaces_rows_and_survives_concurrent_jobs(tmp_path, run_dir):
     table = tmp_path / "results.csv"
     run = load_run(run_dir)
@@ -98,8 +93,10 @@ def test_results_table_replaces_rows_and_survives_concurrent_jobs(tmp_path, run_
     rows = list(csv.DictReader(table.open()))
     assert [(r["benchmark"], r["score"]) for r in rows] == [("memorization", "13.0"), ("alpaca_eval", "40.0")]
     assert rows[0]["plw"] == "0.1" and rows[0]["dataset"] == "alpaca_sample"
-    with multiprocessing.get_context("fork").Pool(4) as pool:
-        pool.map(_append, [(table, i) for i in range(16)])
+    rows = [[{"run_id": f"r{i}", "benchmark": "b", "metric": "m", "score": i}] for i in range(16)]
+    # spawned, not forked: a fork of this process (Lightning's and tqdm's threads) can inherit a held lock
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        pool.starmap(append_results, [(table, r) for r in rows])
     rows = list(csv.DictReader(table.open()))
     assert len(rows) == 18 and {r["run_id"] for r in rows} >= {f"r{i}" for i in range(16)}
 

@@ -23,7 +23,7 @@ def test_a_wheel_install_runs_outside_the_checkout(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"plwlab/conf/train.yaml", "plwlab/conf/evaluate.yaml", "plwlab/conf/hydra/launcher/torchrun.yaml",
             "plwlab/assets/alpaca_sample.json", "plwlab/analysis/r/fit.R",
-            "hydra_plugins/plwlab_launcher/torchrun_launcher.py"} <= names  # fmt: skip
+            "hydra_plugins/plwlab_launcher/launchers.py"} <= names  # fmt: skip
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],

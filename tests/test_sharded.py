@@ -48,7 +48,7 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path):
     sharded = run_cli(*args, *SHARDED, f"hydra.run.dir={tmp_path / 'fsdp'}")
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     a, b = metrics(tmp_path / "single"), metrics(tmp_path / "fsdp")
-    assert b["strategy"] == "ModelParallelStrategy" and b["world_size"] == 2 and b["global_batch_size"] == 4
+    assert b["strategy"] == "FSDP2Strategy" and b["world_size"] == 2 and b["global_batch_size"] == 4
     assert b["data_format"] == "messages" and b["segment_weights"]["earlier_assistant"] == 0.3
     assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-9)
     norms = [[float(r["train/grad_norm"]) for r in read_metrics_csv(tmp_path / d) if r.get("train/grad_norm")]
@@ -61,6 +61,59 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path):
     assert b["param_dtype"] == b["optimizer_state_dtype"] == b["compute_dtype"] == "float64"
     assert a["optimizer_impl"] == b["optimizer_impl"] == "fused"  # over DTensor shards too
     assert not (tmp_path / "fsdp" / "checkpoints").exists()  # removed once finished (keep=false)
+
+
+def run_group(*args: str, timeout: int) -> tuple[int | None, str]:
+    """train.py in its own process group; on timeout the whole group (every rank) is killed and None returned."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return None, proc.communicate()[0]
+
+
+def test_fsdp_validation_on_uneven_shards_finishes_with_the_single_process_val_loss(tmp_path):
+    """5 validation examples in eval batches of 2 on 2 ranks: 3 examples (2 batches) on rank 0, 2 (1 batch) on
+    rank 1. FSDP needs every rank in every forward, so unequal batch counts hang; padded with empty rows, they
+    finish, and the validation loss is the one process's."""
+    args = ["data.limit=20", "data.val_size=5", "data.eval_batch_size=2", "model.dtype=float64", "callbacks.progress=null",
+            "trainer.max_epochs=1", "global_batch_size=4", "callbacks.param_distance=null"]  # fmt: skip
+    code, out = run_group(*args, *SHARDED, f"hydra.run.dir={tmp_path / 'fsdp'}", timeout=240)
+    assert code == 0, f"exit {code} (None: hung, killed)\n{out[-3000:]}"
+    code, out = run_group(*args, *SINGLE, f"hydra.run.dir={tmp_path / 'single'}", timeout=240)
+    assert code == 0, out[-3000:]
+    a, b = metrics(tmp_path / "single"), metrics(tmp_path / "fsdp")
+    assert b["world_size"] == 2 and b["val/loss"] == pytest.approx(a["val/loss"], rel=1e-9)
+    assert b["val/prompt_loss"] == pytest.approx(a["val/prompt_loss"], rel=1e-9)
+
+
+def test_two_nodes_of_two_ranks_hsdp_equals_one_process(tmp_path):
+    """torchrun --nnodes=2 on localhost: 2 "nodes" x 2 ranks, HSDP (sharded within a node, replicated across nodes),
+    accumulation 2 with the cross-node all-reduce deferred to the last micro-batch ("replicas"), or every
+    reduction deferred ("all"): both equal one process to 1e-9 in float64."""
+    args = [*COMMON, *CHAT, "trainer.max_steps=6", "global_batch_size=8"]
+    single = run_cli(*args, "data.batch_size=8", f"hydra.run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    for defer in ("replicas", "all"):
+        run_dir, port = tmp_path / defer, str(29500 + os.getpid() % 1000 + len(defer))
+        nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2",
+                                   f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                                   str(ROOT / "train.py"), *args, "trainer.devices=2", "trainer.num_nodes=2", "strategy=fsdp",
+                                   "data.batch_size=1", f"strategy.defer_gradient_sync={defer}", f"hydra.run.dir={run_dir}"],
+                                  env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for rank in (0, 1)]  # fmt: skip
+        for node in nodes:
+            _, err = node.communicate(timeout=600)
+            assert node.returncode == 0, err[-3000:]
+        a, b = metrics(tmp_path / "single"), metrics(run_dir)
+        assert (b["world_size"], b["accumulate_grad_batches"], b["sharding"]) == (4, 2, "hsdp 2x2")
+        assert train_losses(run_dir) == pytest.approx(train_losses(tmp_path / "single"), rel=1e-9), defer
+        for key in ("param_distance", "loss_rsd", "final_train_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-9), (defer, key)
+        assert max_diff(weights(tmp_path / "single"), weights(run_dir)) <= 1e-9, defer
 
 
 def test_fsdp_lora_on_two_processes_equals_one_process(tmp_path):
@@ -105,10 +158,11 @@ def test_fsdp_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkey
     assert len(runs) == 2 and all(r.name.endswith(status["wandb_id"]) for r in runs)
 
 
-def test_sweep_through_the_torchrun_launcher(tmp_path, monkeypatch):
-    """Each sweep point in its own 2-process group, bf16 compute over fp32 master weights, one W&B run each."""
+def test_sweep_of_multi_process_points_runs_each_in_its_own_torchrun_group(tmp_path, monkeypatch):
+    """As a user types it on a multi-GPU node (no launcher named): each sweep point in its own 2-process group,
+    bf16 compute over fp32 master weights, one W&B run each."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    result = run_cli("-m", "plw=0,1", "hydra/launcher=torchrun", *SHARDED, "data.limit=40", "data.val_size=4",
+    result = run_cli("-m", "plw=0,1", *SHARDED, "data.limit=40", "data.val_size=4",
                      "trainer.max_steps=3", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0",
                      "callbacks.progress=null", "logger=wandb", f"paths.output_dir={tmp_path}", timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -128,8 +182,46 @@ def test_sweep_through_the_torchrun_launcher(tmp_path, monkeypatch):
         assert offline.name.endswith(run_id) and list(offline.glob("*.wandb"))
 
 
+def test_failing_torchrun_points_are_failures_in_the_summary_and_the_exit_code(tmp_path):
+    """Both points fail before training starts (a global batch of 6 on 2 x 2 rows): each is recorded as failed with
+    its processes' exit code, the summary says so and the sweep exits 1."""
+    result = run_cli("-m", "plw=0,1", "hydra/launcher=torchrun", *SHARDED, "global_batch_size=6",
+                     f"paths.output_dir={tmp_path}")  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "plwlab" / "sweep_summary.json").read_text())
+    assert len(summary["failed"]) == 2 and not summary["finished"], summary
+    for status in (json.loads(p.read_text()) for p in (tmp_path / "plwlab").glob("*/status.json")):
+        assert status["status"] == "failed" and "global_batch_size=6" in status["error"]
+
+
+def test_killing_the_launcher_stops_its_torchrun_group(tmp_path):
+    marker = str(tmp_path / "sweep")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "plw=0,1", "hydra/launcher=torchrun", *SHARDED, "data.limit=400",
+                             "trainer.max_epochs=50", "callbacks.progress=null", f"paths.output_dir={marker}"],
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def others() -> list[str]:  # torchrun and its ranks: every process naming the sweep but the launcher
+        found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+        return [pid for pid in found if int(pid) != proc.pid]
+
+    deadline = time.time() + 180
+    while not list(Path(marker).rglob("metrics.csv")) and time.time() < deadline:  # the ranks are training
+        time.sleep(1)
+    assert len(others()) >= 3, "torchrun and two ranks should be running"
+    proc.kill()  # SIGKILL: the launcher cannot clean up; its children must notice on their own
+    proc.wait()
+    deadline = time.time() + 60
+    while others() and time.time() < deadline:
+        time.sleep(1)
+    left = others()
+    for pid in left:
+        os.kill(int(pid), signal.SIGKILL)
+    assert not left, f"processes outlived the launcher: {left}"
+
+
 def test_basic_launcher_refuses_a_multi_process_sweep(tmp_path):
-    result = run_cli("-m", "plw=0,1", "trainer.devices=2", "strategy=fsdp", f"paths.output_dir={tmp_path}")
+    result = run_cli("-m", "plw=0,1", "hydra/launcher=basic", "trainer.devices=2", "strategy=fsdp",
+                     f"paths.output_dir={tmp_path}")  # fmt: skip
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "use hydra/launcher=torchrun" in result.stderr.strip().splitlines()[-1]
     assert not list(tmp_path.rglob("status.json"))  # refused before any run started

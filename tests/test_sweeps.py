@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ import pytest
 import torch
 from conftest import ROOT, compose_train
 from safetensors.torch import load_file
-from test_train import QUICK, run_cli, train_losses
+from test_train import QUICK, cli_env, run_cli, train_losses
 
 from plwlab.rundir import RunRefused
 from plwlab.training.checkpointing import CheckpointError, RunCheckpoint
@@ -48,6 +49,31 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     status = json.loads((broken / "status.json").read_text())
     assert status["status"] == "finished" and status["attempts"] == 2
     assert list(broken.glob("metrics.attempt1.csv"))  # the first attempt's log is kept, not overwritten
+
+
+def test_sigterm_saves_the_step_then_resume_matches_uninterrupted_run(tmp_path):
+    """A SIGTERM (preemption, scancel, a kill) is answered at the end of the step: a checkpoint of that step, the
+    status 'interrupted', one line; relaunching resumes from it to the uninterrupted run's weights. Periodic
+    checkpoints are off: nothing but the signal saves."""
+    args = [*RESUMABLE, "callbacks.checkpoint.every_n_steps=1000"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run_cli(*args, f"hydra.run.dir={whole}").returncode == 0
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={broken}"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 240
+    while len(train_losses(broken) if (broken / "metrics.csv").exists() else []) < 6 and time.time() < deadline:
+        time.sleep(0.2)  # the CSV logger flushes every few steps: some steps are done
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert "stopped by SIGTERM after saving a checkpoint at step" in err.strip().splitlines()[-1]
+    step = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    status = json.loads((broken / "status.json").read_text())
+    assert 6 <= step < 24 and status["status"] == "interrupted" and status["stopped_by"] == "SIGTERM"
+    resumed = run_cli(*args, f"hydra.run.dir={broken}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    wa, wb = load_file(whole / "hf_model" / "model.safetensors"), load_file(broken / "hf_model" / "model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
 
 
 def test_same_seed_same_loss_curve_and_finished_runs_are_skipped(tmp_path):
@@ -95,7 +121,7 @@ class SavingTrainer(SimpleNamespace):
     """What RunCheckpoint needs of a Trainer: one process, a step counter, and save_checkpoint."""
 
     def __init__(self, sharded: bool) -> None:
-        super().__init__(global_step=0, is_global_zero=True, loggers=[], sharded=sharded,
+        super().__init__(global_step=0, is_global_zero=True, world_size=1, loggers=[], sharded=sharded,
                          strategy=SimpleNamespace(barrier=lambda *a: None, broadcast=lambda x: x))  # fmt: skip
 
     def save_checkpoint(self, path):
@@ -182,7 +208,7 @@ def test_paper_preset_is_the_papers_node(tmp_path):
     assert cfg.loss.denominator_scope == "micro_batch" and cfg.data.max_length == 512 and cfg.seed == 42
     assert cfg.model.gradient_checkpointing and cfg.trainer.gradient_clip_val == 1.0
     strategy = make_strategy(cfg.strategy, batch_geometry(cfg).world_size)
-    assert type(strategy).__name__ == "ModelParallelStrategy" and strategy._data_parallel_size == 4
+    assert type(strategy).__name__ == "FSDP2Strategy" and strategy._data_parallel_size == 4
     assert strategy._tensor_parallel_size == 1
     grid = compose_train(["experiment=paper_grid"], tmp_path)
     assert batch_geometry(grid).accumulation == 8 and grid.name == "paper_grid" and instantiate(grid.callbacks.checkpoint).every_minutes == 30
@@ -218,3 +244,66 @@ def test_study_trains_evaluates_and_analyses_a_grid_in_one_command(tmp_path):
         assert (out / "analysis" / f"{stem}.png").exists()
     report = (out / "REPORT.md").read_text()
     assert "12 runs: PLW 0, 0.1, 1 x 4 datasets" in report and "![plw_rg_contour](analysis/plw_rg_contour.png)" in report
+
+
+def _beating_record(path: Path, host: str, pid: int, stop: threading.Event, every: float) -> None:
+    """Another node's live holder of a run directory: its lock record, its heartbeat renewed every ``every`` s."""
+    from plwlab.rundir import write_lock_record
+
+    while not stop.is_set():
+        write_lock_record(path, {"host": host, "pid": pid, "since": "2026-12-04T00:00:00", "heartbeat": time.time()})
+        stop.wait(every)
+
+
+def test_run_dir_lock_on_a_filesystem_without_flock(tmp_path, monkeypatch, caplog):
+    """Lustre without -o flock raises ENOSYS: the lock falls back, with a warning, to its record (host, pid,
+    heartbeat), which refuses a second live holder and is taken over once its heartbeat is stale."""
+    import errno
+    import fcntl
+
+    import plwlab.rundir as rundir
+
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(rundir, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(rundir, "STALE_SECONDS", 0.5)
+    with rundir.run_dir_lock(tmp_path):
+        record = json.loads((tmp_path / ".lock").read_text())
+        assert record["pid"] == os.getpid() and record["host"]
+    assert "cannot flock" in caplog.text and (tmp_path / ".lock").read_text().strip() == ""  # released
+    stop = threading.Event()
+    beat = threading.Thread(target=_beating_record, args=(tmp_path / ".lock", "node-b", 4242, stop, 0.05))
+    beat.start()
+    while "node-b" not in (tmp_path / ".lock").read_text():
+        time.sleep(0.01)
+    try:
+        with pytest.raises(RunRefused, match=r"in use by another training process \(pid 4242 on node-b"):
+            with rundir.run_dir_lock(tmp_path):
+                pass
+    finally:
+        stop.set()
+        beat.join()
+    with rundir.run_dir_lock(tmp_path):  # node-b stopped beating (killed): its record goes stale and is taken over
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_run_dir_lock_refuses_another_nodes_live_run_where_flock_is_node_local(tmp_path, monkeypatch):
+    """Mounted with localflock, flock succeeds on every node: the record of a live holder on another node refuses."""
+    import plwlab.rundir as rundir
+
+    monkeypatch.setattr(rundir, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(rundir, "STALE_SECONDS", 0.5)
+    stop = threading.Event()
+    beat = threading.Thread(target=_beating_record, args=(tmp_path / ".lock", "node-b", 4242, stop, 0.05))
+    beat.start()
+    while not (tmp_path / ".lock").exists() or "node-b" not in (tmp_path / ".lock").read_text():
+        time.sleep(0.01)
+    try:
+        with pytest.raises(RunRefused, match="node-b"):
+            with rundir.run_dir_lock(tmp_path):
+                pass
+    finally:
+        stop.set()
+        beat.join()

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, compose_train
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from plwlab.training.config import ConfigError
+from plwlab.training.config import ConfigError, batch_geometry
 from plwlab.training.train import train
 
 QUICK = ["data.limit=48", "data.val_size=4", "trainer.max_epochs=1", "callbacks.progress=null"]
@@ -202,12 +203,56 @@ def test_bf16_weights_when_allowed_and_for_a_lora_base(tmp_path):
     assert metrics["param_dtype"] == metrics["optimizer_state_dtype"] == "float32"
 
 
-def test_a_7b_model_on_cpu_is_refused_before_loading(tmp_path):
+def test_the_default_trainer_is_what_the_machine_has(tmp_path, monkeypatch):
+    """trainer=auto: on a machine without GPU exactly trainer=cpu (the offline default); with 4 visible GPUs all
+    four, bf16 compute over fp32 master weights, clipping at 1.0 (trainer=gpu's recipe)."""
+    import plwlab.training.config as config
+
+    auto = compose_train([], tmp_path)
+    assert OmegaConf.to_container(auto.trainer, resolve=True) == OmegaConf.to_container(
+        compose_train(["trainer=cpu"], tmp_path).trainer, resolve=True)  # fmt: skip
+    monkeypatch.setattr(config, "visible_gpus", lambda: 4)
+    gpu = OmegaConf.to_container(compose_train(["model=llama2"], tmp_path).trainer, resolve=True)
+    assert (gpu["accelerator"], gpu["devices"], gpu["precision"], gpu["gradient_clip_val"]) == ("gpu", 4, "bf16-mixed", 1.0)
+    assert config.batch_geometry(compose_train(["model=llama2"], tmp_path)).world_size == 4
+
+
+def _llama_7b(path: Path) -> Path:
     from transformers import LlamaConfig
 
     LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                num_attention_heads=32).save_pretrained(tmp_path / "llama-7b")  # config only, no weights  # fmt: skip
-    cfg = compose_train(["model=llama2", f"model.name_or_path={tmp_path / 'llama-7b'}"], tmp_path / "run")
+                num_attention_heads=32).save_pretrained(path)  # config only, no weights  # fmt: skip
+    return path
+
+
+def test_a_7b_plan_is_checked_against_the_gpus_before_loading(tmp_path):
+    """The design-card run (model=llama2, micro-batch 4 x 512, bf16 over fp32) on 80 GB GPUs: one GPU cannot hold
+    weights + gradients + AdamW (108 GB): refused with the numbers and the fix; strategy=auto on 4 GPUs shards it
+    with FSDP (27 GB of state per GPU + activations)."""
+    from plwlab.training.memory import check_fits, choose_strategy, is_sharded, model_config, plan_memory
+
+    model = _llama_7b(tmp_path / "llama-7b")
+    overrides = ["model=llama2", f"model.name_or_path={model}", "trainer=gpu", "data.batch_size=4",
+                 "model.gradient_checkpointing=false"]  # fmt: skip
+    one = compose_train([*overrides, "trainer.devices=1"], tmp_path)
+    config, gpu = model_config(one.model), 80e9
+    whole = plan_memory(one, batch_geometry(one), 1, config)
+    assert 6.7e9 < whole.params < 6.8e9 and round(whole.weights / 1e9) == 27 and round(whole.optimizer / 1e9) == 54
+    assert 15e9 < whole.activations < 17.5e9  # ≈ 0.5 GB per layer at 4 x 512 (docs/cluster.md)
+    with pytest.raises(ConfigError, match=r"needs ≈ 1\d\d\.\d GB \(weights 27.0 \+ gradients 27.0 \+ AdamW 53.9 .*a GPU here has 80 GB; "
+                       r"use strategy=fsdp over 2 GPUs"):  # fmt: skip
+        check_fits(one, batch_geometry(one), config, gpu, sharded=False)
+    four = compose_train([*overrides, "trainer.devices=4"], tmp_path)
+    strategy = choose_strategy(four, batch_geometry(four), config, gpu)
+    assert is_sharded(strategy)
+    sharded = check_fits(four, batch_geometry(four), config, gpu, sharded=True)
+    assert sharded.weights == whole.weights / 4 and sharded.total < 50e9
+    checkpointed = compose_train([*overrides[:-1], "trainer.devices=4"], tmp_path)  # the preset's checkpointing
+    assert plan_memory(checkpointed, batch_geometry(checkpointed), 4, config).activations < 2e9  # ≈ 1.6 GB
+
+
+def test_a_7b_model_on_cpu_is_refused_before_loading(tmp_path):
+    cfg = compose_train(["model=llama2", f"model.name_or_path={_llama_7b(tmp_path / 'llama-7b')}"], tmp_path / "run")
     with pytest.raises(ConfigError, match="model llama2-7b has 6.7B parameters and trainer.accelerator=cpu"):
         train(cfg)
 

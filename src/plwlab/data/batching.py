@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from plwlab.data.segments import PROMPT_ID
 from plwlab.data.tokenization import TokenizedExample
 
 BATCHING = ("padded", "length_grouped", "packed")
@@ -47,17 +48,33 @@ def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[i
     return order[:n_val], sorted(order[n_val:])
 
 
-class TokenizedDataset(Dataset):
-    """Examples, or packed rows of examples (``rows``: lists of example indices)."""
+PADDING = -1  # the index of an empty item: one token, so no prediction target (see even_shard)
 
-    def __init__(self, examples: Sequence[TokenizedExample], rows: list[list[int]] | None = None) -> None:
+
+def even_shard(n: int, world: int, rank: int) -> list[int]:
+    """Items ``rank, rank + world, ...`` of ``n``, padded with :data:`PADDING` to ``ceil(n / world)``: every rank draws
+    the same number of batches. Sharded models need every rank in every forward; the padding items have no targets,
+    so losses and counts are those of the ``n`` items alone."""
+    mine = list(range(rank, n, world))
+    return mine + [PADDING] * (-(-n // world) - len(mine))
+
+
+class TokenizedDataset(Dataset):
+    """Examples, or packed rows of examples (``rows``: lists of example indices). Index :data:`PADDING` is an empty
+    item: ``padding_id`` alone, which predicts nothing."""
+
+    def __init__(self, examples: Sequence[TokenizedExample], rows: list[list[int]] | None = None,
+                 padding_id: int = 0) -> None:  # fmt: skip
         self.examples = list(examples)
         self.rows = rows
+        self.padding = TokenizedExample([padding_id], [PROMPT_ID])
 
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.examples)
 
     def __getitem__(self, i: int) -> list[TokenizedExample]:
+        if i == PADDING:
+            return [self.padding]
         return [self.examples[j] for j in self.rows[i]] if self.rows is not None else [self.examples[i]]
 
     def n_tokens(self, i: int) -> int:

@@ -13,7 +13,9 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from plwlab.data.batching import GlobalBatchSampler, ResumableDataLoader, TokenizedDataset, collate, pack_examples, split_indices
+from plwlab.data.batching import (
+    GlobalBatchSampler, ResumableDataLoader, TokenizedDataset, collate, even_shard, pack_examples, split_indices,
+)  # fmt: skip
 from plwlab.data.examples import load_examples
 from plwlab.data.rg import cached_rg, ratio
 from plwlab.data.sources import DataError
@@ -116,7 +118,8 @@ class InstructionDataModule(L.LightningDataModule):
                 sources = [s for s, e in zip(sources, examples, strict=True) if e.has_completion]
                 examples = [e for e in examples if e.has_completion]
         val_idx, train_idx = split_indices(len(examples), self.val_size, self.seed)
-        self.val_set = TokenizedDataset(sorted((examples[i] for i in val_idx), key=lambda e: len(e.input_ids)))
+        self.val_set = TokenizedDataset(sorted((examples[i] for i in val_idx), key=lambda e: len(e.input_ids)),
+                                        padding_id=self.tokenizer.pad_token_id)  # fmt: skip
         self.train_examples = [sources[i] for i in train_idx]
         train = [examples[i] for i in train_idx]
         if not train:
@@ -178,5 +181,5 @@ class InstructionDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        world, rank = self._world()
-        return self._loader(self.val_set, self.eval_batch_size, list(range(rank, len(self.val_set), world)))
+        world, rank = self._world()  # every rank the same number of batches (even_shard): no rank waits alone
+        return self._loader(self.val_set, self.eval_batch_size, even_shard(len(self.val_set), world, rank))

@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from plwlab.rundir import RunDir
 from plwlab.training.module import PLWModule
-from plwlab.training.sharding import is_sharded, local_part, reshard
+from plwlab.training.sharding import is_sharded, local_part, replicas, reshard
 
 
 class LossRSD(L.Callback):
@@ -144,6 +144,7 @@ class ParamDistance(L.Callback):
             current = self._local(p, rows)
             dtype = torch.promote_types(current.dtype, torch.float32)
             d = (current.to(dtype) - self.reference[name].to(current.device, dtype)).pow(2).sum(dtype=torch.float64)
+            d = d / replicas(p)  # HSDP: every node holds this shard; the sum over ranks counts it once
             g = groups.setdefault(_layer_group(name), len(groups))
             (sharded if hasattr(p, "to_local") else replicated).append((g, d))
         for name, module in pl_module.model.named_modules():

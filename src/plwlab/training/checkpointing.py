@@ -4,6 +4,12 @@
 ranks are done, rank 0 points ``checkpoints/last.ckpt`` (a symbolic link) at it in one atomic rename and deletes
 the previous one. A preemption or a full disk at any moment leaves ``last.ckpt`` pointing at the previous complete
 checkpoint, never at a mix.
+
+SIGTERM (SLURM's preemption, ``scancel``, ``scontrol requeue``, a kill) and the preemption signal of submitit
+(SIGUSR2, sent ``signal_delay_s`` before a SLURM time limit) are answered at the end of the current optimizer step:
+every rank saves a checkpoint, the run directory says ``requeued`` (SIGUSR2 under submitit: the job requeues itself)
+or ``interrupted`` (relaunch, or SLURM's requeue, resumes it), and the process ends (:class:`Preempted`). So a
+preemption loses at most the step under way.
 """
 
 from __future__ import annotations
@@ -11,8 +17,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning as L
@@ -23,8 +32,20 @@ from plwlab.rundir import LAST_CHECKPOINT, RunDir
 log = logging.getLogger(__name__)
 
 
+PREEMPT_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))  # submitit's
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (full disk, unwritable directory); the previous one is intact."""
+
+
+class Preempted(SystemExit):
+    """The run stopped on a signal after saving a checkpoint. ``status`` is what its run directory now says:
+    ``requeued`` (SLURM starts it again) or ``interrupted`` (relaunching the same command resumes it)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _remove(path: Path) -> None:
@@ -52,6 +73,8 @@ class RunCheckpoint(Checkpoint):
         self.every_n_steps, self.every_minutes, self.keep = every_n_steps, every_minutes, keep
         self._seen_step = 0
         self._last_save = time.monotonic()
+        self._signal: int | None = None  # a stop signal received, answered at the end of the optimizer step
+        self._handlers: dict[int, Any] = {}  # the handlers ours replaced (submitit's requeue among them)
 
     @property
     def last(self) -> Path:
@@ -63,24 +86,63 @@ class RunCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._seen_step, self._last_save = trainer.global_step, time.monotonic()
+        # installed now, after Lightning's own (which stop at the next batch without saving, and under several
+        # processes broadcast from inside the handler): ours only take note; the step's end does the rest
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, PREEMPT_SIGNAL):
+                self._handlers[signum] = signal.signal(signum, self._take_note)
 
-    def _due(self, trainer: L.Trainer) -> bool:
-        step = trainer.global_step
-        if step == self._seen_step:  # still accumulating gradients: no optimizer step yet
-            return False
-        self._seen_step = step
+    def _take_note(self, signum: int, frame: FrameType | None) -> None:
+        self._signal = self._signal or signum
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.keep and self.last.resolve().name != self._name(trainer.global_step):
+            self.save(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers.clear()
+
+    def _due(self, trainer: L.Trainer, step: int) -> bool:
         due = self.every_n_steps is not None and step % self.every_n_steps == 0
         if self.every_minutes is not None:  # every rank must take the same decision: rank 0's clock decides
             due |= trainer.strategy.broadcast(time.monotonic() - self._last_save >= 60 * self.every_minutes)
         return due
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self._due(trainer):
+        step = trainer.global_step
+        if step == self._seen_step:  # still accumulating gradients: no optimizer step yet
+            return
+        self._seen_step = step
+        stop = self._signal is not None
+        if trainer.world_size > 1:  # one rank got it: all stop, at this same step
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop or self._due(trainer, step):
             self.save(trainer)
+        if stop:
+            self._stop(trainer)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.keep and self.last.resolve().name != self._name(trainer.global_step):
-            self.save(trainer)
+    def _stop(self, trainer: L.Trainer) -> None:
+        """After the checkpoint of this step: say so in the run directory, let submitit requeue the job (its
+        preemption signal, rank 0), and end the process."""
+        signum = self._signal
+        requeue = signum == PREEMPT_SIGNAL and callable(self._handlers.get(PREEMPT_SIGNAL))
+        status = "requeued" if requeue else "interrupted"
+        name = signal.Signals(signum).name if signum else "a signal on another rank"
+        message = (f"stopped by {name} after saving a checkpoint at step {trainer.global_step}; "
+                   + ("SLURM starts it again" if requeue else "relaunch the same command to resume"))  # fmt: skip
+        if trainer.is_global_zero:
+            run = RunDir(trainer.default_root_dir)
+            if run.status_file.exists():
+                run.write_status({**run.status(), "status": status, "stopped_by": name})
+        trainer.strategy.barrier()
+        if requeue and trainer.is_global_zero:
+            try:
+                self._handlers[PREEMPT_SIGNAL](signum, None)  # submitit: requeue this job, then exit
+            except SystemExit:
+                pass
+        raise Preempted(status, message)
 
     @staticmethod
     def _name(step: int) -> str:

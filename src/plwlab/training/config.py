@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -109,14 +110,25 @@ class TrainConfig:
     paths: dict[str, Any] = field(default_factory=dict)
 
 
+def visible_gpus() -> int:
+    """CUDA GPUs this process can use (``CUDA_VISIBLE_DEVICES`` applies); 0 on a machine without any."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def register() -> None:
-    """Register the schema and the resolvers ``${plwlab.asset:NAME}`` (path of a bundled asset) and
-    ``${plwlab.safe_dirname:TEXT}`` (a flat run-directory name)."""
+    """Register the schema and the resolvers ``${plwlab.asset:NAME}`` (path of a bundled asset),
+    ``${plwlab.safe_dirname:TEXT}`` (a flat run-directory name), ``${plwlab.gpus:}`` (:func:`visible_gpus`) and
+    ``${plwlab.on_gpu:A,B}`` (A on a machine with GPUs, else B: what ``trainer=auto`` is made of)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    if not OmegaConf.has_resolver("plwlab.asset"):
-        OmegaConf.register_new_resolver("plwlab.asset", lambda name: str(ASSETS / name))
-    if not OmegaConf.has_resolver("plwlab.safe_dirname"):
-        OmegaConf.register_new_resolver("plwlab.safe_dirname", safe_dirname)
+    resolvers = {
+        "plwlab.asset": lambda name: str(ASSETS / name),
+        "plwlab.safe_dirname": safe_dirname,
+        "plwlab.gpus": lambda: visible_gpus(),
+        "plwlab.on_gpu": lambda on_gpu, on_cpu: on_gpu if visible_gpus() else on_cpu,
+    }
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def to_dict(node: DictConfig) -> dict[str, Any]:

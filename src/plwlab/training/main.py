@@ -3,6 +3,7 @@ and ``python -m plwlab.training.main``). Sweep: ``python train.py -m plw=0,0.01,
 docs/cluster.md and conf/train.yaml."""
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -12,8 +13,9 @@ from omegaconf import DictConfig
 
 from plwlab import CONF_DIR
 from plwlab.data.sources import DataError
-from plwlab.rundir import RunError, record_failure
+from plwlab.rundir import SWEEP_ID, RunError, record_failure
 from plwlab.training.config import ConfigError, batch_geometry, register
+from plwlab.training.launch import die_with_parent
 from plwlab.training.model import ModelLoadError
 from plwlab.training.module import TrainingDiverged
 from plwlab.training.train import train
@@ -35,9 +37,10 @@ def main(cfg: DictConfig) -> float | None:
             )
         metrics = train(cfg)
     except (ConfigError, DataError, ModelLoadError, RunError, TrainingDiverged) as e:
-        if multirun:  # one failing run must not stop the sweep; the summary lists it
-            log.error("run failed: %s", e)
+        if multirun or os.environ.get(SWEEP_ID):  # a sweep's job (here, or in a torchrun group): the summary lists it
             record_failure(Path(hydra_cfg.runtime.output_dir), e)
+        if multirun:  # one failing run must not stop the sweep
+            log.error("run failed: %s", e)
             return None
         raise SystemExit(f"error: {e}") from None
     except Exception as e:
@@ -50,6 +53,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 register()
+die_with_parent()  # the ranks a plwlab launcher starts end with it
 
 if __name__ == "__main__":
     main()

@@ -143,15 +143,3 @@ def load_model(
 
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **lora))
     return LoadedModel(model, tok, pretrained_vocab_size)
-
-
-def parameter_count(name_or_path: str) -> int | None:
-    """Parameters of a pretrained model, counted from its config alone (on the meta device, no weights read);
-    None when the config cannot be read (e.g. a hub id while offline: loading reports that)."""
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError):  # a missing or broken model: loading it says what is wrong
-        return None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())

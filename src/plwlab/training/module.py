@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from plwlab.data.segments import COMPLETION_IDS, SEGMENTS, weight_table
 from plwlab.training.loss import PLWLoss, chunked_next_token_nll, next_token_nll, segment_denominator, segment_weighted_loss
 from plwlab.training.optim import adamw, adamw_impl, cosine_schedule
-from plwlab.training.sharding import is_sharded, shard_model
+from plwlab.training.sharding import FSDP2Strategy, is_sharded, shard_model
 
 
 class TrainingDiverged(FloatingPointError):
@@ -82,13 +82,14 @@ class PLWModule(L.LightningModule):
         return dict(zip(SEGMENTS, self.weights))
 
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy`` (``strategy=fsdp``): shard the model with FSDP2, one unit per decoder
-        layer (:func:`plwlab.training.sharding.shard_model`), computing in the trainer's precision over the parameters' own
-        dtype. Other strategies leave the model as it is."""
-        mesh = getattr(self, "device_mesh", None)
-        if mesh is None or is_sharded(self.model):
+        """Under :class:`~plwlab.training.sharding.FSDP2Strategy` (``strategy=fsdp``): shard the model with FSDP2,
+        one unit per decoder layer (:func:`plwlab.training.sharding.shard_model`) over the strategy's mesh (HSDP
+        across nodes), computing in the trainer's precision over the parameters' own dtype. Other strategies leave
+        the model as it is."""
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, FSDP2Strategy) or is_sharded(self.model):
             return
-        shard_model(self.model, mesh["data_parallel"], self.trainer.precision)
+        shard_model(self.model, strategy.sharding_mesh, self.trainer.precision)
         # the chunked loss reads the LM head outside the model's forward: run it as a forward of the root unit, so
         # FSDP gathers the root's parameters (embeddings, norm, LM head) for it
         register_fsdp_forward_method(self.model, "plw_chunked_nll")

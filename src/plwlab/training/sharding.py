@@ -1,15 +1,23 @@
 """FSDP2 sharding of an HF causal LM (``strategy=fsdp``): one ``fully_shard`` unit per decoder layer, then the root,
-with a mixed-precision policy that computes in bf16 over fp32 master weights."""
+with a mixed-precision policy that computes in bf16 over fp32 master weights, over all processes (one node) or
+within each node and replicated across nodes (HSDP, :class:`FSDP2Strategy`)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
-from torch.distributed.device_mesh import DeviceMesh
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 # Lightning precision flag -> compute dtype of the sharded path (other flags: no casting)
 COMPUTE_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+DEFER_GRADIENT_SYNC = ("replicas", "all", "none")
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
@@ -51,9 +59,78 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
+def replicas(param: torch.Tensor) -> int:
+    """On how many processes the same shard of a parameter lives: the replicated dimensions of its mesh (HSDP:
+    the nodes); 1 for an unsharded parameter."""
+    if not hasattr(param, "placements"):
+        return 1
+    return math.prod(param.device_mesh.size(i) for i, p in enumerate(param.placements) if p.is_replicate())
+
+
 def local_part(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     """This rank's part of a parameter and the global index of its first row (0 for an unsharded parameter)."""
     if not hasattr(param, "to_local"):
         return param, 0
     _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     return param.to_local(), int(offset[0]) if offset else 0
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` used for FSDP2 data parallelism only (``strategy=fsdp``): every process
+    is one data-parallel rank, and :meth:`PLWModule.configure_model` shards the model over :attr:`sharding_mesh`.
+
+    ``replicate_across_nodes`` (default): on several nodes, HSDP: each node holds one full copy, sharded over its
+    own GPUs (a 2-D mesh ``(replicate=nodes, shard=devices)``), so the all-gathers and reduce-scatters of every
+    layer stay on the node's links and only the gradient shards cross nodes, once per micro-batch. On one node,
+    full sharding. ``defer_gradient_sync``: on the micro-batches of an accumulation window before the last
+    (Lightning's ``block_backward_sync``), ``"replicas"`` (default) skips the all-reduce across nodes (gradients
+    accumulate in the node's shards: no extra memory, and the traffic between nodes once per optimizer step),
+    ``"all"`` skips every gradient reduction (each rank accumulates the whole, unsharded gradient: one more
+    model's worth of gradients in memory, no communication until the last micro-batch), ``"none"`` reduces on
+    every micro-batch. The step's exact denominator (PLWModule) is unaffected: only the summation order changes.
+    """
+
+    def __init__(self, replicate_across_nodes: bool = True, defer_gradient_sync: str = "replicas", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if defer_gradient_sync not in DEFER_GRADIENT_SYNC:
+            raise ValueError(f"defer_gradient_sync must be one of {DEFER_GRADIENT_SYNC}, got {defer_gradient_sync!r}")
+        self.replicate_across_nodes, self.defer_gradient_sync = replicate_across_nodes, defer_gradient_sync
+        self._sharding_mesh: DeviceMesh | None = None
+
+    @property
+    def hsdp(self) -> bool:
+        return self.replicate_across_nodes and self.num_nodes > 1
+
+    @property
+    def sharding(self) -> str:
+        """How the model is split, for metrics.json: ``fsdp 4`` or ``hsdp 2x2`` (nodes x processes per node)."""
+        per_node = self.world_size // self.num_nodes
+        return f"hsdp {self.num_nodes}x{per_node}" if self.hsdp else f"fsdp {self.world_size}"
+
+    @property
+    def sharding_mesh(self) -> DeviceMesh:
+        """The mesh the model is sharded over: ``(replicate, shard)`` for HSDP, else every process."""
+        if self._sharding_mesh is None:
+            if self.hsdp:
+                self._sharding_mesh = init_device_mesh(self.root_device.type, (self.num_nodes, self.world_size // self.num_nodes),
+                                                       mesh_dim_names=("replicate", "shard"))  # fmt: skip
+            else:
+                self._sharding_mesh = self.device_mesh["data_parallel"]
+        return self._sharding_mesh
+
+    @contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """Lightning enters this around the micro-batches of an accumulation window before the last."""
+        setter = {"replicas": "set_requires_all_reduce" if self.hsdp else None, "all": "set_requires_gradient_sync",
+                  "none": None}[self.defer_gradient_sync]  # fmt: skip
+        roots = [m for m in self.lightning_module.children() if isinstance(m, FSDPModule)]
+        if setter is None or not roots:
+            yield
+            return
+        for root in roots:
+            getattr(root, setter)(False)
+        try:
+            yield
+        finally:
+            for root in roots:
+                getattr(root, setter)(True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from plwlab.files import safe_dirname
-from plwlab.rundir import RunDir, RunError, check_writable, find_runs
+from plwlab.rundir import SWEEP_ID, RunDir, RunError, check_writable, find_runs
 
 console = Console()
 
@@ -70,6 +72,8 @@ def _check_writable(directory: str) -> None:
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.sweep_id = secrets.token_hex(6)  # this launch: its jobs' refusals carry it (also on SLURM, via env)
+        os.environ[SWEEP_ID] = self.sweep_id
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = sweep_jobs(config)
         statuses = read_statuses(sweep_dir) if sweep_dir.exists() else {}
@@ -92,28 +96,34 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        statuses = read_statuses(sweep_dir) if sweep_dir.exists() else {}
-        this_sweep = {override_dirname(job, config) for job in sweep_jobs(config)}
-        statuses = {run: st for run, st in statuses.items() if run in this_sweep}
-        summary: dict[str, list[str]] = {"finished": [], "skipped": [], "resumed": [], "failed": [], "refused": [],
-                                         "other": []}  # fmt: skip
-        for run, st in statuses.items():
-            if st.get("status") == "failed":
-                summary["failed"].append(f"{run}: {st.get('error')}")
-            elif st.get("status") == "finished" and st.get("skipped", "") >= getattr(self, "started", ""):
-                summary["skipped"].append(run)
-            elif st.get("status") == "finished":
-                summary["resumed" if st.get("resumed_from") else "finished"].append(run)
-            else:
-                summary["other"].append(f"{run}: {st.get('status')}")
-        for run in sorted(this_sweep):  # refused runs were left untouched; the refusal is recorded beside them
-            refusal = RunDir(sweep_dir / run).refused_file
-            if refusal.exists() and json.loads(refusal.read_text())["time"] >= getattr(self, "started", ""):
-                summary["refused"].append(f"{run}: {json.loads(refusal.read_text())['error']}")
+        summary: dict[str, list[str]] = {k: [] for k in ("finished", "skipped", "resumed", "failed", "refused", "unfinished")}
+        for run in sorted({override_dirname(job, config) for job in sweep_jobs(config)}):
+            kind, line = self._outcome(RunDir(sweep_dir / run), run)
+            summary[kind].append(line)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         console.print("Sweep summary: " + ", ".join(f"{len(v)} {k}" for k, v in summary.items() if v), markup=False)
-        for kind in ("failed", "refused"):
+        for kind in ("failed", "refused", "unfinished"):
             for line in summary[kind]:
                 console.print(f"  {kind.upper()} {line}", markup=False)
-        if summary["failed"] or summary["refused"]:  # scripts, SLURM dependencies and CI rely on the exit code
+        if summary["failed"] or summary["refused"] or summary["unfinished"]:  # scripts, SLURM and CI rely on it
             raise SystemExit(1)
+
+    def _outcome(self, run: RunDir, name: str) -> tuple[str, str]:
+        """How one job of this launch ended, from its run directory (so also for jobs that ran elsewhere): its own
+        refusal, failed, finished (skipped, resumed) or not (no status: it never started; running/interrupted:
+        its processes ended without saying so)."""
+        started, status = getattr(self, "started", ""), run.status()
+        refusal = run.refusal(getattr(self, "sweep_id", None))
+        state = status.get("status")
+        if refusal:
+            return "refused", f"{name}: {refusal}"
+        if state == "failed":
+            return "failed", f"{name}: {status.get('error')}"
+        if state == "finished" and status.get("skipped", "") >= started:
+            return "skipped", name
+        if state == "finished":
+            return ("resumed" if status.get("resumed_from") else "finished"), name
+        if state is None:
+            return "failed", f"{name}: it never started (no status.json; see the launcher's log)"
+        return "unfinished", f"{name}: ended while {state} (relaunch the sweep to resume it)"

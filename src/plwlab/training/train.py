@@ -15,37 +15,26 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from plwlab.data.datamodule import InstructionDataModule
 from plwlab.rundir import RunDir, RunError, prepare_run_dir, record_failure, run_dir_lock, write_json
 from plwlab.training.callbacks import LossRSD, ParamDistance
-from plwlab.training.checkpointing import CheckpointError, RunCheckpoint
-from plwlab.training.config import BatchGeometry, ConfigError, to_dict, validate
-from plwlab.training.model import load_model, parameter_count
+from plwlab.training.checkpointing import CheckpointError, Preempted, RunCheckpoint
+from plwlab.training.config import BatchGeometry, to_dict, validate
+from plwlab.training.memory import is_sharded, preflight
+from plwlab.training.model import load_model
 from plwlab.training.module import PLWModule
 
 log = logging.getLogger(__name__)
-CPU_PARAMETER_LIMIT = 1_000_000_000  # a pretrained model above this on trainer=cpu is a mistake, not a plan
-
-
-def check_model_fits_device(cfg: DictConfig) -> None:
-    """Refuse to fine-tune a billion-parameter model on CPU (e.g. ``model=llama2`` without ``trainer=gpu``)."""
-    if cfg.trainer.get("accelerator") != "cpu" or cfg.model.name_or_path is None:
-        return
-    n = parameter_count(cfg.model.name_or_path)
-    if n is not None and n > CPU_PARAMETER_LIMIT:
-        raise ConfigError(
-            f"model {cfg.model.name} has {n / 1e9:.1f}B parameters and trainer.accelerator=cpu: that would take "
-            "weeks; use trainer=gpu (or experiment=paper)"
-        )
 
 
 def make_strategy(strategy: DictConfig, world_size: int) -> Any:
-    """The configured Lightning strategy; FSDP2 (``ModelParallelStrategy``) shards over all ``world_size`` processes."""
+    """The configured Lightning strategy; FSDP2 (:class:`~plwlab.training.sharding.FSDP2Strategy`) uses all
+    ``world_size`` processes for data parallelism."""
     if "_target_" not in strategy:
         return "auto"
-    if strategy._target_.endswith("ModelParallelStrategy"):
+    if is_sharded(strategy):
         return instantiate(strategy, data_parallel_size=world_size, tensor_parallel_size=1)
     return instantiate(strategy)
 
@@ -92,6 +81,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``checkpoints/last.ckpt``.
     """
     geometry = validate(cfg)
+    with open_dict(cfg):
+        cfg.strategy = preflight(cfg, geometry)  # before any weight is read: will it fit, and sharded how
     run_dir = Path(cfg.paths.run_dir)
     # before the Trainer exists: torchrun sets RANK, srun SLURM_PROCID, Lightning's launcher LOCAL_RANK (>0 only)
     rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("LOCAL_RANK") or 0)
@@ -105,11 +96,11 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, is_zero: bool)
         log.info("run dir %s: already finished, skipped (resume=false reruns it)", run.path)
         run.write_status({**status, "skipped": time.strftime("%Y-%m-%dT%H:%M:%S")})
         return {**run.metrics(), "skipped": True}
-    check_model_fits_device(cfg)
     if cfg.matmul_precision:
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     loggers = make_loggers(cfg, status)
     if is_zero:
+        run.refused_file.unlink(missing_ok=True)  # an earlier launcher's refusal no longer applies
         status.update(status="running", attempts=status["attempts"] + 1, resumed_from=str(ckpt_path) if ckpt_path else None,
                       started=time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
         run.write_status(status)
@@ -149,8 +140,10 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, is_zero: bool)
     except BaseException as e:
         if is_zero:  # every failure after the run started is recorded, also one before fit (bad model path, ...)
             finish_wandb(loggers, failed=True)
+            if isinstance(e, Preempted):  # its checkpoint is saved and its status written (requeued/interrupted)
+                pass
             # Lightning turns Ctrl-C into SystemExit(1) after marking the trainer interrupted
-            if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and trainer is not None and trainer.interrupted):
+            elif isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and trainer is not None and trainer.interrupted):
                 run.write_status({**status, "status": "interrupted"})
             else:
                 record_failure(run.path, e)
@@ -177,6 +170,7 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, is_zero: bool)
         accumulate_grad_batches=geometry.accumulation,
         world_size=geometry.world_size,
         strategy=type(trainer.strategy).__name__,
+        sharding=getattr(trainer.strategy, "sharding", None),
         precision=str(trainer.precision),
         **module.precision_report(),
         fit_seconds=time.perf_counter() - start,
@@ -195,6 +189,7 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, is_zero: bool)
             write_json(run.data_manifest, datamodule.manifest)
         status.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
         run.write_status(status)
+        run.refused_file.unlink(missing_ok=True)  # another launcher's refusal while this one trained: done now
         for cb in callbacks:
             if isinstance(cb, RunCheckpoint) and not cb.keep:
                 cb.discard()  # the run is complete: hf_model/ is the result, the training state is no longer needed

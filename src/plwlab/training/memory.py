@@ -1,0 +1,164 @@
+"""Will the run fit? A pre-flight estimate of the memory a run needs per device (weights, gradients, AdamW state,
+activations, logits), from the model's config alone, checked before any weight is loaded, and the choice of
+strategy it implies when the strategy is left to ``auto``.
+
+Per device, with P parameters (T trainable), parameter bytes b (the master weights' dtype: 4 for fp32), S shards
+(FSDP: every process; otherwise 1):
+
+- weights ``P·b / S``, gradients ``T·b / S``, AdamW's two moments ``2·T·b / S``;
+- activations of a micro-batch of N tokens through L decoder layers of width h and MLP width i, bf16 compute over
+  an fp32 residual stream (HF LLaMA: fp32 RMSNorm copies, q/k/v, RoPE, SDPA inputs and output, SwiGLU's gate, up,
+  product): about ``(40·h + 8·i)`` bytes per token and layer (twice that computing in fp32). With activation
+  checkpointing only each layer's input (``4·h`` per token) is kept, plus one layer recomputed;
+- logits ``N·V`` in the compute dtype, their gradient as large (the loss adds no full-size copy).
+
+LLaMA-2-7B at micro-batch 4 x 512 in bf16 over fp32: 27 GB weights + 27 GB gradients + 54 GB AdamW on one GPU,
+activations 16 GB (0.5 GB per layer; 1.6 GB with checkpointing), logits 0.5 GB. The activation coefficients are
+checked against a measured LLaMA-7B layer in docs/cluster.md when a GPU is available.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from plwlab import CONF_DIR
+from plwlab.training.config import BatchGeometry, ConfigError
+
+GB = 1e9
+CPU_PARAMETER_LIMIT = 1_000_000_000  # a pretrained model above this on CPU is a mistake, not a plan
+COMPUTE_BYTES = {"bf16-mixed": 2, "16-mixed": 2, "bf16-true": 2, "16-true": 2}  # Lightning precision -> bytes; else 4
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes one device needs for a run (see the module docstring for the formulas)."""
+
+    params: int
+    trainable: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    shards: int
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+    def describe(self) -> str:
+        parts = (("weights", self.weights), ("gradients", self.gradients), ("AdamW", self.optimizer),
+                 ("activations", self.activations), ("logits", self.logits))  # fmt: skip
+        return f"{self.total / GB:.1f} GB (" + " + ".join(f"{name} {v / GB:.1f}" for name, v in parts) + ")"
+
+
+def model_config(model: DictConfig) -> Any | None:
+    """The transformers config of the run's model, read without weights; None when it cannot be read here (a hub
+    id while offline: loading the model reports that)."""
+    try:
+        if model.get("name_or_path"):
+            return AutoConfig.from_pretrained(model.name_or_path)
+        return AutoConfig.for_model(**{"vocab_size": 32000, **model.config})
+    except (OSError, ValueError):
+        return None
+
+
+def count_parameters(config: Any) -> int:
+    """Parameters of a model built from ``config`` on the meta device (no memory, no weights read)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def plan_memory(cfg: DictConfig, geometry: BatchGeometry, shards: int, config: Any) -> MemoryPlan:
+    """The per-device :class:`MemoryPlan` of ``cfg`` when its parameters are split over ``shards`` processes."""
+    params = count_parameters(config)
+    b = torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8
+    trainable = params if not cfg.model.lora else 0  # LoRA: the adapters are a rounding error here
+    compute = COMPUTE_BYTES.get(str(cfg.trainer.get("precision")), 4)
+    h, i = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    layers, vocab = config.num_hidden_layers, config.vocab_size
+    tokens = geometry.micro_batch * cfg.data.max_length
+    per_layer = (40 * h + 8 * i) * tokens * compute / 2
+    if cfg.model.gradient_checkpointing:
+        activations = layers * tokens * 4 * h + per_layer
+    else:
+        activations = layers * per_layer
+    return MemoryPlan(
+        params=params, trainable=trainable, weights=params * b / shards, gradients=trainable * b / shards,
+        optimizer=2 * trainable * b / shards, activations=activations, logits=2 * tokens * vocab * compute, shards=shards,
+    )  # fmt: skip
+
+
+def device_memory(accelerator: str) -> float | None:
+    """Bytes of one device: the first CUDA GPU's, or this host's RAM on CPU (None if unknown)."""
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError):
+        return None
+
+
+def is_sharded(strategy: DictConfig) -> bool:
+    """Whether a strategy config shards the model with FSDP2 (``strategy=fsdp``)."""
+    return str(strategy.get("_target_", "")).endswith(("FSDP2Strategy", "ModelParallelStrategy"))
+
+
+def preflight(cfg: DictConfig, geometry: BatchGeometry) -> DictConfig:
+    """Before any weight is loaded: refuse a pretrained model of a billion parameters on CPU, choose the strategy
+    when it is ``auto`` (:func:`choose_strategy`), and refuse a plan that does not fit (:func:`check_fits`).
+    Returns the strategy to train with. Nothing is checked when the model's config cannot be read here."""
+    config = model_config(cfg.model)
+    if config is None:
+        return cfg.strategy
+    accelerator = str(cfg.trainer.get("accelerator"))
+    if accelerator == "cpu" and cfg.model.get("name_or_path") and count_parameters(config) > CPU_PARAMETER_LIMIT:
+        raise ConfigError(
+            f"model {cfg.model.name} has {count_parameters(config) / 1e9:.1f}B parameters and trainer.accelerator=cpu: "
+            "that would take weeks; run it on a GPU node (the default trainer=auto uses its GPUs) or with trainer=gpu"
+        )
+    capacity = device_memory(accelerator)
+    strategy = choose_strategy(cfg, geometry, config, capacity)
+    check_fits(cfg, geometry, config, capacity, is_sharded(strategy))
+    return strategy
+
+
+def check_fits(cfg: DictConfig, geometry: BatchGeometry, config: Any, capacity: float | None, sharded: bool) -> MemoryPlan:
+    """Refuse (:class:`ConfigError`, one line with the numbers and the fix) a run whose estimate exceeds one
+    device's ``capacity``, on CPU the whole host's RAM shared by its processes."""
+    plan = plan_memory(cfg, geometry, geometry.world_size if sharded else 1, config)
+    on_cpu = str(cfg.trainer.get("accelerator")) == "cpu"
+    need = plan.total * (geometry.world_size if on_cpu else 1)  # CPU ranks share one host
+    if capacity is None or need <= capacity:
+        return plan
+    fixes = []
+    if not on_cpu and not sharded:
+        fsdp = plan_memory(cfg, geometry, max(geometry.world_size, 2), config)
+        fixes.append(f"strategy=fsdp over {max(geometry.world_size, 2)} GPUs (≈ {fsdp.total / GB:.0f} GB each)")
+    if not cfg.model.gradient_checkpointing:
+        fixes.append("model.gradient_checkpointing=true")
+    if not cfg.model.lora:
+        fixes.append("LoRA (model.lora={r:16,lora_alpha:32})")
+    fixes.append("a smaller data.batch_size with a larger global_batch_size")
+    where = "this host has" if on_cpu else "a GPU here has"
+    raise ConfigError(
+        f"model {cfg.model.name} ({plan.params / 1e9:.2f}B parameters) needs ≈ {plan.describe()} per "
+        f"{'process' if on_cpu else 'GPU'}, and {where} {capacity / GB:.0f} GB; use " + ", or ".join(fixes)
+    )
+
+
+def choose_strategy(cfg: DictConfig, geometry: BatchGeometry, config: Any, capacity: float | None) -> DictConfig:
+    """``strategy=auto`` on several GPUs: FSDP when the model does not fit one GPU unsharded, else Lightning's
+    choice (DDP). A named strategy, one process, CPU, or an unknown capacity keep the configured one."""
+    if "_target_" in cfg.strategy or geometry.world_size == 1 or str(cfg.trainer.get("accelerator")) == "cpu":
+        return cfg.strategy
+    if capacity is None or plan_memory(cfg, geometry, 1, config).total <= capacity:
+        return cfg.strategy
+    return OmegaConf.load(CONF_DIR / "strategy" / "fsdp.yaml")  # as strategy=fsdp composes it
