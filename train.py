@@ -4,7 +4,7 @@ Sweep: python train.py -m plw=0,0.01,0.1,1. The command lives in plwlab.training
 configs in src/plwlab/conf/. See README.md and docs/cluster.md.
 """
 
-from plwlab.training.main import main
+from plwlab.training.main import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -84,6 +84,7 @@ def _bad_inputs(tmp_path):
     (tmp_path / "invalid.json").write_text('[{"instruction": "", "output": "x"}]')
     (tmp_path / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops\n')
     (tmp_path / "empty_model").mkdir()
+    (tmp_path / "fake.parquet").write_text("instruction,output\nhi,there\n")  # a CSV named .parquet
     return {
         "empty file": ([f"data.path={tmp_path / 'empty.json'}"], DataError, "no usable records (0 in the file, 0 invalid)"),
         "nothing valid": ([f"data.path={tmp_path / 'invalid.json'}", "data.on_invalid=skip"], DataError,
@@ -97,11 +98,29 @@ def _bad_inputs(tmp_path):
                               f"model directory {tmp_path / 'nope'} does not exist"),
         "empty model dir": (["model=llama2", f"model.name_or_path={tmp_path / 'empty_model'}"], ModelLoadError,
                             "has no config.json"),
+        "unknown key": (["+plww=0.1"], ConfigError, "unknown config key 'plww' (did you mean 'plw'?)"),
+        "unknown nested key": (["+data.max_lenght=64"], ConfigError,
+                               "unknown config key 'data.max_lenght' (did you mean 'data.max_length'?)"),
+        "max_steps 0": (["trainer.max_steps=0"], ConfigError, "trainer.max_steps=0 would train nothing"),
+        "max_epochs 0": (["trainer.max_epochs=0"], ConfigError, "trainer.max_epochs=0 would train nothing"),
+        "empty data.path": (["data.path="], ConfigError, "data.path is empty"),
+        "lr nan": (["optim.lr=nan"], ConfigError, "optim.lr must be a finite number > 0, got nan"),
+        "lr negative": (["optim.lr=-1e-5"], ConfigError, "optim.lr must be a finite number > 0, got -1e-05"),
+        "lora typo": (["model.lora={r:16,lora_alpah:32}"], ConfigError,
+                      "model.lora.lora_alpah is not a peft.LoraConfig argument (did you mean 'lora_alpha'?)"),
+        "name escapes": (["name=../../etc"], ConfigError, "name='../../etc' must be a plain folder name"),
+        "max_length over context": (["data.max_length=4096"], ConfigError,
+                                    "data.max_length=4096 exceeds model tiny-llama's context of 1024 tokens"),
+        "not parquet": ([f"data.path={tmp_path / 'fake.parquet'}"], DataError,
+                        f"{tmp_path / 'fake.parquet'} is not a readable parquet file"),
     }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", ["empty file", "nothing valid", "broken JSONL line", "max_length 1", "global batch 0",
-                                  "plw nan", "plw inf", "missing model dir", "empty model dir"])  # fmt: skip
+                                  "plw nan", "plw inf", "missing model dir", "empty model dir", "unknown key",
+                                  "unknown nested key", "max_steps 0", "max_epochs 0", "empty data.path", "lr nan",
+                                  "lr negative", "lora typo", "name escapes", "max_length over context",
+                                  "not parquet"])  # fmt: skip
 def test_bad_input_is_one_clear_error(tmp_path, case):
     overrides, error, message = _bad_inputs(tmp_path)[case]
     with pytest.raises(error) as raised:
@@ -180,3 +199,193 @@ def test_the_cli_help_points_at_the_real_layout():
 
     assert "sweeps/" not in plwlab.cli.__doc__  # run dirs are outputs/<name>/<overrides> and outputs/<name>/runs/<time>
     assert "--runs outputs/plwlab]" in plwlab.cli.__doc__
+
+
+# -- the fault table of issue 24: each class below was silent, hung, escaped or lost rows before
+
+
+@pytest.mark.parametrize("mode", [[], ["-m"]], ids=["run", "multirun"])
+def test_a_name_leaving_the_output_directory_is_refused_before_anything_is_written(tmp_path, mode):
+    out = tmp_path / "deep" / "out"
+    result = run_cli(*mode, "name=../../escaped", *QUICK, f"paths.output_dir={out}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: name='../../escaped' must be a plain folder name" in result.stderr
+    assert not (tmp_path / "escaped").exists() and not list(tmp_path.rglob("metrics.csv"))
+
+
+def test_resume_refuses_data_that_changed_since_the_checkpoint_unless_allowed(tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(SAMPLE.read_text())
+    args = [*QUICK, f"data.path={data}", "callbacks.checkpoint.every_n_steps=3", "callbacks.checkpoint.keep=true"]
+    run = tmp_path / "run"
+    train(compose_train(args, run))
+    status = {**json.loads((run / "status.json").read_text()), "status": "interrupted"}  # killed after its checkpoint
+    (run / "status.json").write_text(json.dumps(status))
+    records = json.loads(data.read_text())
+    records[0]["output"] += " (edited)"
+    data.write_text(json.dumps(records))
+    with pytest.raises(RunRefused, match=r"cannot resume: the data file changed since the checkpoint \(data_sha256 "
+                                         r"\w{16} -> \w{16}\): .* set allow_data_change=true") as refused:  # fmt: skip
+        train(compose_train(args, run))
+    assert "\n" not in str(refused.value)
+    assert json.loads((run / "status.json").read_text()) == status  # untouched, the refusal beside it
+    assert "the data file changed" in json.loads((run / "refused.json").read_text())["error"]
+    metrics = train(compose_train([*args, "allow_data_change=true"], run))  # the user means it
+    assert metrics["resumed"] and json.loads((run / "status.json").read_text())["status"] == "finished"
+
+
+def test_duplicates_are_counted_kept_or_dropped_and_never_straddle_the_split(tmp_path, tiny):
+    import torch
+
+    from plwlab.data.batching import split_indices
+    from plwlab.data.datamodule import InstructionDataModule
+
+    records = json.loads(SAMPLE.read_text())[:40]
+    assert len({json.dumps(r, sort_keys=True) for r in records}) == 40
+    (tmp_path / "twins.json").write_text(json.dumps(records + records[:20]))
+    sizes = {}
+    for mode in ("keep", "drop"):
+        dm = InstructionDataModule(tokenizer=tiny.tokenizer, path=str(tmp_path / "twins.json"), val_size=0.25,
+                                   duplicates=mode, cache_dir=None)  # fmt: skip
+        dm.setup()
+        val = {tuple(e.input_ids) for e in dm.val_set.examples}
+        train_ids = [tuple(e.input_ids) for e in dm.train_set.examples]
+        assert dm.stats["n_duplicates"] == 20 and not val & set(train_ids)  # no twin on both sides
+        sizes[mode] = len(train_ids) + len(dm.val_set.examples)
+    assert sizes == {"keep": 60, "drop": 40}
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(42)).tolist()
+    assert split_indices([str(i) for i in range(50)], 0.1, 42) == (order[:5], sorted(order[5:]))  # as before
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sweep") / "run"
+    train(compose_train(QUICK, path))
+    return path
+
+
+def _evaluate(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from plwlab import CONF_DIR
+    from plwlab.evaluation.evaluate import evaluate
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[*overrides, "eval=mechanisms", "eval.memorization.n=2",
+                                             "eval.memorization.max_new_tokens=4", "~eval.generations"])  # fmt: skip
+    return evaluate(cfg)
+
+
+def test_evaluation_refuses_a_run_still_training_and_unwritable_results_before_any_work(tmp_path, finished_run):
+    import shutil
+
+    run = tmp_path / "sweep" / "run"
+    shutil.copytree(finished_run, run)
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**status, "status": "running"}))  # retrained now: hf_model/ is stale
+    with pytest.raises(ValueError, match=r"has finished training: run \(training running: its hf_model/ may be stale"):
+        _evaluate([f"run_dir={run}"])
+    (run / "status.json").write_text(json.dumps(status))
+    (tmp_path / "a_file").write_text("")
+    for results, message in ((tmp_path, f"results={tmp_path} is a directory; name a CSV file in it"),
+                             (tmp_path / "a_file" / "results.csv", "cannot write the results table")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            _evaluate([f"run_dir={run}", f"results={results}"])
+    assert not (run / "eval").exists()  # refused before any evaluation
+    assert len(_evaluate([f"run_dir={run}"])) == 1
+
+
+def test_rows_that_cannot_be_written_are_never_lost(tmp_path, capsys):
+    from plwlab.results import append_results
+
+    rows = [{"run_id": "s/r", "model": "m", "dataset": "d", "plw": 0.1, "rg": 1.0, "benchmark": "piqa", "metric": "acc",
+             "score": 0.61, "stderr": 0.01, "n": 100}]  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"the 1 new rows are kept in this job's stderr"):
+        append_results("/proc/plwlab-test/results.csv", rows)  # a folder nobody can create (nor a pending file in it)
+    assert "s/r,m,d,0.1,1.0,piqa,acc,0.61,0.01,100" in capsys.readouterr().err
+    (tmp_path / "results.csv").write_text("not,a,results,table\n")
+    with pytest.raises(RuntimeError, match=r"new rows are kept in .*results\.pending-\d+\.csv"):
+        append_results(tmp_path / "results.csv", rows)
+    (pending,) = tmp_path.glob("results.pending-*.csv")
+    assert "s/r,m,d,0.1,1.0,piqa,acc,0.61" in pending.read_text()
+
+
+def test_formula_cells_are_neutralized_in_csvs_and_read_back_raw(tmp_path):
+    from plwlab.results import append_results, read_results, read_table
+
+    raw = {"run_id": '=HYPERLINK("http://x","y")', "model": "+m", "dataset": "@d", "benchmark": "-b", "metric": "'q"}
+    rows = [{**raw, "plw": 0.1, "rg": 1.0, "score": -0.5, "stderr": None, "n": 10}]
+    path = tmp_path / "results.csv"
+    append_results(path, rows)
+    append_results(path, [{**rows[0], "run_id": "other"}])  # the first row is read and rewritten
+    text = path.read_text()
+    assert text.count("'=HYPERLINK") == 1 and "'+m" in text and "'@d" in text and "'-b" in text and "''q" in text
+    assert ",-0.5," in text  # numbers stay numbers
+    assert {k: read_results(path)[0][k] for k in raw} == raw
+    table = read_table(path)
+    assert table.loc[0, ["run_id", "model", "dataset", "benchmark", "metric"]].to_dict() == raw
+    assert table.loc[0, "score"] == -0.5
+
+
+def test_analyze_leaves_out_nan_scores_and_refuses_non_finite_rg(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = [{"run_id": f"s/{d},{p}", "model": "tiny", "dataset": d, "rg": rg, "plw": p, "benchmark": b, "metric": m,
+             "score": 0.5 + 0.1 * rng.random()} for d, rg in (("short", 0.2), ("long", 3.0)) for p in (0.0, 0.01, 0.1, 1.0)
+            for b, m in (("piqa", "acc_norm"), ("winogrande", "acc"), ("arc_challenge", "acc_norm"))]  # fmt: skip
+    table = pd.DataFrame(rows)
+    table.loc[3, "score"], table.loc[20, "score"] = float("nan"), float("inf")
+    table.to_csv(tmp_path / "nan.csv", index=False)
+    table.assign(score=0.5, rg=[float("inf")] + [0.2] * (len(table) - 1)).to_csv(tmp_path / "inf_rg.csv", index=False)
+    code = "import sys; from plwlab.cli import main; main(sys.argv[1:])"
+    ok = subprocess.run([sys.executable, "-c", code, "analyze", str(tmp_path / "nan.csv"), "--out", str(tmp_path / "a")],
+                        capture_output=True, text=True, env=cli_env(), timeout=240)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "2 of 24 scores are not finite numbers (NaN, inf or empty): left out of the fits" in ok.stderr
+    assert len(pd.read_csv(tmp_path / "a" / "relative_scores.csv")) == 22
+    bad = subprocess.run([sys.executable, "-c", code, "analyze", str(tmp_path / "inf_rg.csv"), "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True, env=cli_env(), timeout=240)  # fmt: skip
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "rg must be a finite number in every row, got inf (1 rows)" in bad.stderr
+
+
+def test_a_dangling_last_checkpoint_names_its_missing_target(tmp_path):
+    cfg = compose_train(QUICK, tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").symlink_to("step-3.ckpt")
+    from plwlab.rundir import RunError
+
+    with pytest.raises(RunError, match=r"last.ckpt points to step-3.ckpt, which does not exist; delete"):
+        train(cfg)
+
+
+def test_a_truncated_export_is_one_line_at_evaluation(tmp_path, finished_run):
+    import shutil
+
+    run = tmp_path / "sweep" / "run"
+    shutil.copytree(finished_run, run)
+    weights = run / "hf_model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match=r"cannot load the exported model .*hf_model: .*; retrain the run") as e:
+        _evaluate([f"run_dir={run}"])
+    assert "\n" not in str(e.value)
+
+
+def test_a_run_another_launcher_trains_is_refused_once_and_its_refusal_cleared_when_it_finishes(tmp_path):
+    """Two launchers on one sweep: the second is refused the run the first holds and trains the other; each summary
+    lists each run once; when the holder has finished the run, no refusal is left and its launcher exits 0."""
+    args = ["-m", "plw=0,1", *QUICK, f"paths.output_dir={tmp_path}"]
+    held = tmp_path / "plwlab" / "data.limit=48,data.val_size=4,plw=0,trainer.max_epochs=1"
+    with run_dir_lock(held):  # the other launcher, training plw=0
+        second = run_cli(*args)
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    summary = json.loads((tmp_path / "plwlab" / "sweep_summary.json").read_text())
+    assert [len(summary[k]) for k in ("finished", "refused")] == [1, 1] and "in use by another" in summary["refused"][0]
+    assert sum(len(v) for v in summary.values()) == 2  # each run once
+    first = run_cli(*args)  # the holder's launch (here after the fact) trains plw=0, skips plw=1
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads((tmp_path / "plwlab" / "sweep_summary.json").read_text())
+    assert (len(summary["finished"]), len(summary["skipped"]), summary["refused"]) == (1, 1, [])
+    assert not list((tmp_path / "plwlab").glob("*/refused.json"))  # no stale refusal

@@ -116,6 +116,34 @@ def test_two_nodes_of_two_ranks_hsdp_equals_one_process(tmp_path):
         assert max_diff(weights(tmp_path / "single"), weights(run_dir)) <= 1e-9, defer
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["separate_head", "tied_embeddings"])
+def test_a_pretrained_model_is_read_by_rank_0_and_broadcast_into_the_shards(tmp_path, tied):
+    """A pretrained model on 2 FSDP ranks: rank 1 builds it on the meta device and gets rank 0's weights by broadcast
+    (the rotary buffers kept, tied embeddings tied again: SmolLM2's case); training equals one process to 1e-9 in
+    float64. The peak host memory of each rank is recorded (host_rss_gb): rank 1 never holds the whole model."""
+    from conftest import TINY_CONFIG
+
+    from plwlab import ASSETS
+    from plwlab.training.model import load_model
+
+    torch.manual_seed(3)
+    loaded = load_model(name="tiny", tokenizer=str(ASSETS / "tiny_tokenizer"), dtype="float64",
+                        config={**TINY_CONFIG, "tie_word_embeddings": tied})  # fmt: skip
+    assert (loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight) == tied
+    loaded.model.save_pretrained(tmp_path / "pretrained")
+    loaded.tokenizer.save_pretrained(tmp_path / "pretrained")
+    model = ["model.config=null", f"model.name_or_path={tmp_path / 'pretrained'}", f"model.tokenizer={tmp_path / 'pretrained'}"]
+    args = [*COMMON, *model, "trainer.max_steps=6"]
+    for name, extra in (("single", SINGLE), ("fsdp", SHARDED)):
+        result = run_cli(*args, *extra, f"hydra.run.dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = metrics(tmp_path / "single"), metrics(tmp_path / "fsdp")
+    assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-9)
+    assert b["param_distance"] == pytest.approx(a["param_distance"], rel=1e-9)
+    assert max_diff(weights(tmp_path / "single"), weights(tmp_path / "fsdp")) <= 1e-9
+    assert len(b["host_rss_gb"]) == 2 and all(0 < gb < 10 for gb in b["host_rss_gb"])
+
+
 def test_fsdp_lora_on_two_processes_equals_one_process(tmp_path):
     args = [*COMMON, "trainer.max_steps=4", "model.lora={r:4,lora_alpha:8,target_modules:[q_proj,v_proj]}"]
     for name, extra in (("single", SINGLE), ("fsdp", SHARDED)):
@@ -225,3 +253,42 @@ def test_basic_launcher_refuses_a_multi_process_sweep(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "use hydra/launcher=torchrun" in result.stderr.strip().splitlines()[-1]
     assert not list(tmp_path.rglob("status.json"))  # refused before any run started
+
+
+def test_ctrl_c_on_a_sweep_of_torchrun_groups_ends_in_one_line(tmp_path):
+    """SIGINT to the launcher reaches the group; the launcher ends with one line saying how to resume (no Python
+    traceback), and the run is recorded as interrupted."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "plw=0", *SHARDED, "data.limit=400",
+                             "trainer.max_epochs=50", "callbacks.progress=null", f"paths.output_dir={tmp_path}"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 180
+    while not list(tmp_path.rglob("metrics.csv")) and time.time() < deadline:  # the ranks are training
+        time.sleep(1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted (stopped by SIGINT): relaunch the same command"), err[-3000:]
+    (status,) = [json.loads(p.read_text()) for p in (tmp_path / "plwlab").glob("*/status.json")]
+    assert status["status"] == "interrupted"
+
+
+def test_killing_one_rank_ends_the_others_in_one_line(tmp_path):
+    """kill -9 of one FSDP rank: the other rank's failed collective is one line naming what happened, torchrun's
+    is one line with the exit codes, and the sweep records the run as failed (relaunching resumes it)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "plw=0", *SHARDED, "data.limit=400",
+                             "trainer.max_epochs=50", "callbacks.progress=null", f"paths.output_dir={tmp_path}"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 180
+    while not list(tmp_path.rglob("metrics.csv")) and time.time() < deadline:
+        time.sleep(1)
+    found = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    ranks = [int(p) for p in found if int(p) != proc.pid and not any(  # not the launcher, not torchrun
+             s in Path(f"/proc/{p}/cmdline").read_text() for s in ("plwlab.training.launch", "torch.distributed.run"))]
+    assert len(ranks) == 2, ranks
+    os.kill(max(ranks), signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert "stopped: another process of this run died" in err and "torchrun: rank" in err, err[-3000:]
+    summary = json.loads((tmp_path / "plwlab" / "sweep_summary.json").read_text())
+    assert len(summary["failed"]) == 1, summary

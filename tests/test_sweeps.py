@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import ROOT, compose_train
 from safetensors.torch import load_file
-from test_train import QUICK, cli_env, run_cli, train_losses
+from test_train import QUICK, cli_env, read_metrics_csv, run_cli, train_losses
 
 from plwlab.rundir import RunRefused
 from plwlab.training.checkpointing import CheckpointError, RunCheckpoint
@@ -48,7 +48,12 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
     status = json.loads((broken / "status.json").read_text())
     assert status["status"] == "finished" and status["attempts"] == 2
-    assert list(broken.glob("metrics.attempt1.csv"))  # the first attempt's log is kept, not overwritten
+    # one metrics.csv for the whole run: the first attempt's steps up to the checkpoint, then the second's
+    rows = {d: [r for r in read_metrics_csv(d) if r.get("train/loss")] for d in (whole, broken)}
+    assert [r["step"] for r in rows[broken]] == [r["step"] for r in rows[whole]]  # every step once, in order
+    assert {r["attempt"] for r in rows[broken]} == {"1", "2"} and not list(broken.glob("metrics.attempt*"))
+    losses = [(float(a["train/loss"]), float(b["train/loss"])) for a, b in zip(rows[whole], rows[broken])]
+    assert all(a == pytest.approx(b, rel=1e-6, abs=1e-6) for a, b in losses)
 
 
 def test_sigterm_saves_the_step_then_resume_matches_uninterrupted_run(tmp_path):
@@ -307,3 +312,17 @@ def test_run_dir_lock_refuses_another_nodes_live_run_where_flock_is_node_local(t
     finally:
         stop.set()
         beat.join()
+
+
+def test_the_plan_and_the_refusal_name_a_changed_config(tmp_path):
+    """trainer.devices is not part of a run directory's name but is part of what the run computes (with no
+    global_batch_size the global batch follows it): the plan says the run will be refused, and the refusal names
+    the keys that changed."""
+    args = ["-m", "plw=0", *QUICK, f"paths.output_dir={tmp_path}"]
+    assert run_cli(*args).returncode == 0
+    plan = run_cli(*args, "trainer.devices=2", "plan_only=true")
+    assert "different config (refused)" in plan.stdout and "done (skip)" not in plan.stdout, plan.stdout
+    again = run_cli(*args, "trainer.devices=2")
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    (refusal,) = json.loads((tmp_path / "plwlab" / "sweep_summary.json").read_text())["refused"]
+    assert "trainer.devices: 1 -> 2" in refusal, refusal

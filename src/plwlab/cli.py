@@ -108,6 +108,11 @@ def cmd_stats(args: argparse.Namespace) -> None:
     console.print(f"wrote {out}")
 
 
+def _num(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``; "n/a" where a fit could not estimate it (no standard error, no p-value)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -159,6 +164,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 def cmd_analyze(args: argparse.Namespace) -> None:
     from plwlab.analysis.analyze import analyze, collect_runs, fit_with_r, run_metrics
     from plwlab.analysis.scores import primary_scores
+    from plwlab.files import spreadsheet_safe
     from plwlab.results import read_table
 
     try:
@@ -172,7 +178,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.backend == "r":
-        results.to_csv(out / "scores.csv", index=False)  # the rows the fit uses
+        results.map(spreadsheet_safe).to_csv(out / "scores.csv", index=False)  # the rows the fit uses
         fit_with_r(out / "scores.csv", out / "r_fits.json")
         console.print(f"wrote {out / 'r_fits.json'} (glmmTMB + mgcv)")
         return
@@ -185,7 +191,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         plw = "no interior optimum" if fit["critical_plw"] is None else f"critical PLW {fit['critical_plw']:.3g}"
         problems = "; ".join(filter(None, [fit["warnings"], fit["error"] and f"glmmTMB would stop: {fit['error']}"]))
         flags = "clean" if fit["clean"] else "NOT clean: " + problems
-        console.print(f"{dataset}: b1 {fit['b1']:.3f} (p {fit['p_b1']:.2g}), b2 {fit['b2']:.3f} (p {fit['p_b2']:.2g}); "
+        b1, p1, b2, p2 = (_num(fit[k], f) for k, f in (("b1", ".3f"), ("p_b1", ".2g"), ("b2", ".3f"), ("p_b2", ".2g")))
+        console.print(f"{dataset}: b1 {b1} (p {p1}), b2 {b2} (p {p2}); "
                       f"{plw}; {flags}" + (f"; boundary: {fit['boundary']}" if fit["boundary"] else ""))  # fmt: skip
     if "gam" in summary:
         gam = summary["gam"]
@@ -201,7 +208,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 def cmd_study(args: argparse.Namespace) -> None:
     from plwlab.study import run_study
 
-    run_study(args.out, args.overrides, args.eval_overrides)
+    run_study(args.out, args.overrides, args.eval_overrides, args.experiment)
 
 
 def cmd_judge_check(args: argparse.Namespace) -> None:
@@ -245,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     ana.set_defaults(run=cmd_analyze, overrides=[])
     study = sub.add_parser("study", help="train a PLW x dataset grid, evaluate and analyse it into one directory")
     study.add_argument("--out", default="outputs/study", help="study directory (runs, results, analysis, REPORT.md)")
+    study.add_argument("--experiment", default="study",
+                       help="the grid (conf/experiment/): study (tiny model, ~3 min) or study_real (SmolLM2, ~1 h on CPU)")  # fmt: skip
     study.add_argument("--eval", dest="eval_overrides", action="append", default=[],
                        help="an evaluate.py override (repeatable), e.g. --eval eval.memorization.n=4")  # fmt: skip
     study.set_defaults(run=cmd_study)

@@ -4,22 +4,26 @@
 Columns (:data:`COLUMNS`): run_id (``<training name>/<run dir>``, :attr:`plwlab.rundir.RunDir.run_id`), model,
 dataset, plw, rg, benchmark, metric, score, stderr, n, config_digest, train_steps and data_sha256 (which run
 exactly, trained how long, on which data). A row's key is (run_id, benchmark, metric). A table of another tool
-with at least the columns the analysis needs (:data:`ANALYSIS_COLUMNS`) is read too.
+with at least the columns the analysis needs (:data:`ANALYSIS_COLUMNS`) is read too. Text cells that a spreadsheet
+would run as a formula (a run named ``=HYPERLINK(...)``) are written with a leading ``'``
+(:func:`plwlab.files.spreadsheet_safe`) and read back as they were.
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from plwlab.files import atomic_write
+from plwlab.files import atomic_write, from_spreadsheet_safe, spreadsheet_safe
 
 log = logging.getLogger(__name__)
 COLUMNS = ("run_id", "model", "dataset", "plw", "rg", "benchmark", "metric", "score", "stderr", "n",
@@ -55,7 +59,7 @@ def read_results(path: str | Path) -> list[dict[str, str]]:
             if len(fields) != len(header):
                 raise ValueError(f"{path}: line {reader.line_num} has {len(fields)} fields, not {len(header)} "
                                  "(truncated or hand-edited?); fix or remove that line")  # fmt: skip
-            rows.append(dict(zip(header, fields)))
+            rows.append({k: from_spreadsheet_safe(v) for k, v in zip(header, fields)})
     return rows
 
 
@@ -74,17 +78,41 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if missing:
             raise ValueError(f"{path} is not a results table: it lacks the columns {missing} "
                              f"(a plwlab table has {','.join(COLUMNS)})")  # fmt: skip
-    return pd.read_csv(path)
+    table = pd.read_csv(path)
+    text = table.select_dtypes(include="object").columns
+    table[text] = table[text].map(from_spreadsheet_safe)
+    return table
+
+
+def check_results_path(path: str | Path) -> Path:
+    """``path`` as a results table evaluation can write, checked before any work: not a directory, its folder
+    creatable and writable, the table itself readable as a plwlab table. Raises ValueError naming the problem."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"results={path} is a directory; name a CSV file in it, e.g. results={path / FILE_NAME}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.write-test{os.getpid()}")
+        probe.write_text("")
+        probe.unlink()
+        if path.exists():
+            with path.open("a"):
+                pass
+    except OSError as e:
+        raise ValueError(f"cannot write the results table {path}: {e.strerror or e}") from None
+    read_results(path)  # a malformed table is an error now, not after hours of evaluation
+    return path
 
 
 def append_results(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     """Add ``rows`` to the CSV results table at ``path``: a row with the same (run_id, benchmark, metric) is
     replaced, never duplicated (with a warning if it came from another training config); the file is rewritten
     atomically under an exclusive lock, so the jobs of a multirun can append concurrently and an interruption
-    never truncates it. If the table cannot be read or written, the new rows are saved beside it."""
+    never truncates it. If the table cannot be read or written, the new rows are saved beside it or, where nothing
+    can be written (full disk, read-only folder), printed on stderr; the error says where."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_name(path.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             existing = read_results(path)
@@ -101,10 +129,27 @@ def append_results(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
             with atomic_write(path) as tmp, tmp.open("w", newline="") as f:
                 _write_rows(f, [*kept, *rows])
     except (OSError, ValueError) as e:
-        pending = path.with_name(f"{path.stem}.pending-{os.getpid()}.csv")
+        raise RuntimeError(f"{e}; the {len(rows)} new rows are kept in {_keep_pending(path, rows)}") from e
+
+
+def _keep_pending(path: Path, rows: Sequence[dict[str, Any]]) -> str:
+    """Save rows that could not go into the table at ``path``: beside it (``<stem>.pending-<pid>.csv``), else, on
+    a full disk or a read-only folder, on stderr (the job's log). Says where."""
+    pending = path.with_name(f"{path.stem}.pending-{os.getpid()}.csv")
+    text = io.StringIO()
+    _write_rows(text, rows)
+    try:
         with pending.open("a", newline="") as f:
-            _write_rows(f, rows)
-        raise RuntimeError(f"{e}; the {len(rows)} new rows are kept in {pending}") from e
+            f.write(text.getvalue() if f.tell() == 0 else text.getvalue().split("\r\n", 1)[1])
+            f.flush()
+            os.fsync(f.fileno())
+        return str(pending)
+    except OSError:
+        if pending.exists() and pending.stat().st_size == 0:
+            pending.unlink(missing_ok=True)
+        sys.stderr.write(f"plwlab: results rows that could not be written to {path}:\n{text.getvalue()}")
+        sys.stderr.flush()
+        return "this job's stderr (its log), as CSV"
 
 
 def _write_rows(f: Any, rows: Sequence[dict[str, Any]]) -> None:
@@ -112,4 +157,4 @@ def _write_rows(f: Any, rows: Sequence[dict[str, Any]]) -> None:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     if f.tell() == 0:
         writer.writeheader()
-    writer.writerows({k: r.get(k) for k in COLUMNS} for r in rows)
+    writer.writerows({k: spreadsheet_safe(r.get(k)) for k in COLUMNS} for r in rows)

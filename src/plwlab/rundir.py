@@ -33,7 +33,7 @@ from plwlab.files import atomic_write
 
 log = logging.getLogger(__name__)
 # keys that do not change what a run computes: they may differ between a run and its resumption
-NON_IDENTITY_KEYS = ("paths", "logger", "resume", "plan_only", "name")
+NON_IDENTITY_KEYS = ("paths", "logger", "resume", "plan_only", "name", "allow_data_change")
 LAST_CHECKPOINT = "last.ckpt"  # in checkpoints/: a link to the latest whole checkpoint
 SWEEP_ID = "PLWLAB_SWEEP_ID"  # environment: which launch of a sweep a job belongs to (its refusals are its own)
 
@@ -70,11 +70,7 @@ class RunDir:
 
     @property
     def metrics_csv(self) -> Path:
-        return self.path / "metrics.csv"  # per optimizer step (the CSV logger's)
-
-    def metrics_attempt_csv(self, attempt: int) -> Path:
-        """Where an earlier attempt's ``metrics.csv`` is kept when the run resumes."""
-        return self.path / f"metrics.attempt{attempt}.csv"
+        return self.path / "metrics.csv"  # per optimizer step, all attempts (plwlab.training.csv_log)
 
     @property
     def data_manifest(self) -> Path:
@@ -204,12 +200,33 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
         pass
 
 
-def config_digest(cfg: DictConfig) -> str:
-    """Hash of everything that determines what a run computes (not where it writes or how it logs)."""
-    identity = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NON_IDENTITY_KEYS}
+def identity(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Everything in a config that determines what a run computes (not where it writes or how it logs)."""
+    if isinstance(cfg, DictConfig):  # resolved key by key: paths.run_dir may need Hydra's runtime, absent in a plan
+        ident = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                 for k in cfg if k not in NON_IDENTITY_KEYS}  # fmt: skip
+    else:
+        ident = {k: v for k, v in cfg.items() if k not in NON_IDENTITY_KEYS}
     for name in ("progress", "checkpoint"):  # how a run shows progress and how often it checkpoints
-        identity.get("callbacks", {}).pop(name, None)
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        ident.get("callbacks", {}).pop(name, None)
+    return ident
+
+
+def config_digest(cfg: DictConfig) -> str:
+    """Hash of a config's :func:`identity`: a run directory holds runs of one digest."""
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf of two identities that differs (dotted keys, sorted)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
 
 
 def usable_checkpoint(path: Path) -> bool:
@@ -348,8 +365,12 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[str, Path | None, d
     status = run.status() or {"attempts": 0}
     digest = config_digest(cfg)
     if status.get("config_digest", digest) != digest:
+        changed = ""
+        if run.config_file.exists():
+            differences = config_differences(identity(yaml.safe_load(run.config_file.read_text()) or {}), identity(cfg))
+            changed = f" ({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''})" if differences else ""
         raise RunRefused(
-            f"{run.path} holds a run of a different config (digest {status['config_digest']} != {digest}); "
+            f"{run.path} holds a run of a different config (digest {status['config_digest']} != {digest}){changed}; "
             "use another name/run dir, or delete it"
         )
     status["config_digest"] = digest
@@ -357,6 +378,9 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[str, Path | None, d
         return "skip", None, status
     last = run.last_checkpoint
     if cfg.resume and (last.exists() or last.is_symlink()):
+        if not last.exists():  # a link whose checkpoint is gone
+            raise RunError(f"{last} points to {os.readlink(last)}, which does not exist; delete {last} to restart "
+                           "this run from scratch")  # fmt: skip
         if not usable_checkpoint(last):
             raise RunError(f"{last} is unreadable (truncated?); delete it to restart this run from scratch")
         return "resume", last, status

@@ -31,14 +31,16 @@ def _run(step: str, command: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def run_study(out_dir: str | Path, train_overrides: list[str] = (), eval_overrides: list[str] = ()) -> dict[str, Any]:
-    """Train, evaluate and analyse a study into ``out_dir`` (runs under ``out_dir/runs``, the results table
+def run_study(out_dir: str | Path, train_overrides: list[str] = (), eval_overrides: list[str] = (),
+              experiment: str = "study") -> dict[str, Any]:  # fmt: skip
+    """Train, evaluate and analyse the grid of ``experiment`` (conf/experiment/) into ``out_dir`` (runs under
+    ``out_dir/runs``, the results table
     ``out_dir/runs/results.csv``, fits and figures under ``out_dir/analysis``, and ``out_dir/REPORT.md``)."""
     out = Path(out_dir).resolve()
     runs = out / "runs"
     seconds = {}
-    seconds["train"] = _run("train", [sys.executable, "-m", "plwlab.training.main", "-m", "experiment=study",
-                                      f"hydra.sweep.dir={runs}", "name=study", *train_overrides])  # fmt: skip
+    seconds["train"] = _run("train", [sys.executable, "-m", "plwlab.training.main", "-m", f"experiment={experiment}",
+                                      f"hydra.sweep.dir={runs}", f"name={experiment}", *train_overrides])  # fmt: skip
     table_path = runs / FILE_NAME
     if table_path.exists():
         table_path.unlink()  # a rerun evaluates again: one fresh table, never rows of two studies

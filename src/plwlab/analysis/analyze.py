@@ -16,6 +16,7 @@ from plwlab.analysis import figures
 from plwlab.analysis.gam import fit_te_gam
 from plwlab.analysis.glmm import GLMMFit, fit_beta_glmm
 from plwlab.analysis.scores import relative_scores
+from plwlab.files import spreadsheet_safe
 from plwlab.rundir import find_runs
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rel = relative_scores(results)
-    rel.to_csv(out / "relative_scores.csv", index=False)
+    rel.map(spreadsheet_safe).to_csv(out / "relative_scores.csv", index=False)  # run names are text cells
 
     fits: dict[str, GLMMFit] = {}
     skipped: dict[str, str] = {}
@@ -105,7 +106,7 @@ def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | Non
     if fits:
         glmm = pd.DataFrame([f.to_dict() for f in fits.values()])
         glmm.insert(1, "rg", [rel.loc[rel["dataset"] == d, "rg"].iloc[0] for d in glmm["dataset"]])
-        glmm.sort_values("rg").to_csv(out / "glmm.csv", index=False)
+        glmm.sort_values("rg").map(spreadsheet_safe).to_csv(out / "glmm.csv", index=False)
         columns = ["dataset", "rg", "intercept", "b1", "se_b1", "p_b1", "b2", "se_b2", "p_b2", "critical_plw", "loglik",
                    "clean", "message", "warnings", "error", "boundary"]  # fmt: skip
         (out / "glmm.md").write_text(_markdown(glmm.sort_values("rg")[columns]))

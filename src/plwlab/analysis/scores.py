@@ -30,8 +30,9 @@ PRIMARY_METRICS = {
 def primary_scores(results: pd.DataFrame, metrics: dict[str, str] | None = None) -> pd.DataFrame:
     """One score per run and benchmark from an evaluate.py table (which has a ``metric`` column): the rows of
     ``PRIMARY_METRICS`` updated by ``metrics``; other rows (memorization, generation length, secondary metrics) are
-    dropped, as are NaN scores (e.g. a judge with no parseable verdict) and benchmarks not in either (with a warning).
-    The ``metric`` column is kept (it says which scores are percentages). A table without it is returned as is."""
+    dropped, as are benchmarks not in either (with a warning); NaN scores (e.g. a judge with no parseable verdict)
+    stay for :func:`relative_scores` to count and leave out. The ``metric`` column is kept (it says which scores are
+    percentages). A table without it is returned as is."""
     if "metric" not in results.columns:
         return results
     chosen = {**PRIMARY_METRICS, **(metrics or {})}
@@ -39,7 +40,7 @@ def primary_scores(results: pd.DataFrame, metrics: dict[str, str] | None = None)
     if unknown:
         log.warning("benchmarks without a chosen metric are left out (add --metric BENCHMARK=METRIC): %s", unknown)
     keep = results["metric"] == results["benchmark"].map(chosen)
-    return results[keep & results["score"].notna()].reset_index(drop=True)
+    return results[keep].reset_index(drop=True)
 
 
 PERCENT_METRICS = ("win_rate", "bleu", "chrf", "ter")  # reported on 0-100; accuracies on 0-1
@@ -54,10 +55,17 @@ def unit_scores(results: pd.DataFrame) -> pd.Series:
 
 def relative_scores(results: pd.DataFrame) -> pd.DataFrame:
     """Add ``y_mm`` (score min-max scaled within each (dataset, benchmark)) and ``wp`` to a results table with
-    columns model, dataset, rg, plw, benchmark, score. A constant group gets 0.5."""
+    columns model, dataset, rg, plw, benchmark, score. A constant group gets 0.5. Rows whose score is not a finite
+    number (NaN, inf, empty) are left out, with a warning that counts them; a non-finite rg or plw is an error."""
     missing = {"model", "dataset", "rg", "plw", "benchmark", "score"} - set(results.columns)
     if missing:
         raise ValueError(f"results table lacks columns {sorted(missing)}")
+    for column in ("rg", "plw"):
+        values = pd.to_numeric(results[column], errors="coerce")
+        if not np.isfinite(values).all():
+            bad = str(results.loc[~np.isfinite(values), column].iloc[0])
+            raise ValueError(f"results table: {column} must be a finite number in every row, got {bad} "
+                             f"({(~np.isfinite(values)).sum()} rows)")  # fmt: skip
     for column, what, fix in (("rg", "Rg values", "give each data file its own data.name"),
                               ("data_sha256", "data files (content hashes)", "give each data file its own data.name"),
                               ("train_steps", "training lengths (steps)", "analyse one study at a time")):  # fmt: skip
@@ -68,7 +76,12 @@ def relative_scores(results: pd.DataFrame) -> pd.DataFrame:
             (dataset, model), n = mixed.idxmax(), mixed.max()
             raise ValueError(f"dataset {dataset!r} has {n} different {what} for model {model!r}: different runs "
                              f"would be fitted as one group; {fix}")  # fmt: skip
-    out = results.copy()
+    scores = pd.to_numeric(results["score"], errors="coerce")
+    finite = np.isfinite(scores)
+    if not finite.all():
+        log.warning("%d of %d scores are not finite numbers (NaN, inf or empty): left out of the fits",
+                    (~finite).sum(), len(scores))  # fmt: skip
+    out = results[finite].assign(score=scores[finite], rg=results["rg"].astype(float), plw=results["plw"].astype(float))
     group = out.groupby(["dataset", "benchmark"])["score"]
     lo, hi = group.transform("min"), group.transform("max")
     out["y_mm"] = np.where(hi > lo, (out["score"] - lo) / (hi - lo).where(hi > lo, 1.0), 0.5)

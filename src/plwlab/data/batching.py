@@ -40,12 +40,22 @@ def pack_examples(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return rows
 
 
-def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
-    """The seeded validation / training split of ``n`` examples: (validation indices, sorted training indices).
-    ``val_size`` is a fraction (< 1) or a count."""
+def split_indices(keys: Sequence[str], val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """The seeded validation / training split of examples identified by ``keys``: (validation indices, sorted
+    training indices). ``val_size`` is a fraction (< 1) or a count of examples. Examples with equal keys (duplicates)
+    fall on the same side: the distinct keys are shuffled and taken whole into validation until it holds
+    ``val_size`` examples; without duplicates this is a plain seeded permutation of the examples."""
+    n = len(keys)
     n_val = int(val_size * n) if val_size < 1 else int(val_size)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return order[:n_val], sorted(order[n_val:])
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    members = list(groups.values())
+    val: list[int] = []
+    train: list[int] = []
+    for g in torch.randperm(len(members), generator=torch.Generator().manual_seed(seed)).tolist():
+        (val if len(val) < n_val else train).extend(members[g])
+    return val, sorted(train)
 
 
 PADDING = -1  # the index of an empty item: one token, so no prediction target (see even_shard)

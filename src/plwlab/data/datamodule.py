@@ -19,7 +19,7 @@ from plwlab.data.batching import (
 from plwlab.data.examples import load_examples
 from plwlab.data.rg import cached_rg, ratio
 from plwlab.data.sources import DataError
-from plwlab.data.tokenization import cached_tokenize_source
+from plwlab.data.tokenization import cached_tokenize_source, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class InstructionDataModule(L.LightningDataModule):
     ``val_size`` is a fraction (< 1) or a count of examples held out (seeded, so identical across a sweep).
     ``empty_completion`` says what to do with examples whose completion was truncated away entirely:
     ``keep`` them (Stanford Alpaca behaviour; they still carry prompt loss), ``drop`` them, or ``error``.
-    Either way their number is logged and kept in :attr:`stats`.
+    Either way their number is logged and kept in :attr:`stats`. ``duplicates``: examples that repeat an earlier
+    one exactly are counted (``stats['n_duplicates']``, a warning) and either ``keep`` (trained on as often as they
+    occur, as Stanford Alpaca did) or ``drop`` (once); twins always fall on the same side of the validation split.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class InstructionDataModule(L.LightningDataModule):
         empty_completion: Literal["keep", "drop", "error"] = "keep",
         on_invalid: Literal["error", "skip"] = "error",
         empty_output: Literal["keep", "skip"] = "keep",
+        duplicates: Literal["keep", "drop"] = "keep",
         variant: str = "as_is",
         target_rg: float | None = None,
         cache_dir: str | None = "outputs/data",
@@ -82,7 +85,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.batching = batch_size, eval_batch_size or batch_size, batching
         self.num_workers, self.empty_completion, self.on_invalid = num_workers, empty_completion, on_invalid
         self.variant, self.target_rg, self.cache_dir = variant, target_rg, cache_dir
-        self.empty_output = empty_output
+        self.empty_output, self.duplicates = empty_output, duplicates
         self.global_batch_size = global_batch_size  # sequences per optimizer step: the unit length grouping keeps
         self.manifest: dict[str, Any] | None = None
         self.train_examples: list[Any] = []  # the source examples of the training split (records or conversations)
@@ -117,7 +120,19 @@ class InstructionDataModule(L.LightningDataModule):
             if self.empty_completion == "drop":
                 sources = [s for s, e in zip(sources, examples, strict=True) if e.has_completion]
                 examples = [e for e in examples if e.has_completion]
-        val_idx, train_idx = split_indices(len(examples), self.val_size, self.seed)
+        keys = [json.dumps(s, sort_keys=True) for s in sources]
+        n_duplicates = len(keys) - len(set(keys))
+        if n_duplicates:
+            log.warning("%d of %d examples repeat an earlier one: %s (data.duplicates=%s); twins never straddle "
+                        "train and validation", n_duplicates, len(keys),
+                        "kept for training" if self.duplicates == "keep" else "dropped", self.duplicates)  # fmt: skip
+            if self.duplicates == "drop":
+                first: dict[str, int] = {}
+                for i, key in enumerate(keys):
+                    first.setdefault(key, i)
+                kept = sorted(first.values())
+                sources, examples, keys = [sources[i] for i in kept], [examples[i] for i in kept], [keys[i] for i in kept]
+        val_idx, train_idx = split_indices(keys, self.val_size, self.seed)
         self.val_set = TokenizedDataset(sorted((examples[i] for i in val_idx), key=lambda e: len(e.input_ids)),
                                         padding_id=self.tokenizer.pad_token_id)  # fmt: skip
         self.train_examples = [sources[i] for i in train_idx]
@@ -133,11 +148,13 @@ class InstructionDataModule(L.LightningDataModule):
             "n_train_rows": len(self.train_set),
             "n_val": len(self.val_set),
             "n_empty_completion": n_empty,
+            "n_duplicates": n_duplicates,  # examples repeating an earlier one in the file (before data.duplicates)
             "rg": rg,  # the paper's Rg: output / (instruction + input); chat: assistant / (system + user) contents
             "rg_templated": ratio(n_completion, n_prompt),  # what the loss sees: template, bos/eos, truncation
             "data_format": self.format,  # evaluation prompts a chat-trained model through its chat template
             "data_path": path,  # what this run really read (a built variant's file for a variant)
             "data_sha256": data_sha256,
+            "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer),
         }
         log.info("data %s: %s", self.name, self.stats)
 

@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt")
 CHAT_FORMATS = ("messages", "sharegpt")  # conversations, rendered by the model's chat template
@@ -46,9 +45,13 @@ def read_rows(path: str, split: str = "train") -> list[Any]:
     local = Path(path).expanduser()
     if local.is_file():
         if local.suffix == ".parquet":
-            import pyarrow.parquet as pq  # parquet files only
+            import pyarrow as pa  # parquet files only
+            import pyarrow.parquet as pq
 
-            return pq.read_table(local).to_pylist()
+            try:
+                return pq.read_table(local).to_pylist()
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{local} is not a readable parquet file: {str(e).splitlines()[0]}") from None
         return read_json_records(local)
     if local.is_dir():  # a local dataset folder (data files, or a dataset repository cloned for offline use)
         path = str(local)

@@ -29,7 +29,7 @@ from plwlab.evaluation.memorization import memorization_bleu, training_records
 from plwlab.evaluation.responses import read_instructions, reference_outputs, responses
 from plwlab.evaluation.runs import LoadedRun, load_run
 from plwlab.files import atomic_write
-from plwlab.results import COLUMNS, append_results, default_path, read_results
+from plwlab.results import COLUMNS, append_results, check_results_path, default_path
 from plwlab.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -181,19 +181,26 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, rows: Sequence[dict[str, Any]])
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate every run matching ``cfg.run_dir`` (a run directory or a glob over a sweep; with ``num_shards``
     > 1 only every ``num_shards``-th run from ``shard``) and append the rows to the results table (``cfg.results``,
-    or :func:`plwlab.results.default_path`). Raises after all runs if any run or benchmark failed (their rows stay)."""
+    or :func:`plwlab.results.default_path`, checked writable first). A run whose training has not finished
+    (``status.json``) is not evaluated. Raises after all runs if any run was not evaluated or a benchmark failed (the
+    others' rows stay)."""
     matches = {Path(p).resolve() for p in glob.glob(str(cfg.run_dir))}  # resolved: a linked run counts once
     runs = sorted(p for p in matches if RunDir(p).is_exported)
     if not runs:
         raise FileNotFoundError(f"no finished training run (with hf_model/plwlab.json) matches {cfg.run_dir}")
     if not 0 <= cfg.shard < cfg.num_shards:
         raise ValueError(f"shard must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
-    results = Path(cfg.results) if cfg.results else default_path(runs)
-    read_results(results)  # a malformed table is an error now, not after hours of evaluation
+    unfinished = [p for p in runs if RunDir(p).status().get("status", "finished") != "finished"]
+    runs = [p for p in runs if p not in unfinished]
+    not_done = [f"{p.name} (training {RunDir(p).status()['status']}: its hf_model/ may be stale or partial)" for p in unfinished]
+    if not runs:
+        raise ValueError(f"no run matching {cfg.run_dir} has finished training: {'; '.join(not_done[:3])}; evaluate "
+                         "once train.py has finished it")  # fmt: skip
+    results = check_results_path(cfg.results or default_path(runs))  # before any work: nothing computed is lost
     runs = runs[cfg.shard :: cfg.num_shards]
     judges: dict[str, PairwiseJudge] = {}
     rows: list[dict[str, Any]] = []
-    failed = []
+    failed = list(not_done)
     for i, run_dir in enumerate(runs):
         log.info("[%d/%d] evaluating %s", i + 1, len(runs), run_dir)
         try:

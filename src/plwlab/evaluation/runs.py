@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from plwlab.data.alpaca import prompt_text, user_text
@@ -19,6 +20,7 @@ from plwlab.data.chat import end_of_turn_ids
 from plwlab.data.sources import CHAT_FORMATS
 from plwlab.evaluation.generation import generate
 from plwlab.rundir import RunDir
+from plwlab.training.model import ModelLoadError
 
 
 @dataclass
@@ -51,13 +53,18 @@ def load_run(run_dir: str | Path, dtype: str = "float32", device: str = "cpu") -
                                 "dir from train.py")  # fmt: skip
     export = run.hf_model
     kwargs = {"dtype": getattr(torch, dtype)}
-    if (export / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM  # only LoRA runs pay for importing peft
+    try:
+        if (export / "adapter_config.json").exists():
+            from peft import AutoPeftModelForCausalLM  # only LoRA runs pay for importing peft
 
-        model = AutoPeftModelForCausalLM.from_pretrained(export, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(export, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(export)
+            model = AutoPeftModelForCausalLM.from_pretrained(export, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(export, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(export)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a truncated or corrupt export
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load the exported model {export}: {first}; retrain the run (resume=false) or "
+                             "restore its hf_model/") from None  # fmt: skip
     tokenizer.padding_side = "left"
     return LoadedRun(
         model.to(device).eval(), tokenizer, run.export_meta(), run.run_id, config_digest=run.status().get("config_digest"),

@@ -198,6 +198,11 @@ class HFExport(L.Callback):
         if is_sharded(pl_module.model):  # FSDP2: every rank takes part in gathering the full weights onto rank 0
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             state_dict = get_model_state_dict(pl_module.model, options=options)
+            # a tied parameter is gathered once per name; keep its first name, as save_pretrained does unsharded
+            names: dict[int, str] = {}
+            for name, p in pl_module.model.named_parameters(remove_duplicate=False):
+                if names.setdefault(id(p), name) != name:
+                    state_dict.pop(name, None)
         if trainer.is_global_zero:
             self._save(trainer, pl_module, state_dict)
         trainer.strategy.barrier()

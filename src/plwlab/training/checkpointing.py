@@ -73,6 +73,7 @@ class RunCheckpoint(Checkpoint):
         self.every_n_steps, self.every_minutes, self.keep = every_n_steps, every_minutes, keep
         self._seen_step = 0
         self._last_save = time.monotonic()
+        self._unpublished: Path | None = None  # written (or being written) but not yet last.ckpt
         self._signal: int | None = None  # a stop signal received, answered at the end of the optimizer step
         self._handlers: dict[int, Any] = {}  # the handlers ours replaced (submitit's requeue among them)
 
@@ -96,8 +97,10 @@ class RunCheckpoint(Checkpoint):
         self._signal = self._signal or signum
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.keep and self.last.resolve().name != self._name(trainer.global_step):
+        latest = self._unpublished.name if self._unpublished is not None else self.last.resolve().name
+        if self.keep and latest != self._name(trainer.global_step):
             self.save(trainer)
+        self.publish(trainer, wait=True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, handler in self._handlers.items():
@@ -118,9 +121,11 @@ class RunCheckpoint(Checkpoint):
         stop = self._signal is not None
         if trainer.world_size > 1:  # one rank got it: all stop, at this same step
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        self.publish(trainer, wait=False)
         if stop or self._due(trainer, step):
             self.save(trainer)
         if stop:
+            self.publish(trainer, wait=True)
             self._stop(trainer)
 
     def _stop(self, trainer: L.Trainer) -> None:
@@ -149,19 +154,54 @@ class RunCheckpoint(Checkpoint):
         return f"step-{step:08d}.ckpt"
 
     def save(self, trainer: L.Trainer) -> None:
-        """Write ``step-N.ckpt`` (all ranks), then atomically point ``last.ckpt`` at it and delete older ones."""
+        """Write ``step-N.ckpt`` (all ranks), then atomically point ``last.ckpt`` at it and delete older ones. A
+        strategy that saves asynchronously (FSDP2: :class:`~plwlab.training.sharding.FSDP2Strategy`) returns once
+        the state is copied aside; the checkpoint is published when every rank has written it (checked at each
+        step, :meth:`publish`). ``checkpoint/save_seconds`` is the time training was blocked."""
         start = time.perf_counter()
+        self.publish(trainer, wait=True)  # one save in flight at a time: the previous one first (training waits)
         target = self.dirpath / self._name(trainer.global_step)
         try:
             if trainer.is_global_zero:
                 self.dirpath.mkdir(parents=True, exist_ok=True)
                 _remove(target)  # a leftover of an interrupted save of this same step
             trainer.strategy.barrier()
-            trainer.save_checkpoint(target)  # ends with a barrier: every rank's shard is on disk
+            trainer.save_checkpoint(target)  # synchronous: ends with a barrier, every rank's shard is on disk
         except OSError as e:
             if trainer.is_global_zero:
                 _remove(target)
             raise CheckpointError(f"cannot write checkpoint {target}: {e.strerror or e}; the previous checkpoint is intact") from e
+        self._unpublished = target
+        self.publish(trainer, wait=not hasattr(trainer.strategy, "checkpoint_in_flight"))
+        self._last_save = time.monotonic()
+        seconds = time.perf_counter() - start
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"checkpoint/save_seconds": seconds}, step=trainer.global_step)
+        log.info("checkpoint %s: training blocked %.2f s", target, seconds)
+
+    def publish(self, trainer: L.Trainer, wait: bool) -> None:
+        """Point ``last.ckpt`` at the checkpoint written last, once every rank has finished writing it (``wait``:
+        wait for that; else only if it is done)."""
+        if self._unpublished is None:
+            return
+        strategy = trainer.strategy
+        if hasattr(strategy, "checkpoint_in_flight"):
+            if not wait:
+                in_flight = strategy.checkpoint_in_flight()
+                if trainer.world_size > 1:  # every rank must be done: one decision for all
+                    in_flight = strategy.reduce_boolean_decision(in_flight, all=False)
+                if in_flight:
+                    return
+            try:
+                strategy.finish_checkpoint()
+            except OSError as e:
+                if trainer.is_global_zero:
+                    _remove(self._unpublished)
+                self._unpublished = None
+                raise CheckpointError(f"cannot write checkpoint: {e.strerror or e}; the previous checkpoint is intact") from e
+            strategy.barrier()
+        target, self._unpublished = self._unpublished, None
         if trainer.is_global_zero:
             link = self.dirpath / f".{LAST_CHECKPOINT}.{os.getpid()}"
             link.unlink(missing_ok=True)
@@ -170,13 +210,7 @@ class RunCheckpoint(Checkpoint):
             for old in self.dirpath.glob("step-*.ckpt"):
                 if old.name != target.name:
                     _remove(old)
-        trainer.strategy.barrier()
-        self._last_save = time.monotonic()
-        seconds = time.perf_counter() - start
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({"checkpoint/save_seconds": seconds}, step=trainer.global_step)
-        log.info("checkpoint %s written in %.1f s", target, seconds)
+        strategy.barrier()
 
     def discard(self) -> None:
         """Remove the checkpoints (rank 0 only: call it after training, when no other rank needs them)."""

@@ -4,6 +4,8 @@ and what derives from it, the batch geometry (:func:`batch_geometry`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -11,15 +13,18 @@ from typing import Any, Optional
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+from peft import LoraConfig
 
 from plwlab import ASSETS
 from plwlab.data.batching import BATCHING
 from plwlab.data.segments import weight_table
 from plwlab.data.sources import CHAT_FORMATS, FORMATS
 from plwlab.data.variants import VARIANTS
-from plwlab.files import safe_dirname
+from plwlab.files import is_folder_name, safe_dirname
 from plwlab.training.loss import DENOMINATOR_SCOPES, NORMALIZATIONS
 from plwlab.training.optim import OPTIMIZER_IMPLS
+from plwlab.training.smollm2 import converted_model
 
 HALF_DTYPES = ("bfloat16", "float16")
 HALF_TRUE_PRECISIONS = ("bf16-true", "16-true")  # Lightning casts every weight to half precision
@@ -62,6 +67,7 @@ class DataConfig:  # arguments of plwlab.data.datamodule.InstructionDataModule (
     batching: str = "length_grouped"  # length_grouped | padded (experiment=paper: the paper's) | packed
     on_invalid: str = "error"
     empty_output: str = "keep"  # keep (Stanford: trains on EOS alone) | skip
+    duplicates: str = "keep"  # exact repeats: keep (trained on as often as they occur) | drop; never split apart
     variant: str = "as_is"
     target_rg: Optional[float] = None
     cache_dir: Optional[str] = "outputs/data"  # built variants + tokenized data (null: no tokenized cache)
@@ -96,6 +102,8 @@ class TrainConfig:
     allow_low_precision_weights: bool = False  # let AdamW update bf16/fp16 parameters (no fp32 master weights)
     matmul_precision: Optional[str] = None  # torch.set_float32_matmul_precision: "high" = TF32 on Ampere+
     resume: bool = True  # skip a finished run, resume an interrupted one from checkpoints/last.ckpt
+    # resume even though the data file or tokenizer changed since the checkpoint (the run then mixes both)
+    allow_data_change: bool = False
     plan_only: bool = False  # with -m: print the sweep plan and stop
     seed: int = 42
     name: str = "plwlab"
@@ -118,13 +126,15 @@ def visible_gpus() -> int:
 def register() -> None:
     """Register the schema and the resolvers ``${plwlab.asset:NAME}`` (path of a bundled asset),
     ``${plwlab.safe_dirname:TEXT}`` (a flat run-directory name), ``${plwlab.gpus:}`` (:func:`visible_gpus`) and
-    ``${plwlab.on_gpu:A,B}`` (A on a machine with GPUs, else B: what ``trainer=auto`` is made of)."""
+    ``${plwlab.on_gpu:A,B}`` (A on a machine with GPUs, else B: what ``trainer=auto`` is made of) and
+    ``${plwlab.smollm2:MODEL_DIR}`` (SmolLM2's converted folder, :func:`plwlab.training.smollm2.converted_model`)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     resolvers = {
         "plwlab.asset": lambda name: str(ASSETS / name),
         "plwlab.safe_dirname": safe_dirname,
         "plwlab.gpus": lambda: visible_gpus(),
         "plwlab.on_gpu": lambda on_gpu, on_cpu: on_gpu if visible_gpus() else on_cpu,
+        "plwlab.smollm2": converted_model,
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -180,8 +190,55 @@ def batch_geometry(cfg: DictConfig) -> BatchGeometry:
     return BatchGeometry(cfg.data.batch_size, count, nodes, cfg.global_batch_size // per_step)
 
 
+def unknown_key(cfg: DictConfig | dict[str, Any], schema: type = TrainConfig, prefix: str = "") -> str | None:
+    """The first key of ``cfg`` that its dataclass ``schema`` does not have (keys forced in with ``+key=``), with a
+    close match if there is one; None when every key is known. Free-form sections (trainer, callbacks, ...) are
+    not checked."""
+    fields = {f.name: f.type for f in dataclasses.fields(schema)}
+    for key in cfg:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            return f"unknown config key '{prefix}{key}'{hint}"
+        section = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig}.get(key)
+        if schema is TrainConfig and section is not None and cfg[key] is not None:
+            found = unknown_key(cfg[key], section, f"{key}.")
+            if found:
+                return found
+    return None
+
+
+def check_name(name: Any, key: str = "name") -> None:
+    """Refuse a name that would not stay one folder inside its root (``..``, ``a/b``, an absolute path, empty)."""
+    if not is_folder_name(str(name)):
+        raise ConfigError(f"{key}={name!r} must be a plain folder name (letters, digits and ._=,+-): it names a folder "
+                          "inside paths.output_dir")  # fmt: skip
+
+
 def validate(cfg: DictConfig) -> BatchGeometry:
     """Raise :class:`ConfigError` with a one-line message for values that cannot be right; return the batch geometry."""
+    problem = unknown_key(cfg)
+    if problem:
+        raise ConfigError(f"{problem}; the schema is plwlab.training.config.TrainConfig")
+    check_name(cfg.name)
+    try:  # the model's paths may come from a resolver (model=smollm2 converts its model there)
+        OmegaConf.to_container(cfg.model, resolve=True)
+    except InterpolationResolutionError as e:
+        raise ConfigError(str(e).splitlines()[0].split(" raised while resolving interpolation: ")[-1]) from None
+    if not str(cfg.data.path or "").strip():
+        raise ConfigError("data.path is empty: name a .json/.jsonl/.parquet file or a hub dataset id")
+    for key in ("max_steps", "max_epochs"):
+        if cfg.trainer.get(key) == 0:
+            raise ConfigError(f"trainer.{key}=0 would train nothing; use a positive number (-1/null: no limit)")
+    if not (isinstance(cfg.optim.lr, (int, float)) and math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
+        raise ConfigError(f"optim.lr must be a finite number > 0, got {cfg.optim.lr}")
+    if cfg.model.lora:
+        lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
+        for key in cfg.model.lora:
+            if key not in lora_fields:
+                close = difflib.get_close_matches(str(key), sorted(lora_fields), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"model.lora.{key} is not a peft.LoraConfig argument{hint}")
     if not math.isfinite(cfg.plw):
         raise ConfigError(f"plw must be a finite number, got {cfg.plw}")
     if cfg.plw < 0:
@@ -212,7 +269,7 @@ def validate(cfg: DictConfig) -> BatchGeometry:
     if cfg.data.batching not in BATCHING:
         raise ConfigError(f"data.batching must be one of {BATCHING}, got {cfg.data.batching!r}")
     for key, allowed in (("empty_completion", ("keep", "drop", "error")), ("on_invalid", ("error", "skip")),
-                         ("empty_output", ("keep", "skip"))):  # fmt: skip
+                         ("empty_output", ("keep", "skip")), ("duplicates", ("keep", "drop"))):  # fmt: skip
         if cfg.data[key] not in allowed:
             raise ConfigError(f"data.{key} must be one of {allowed}, got {cfg.data[key]!r}")
     if cfg.optim.optimizer_impl not in OPTIMIZER_IMPLS:

@@ -19,6 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args as parse_torchrun_args
+from torch.distributed.run import run as run_torchrun
+
 from plwlab.rundir import SWEEP_ID, RunDir, record_failure
 
 log = logging.getLogger(__name__)
@@ -44,8 +49,20 @@ def _pdeathsig() -> None:
 
 def torchrun_command(script: str, overrides: Sequence[str], run_dir: Path, nproc_per_node: int) -> list[str]:
     """torchrun starting ``script`` (train.py) as one run with ``overrides`` in ``run_dir``, one process per device."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+    return [sys.executable, "-m", "plwlab.training.launch", "--standalone", f"--nproc-per-node={nproc_per_node}",
             script, *overrides, f"hydra.run.dir='{run_dir}'"]  # fmt: skip
+
+
+def torchrun(argv: Sequence[str]) -> None:
+    """torchrun (``torch.distributed.run``) with ``argv``, ending in one line instead of torchrun's traceback when
+    a rank fails or a signal stops the group (the ranks' own lines say why; the exit code is 1)."""
+    try:
+        run_torchrun(parse_torchrun_args(list(argv)))
+    except SignalException as e:
+        raise SystemExit(f"torchrun: stopped by {signal.Signals(e.sigval).name}, and its ranks with it") from None
+    except ChildFailedError as e:
+        ranks = "; ".join(f"rank {rank}: exit code {f.exitcode}" for rank, f in sorted(e.failures.items()))
+        raise SystemExit(f"torchrun: {ranks}") from None
 
 
 def supervise(command: list[str]) -> int:
@@ -195,3 +212,7 @@ def watch_slurm_jobs(jobs: dict[str, tuple[Any, Path, dict]], poll_s: float = 5.
                 log.info("SLURM job %s was requeued", job_id)
         if waiting:
             time.sleep(poll_s)
+
+
+if __name__ == "__main__":  # a run's process group: python -m plwlab.training.launch <torchrun arguments>
+    torchrun(sys.argv[1:])

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import hydra
+import torch.distributed
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -48,12 +49,33 @@ def main(cfg: DictConfig) -> float | None:
             log.exception("run failed")
             record_failure(Path(hydra_cfg.runtime.output_dir), e)
             return None
+        if lost_peer(e):  # another process of this run died (killed, out of memory): its error is the one to read
+            raise SystemExit(f"error: rank {os.environ.get('RANK', 0)} stopped: another process of this run died "
+                             f"({str(e).strip().splitlines()[0][:200]}); relaunch the same command to resume from the "
+                             "last checkpoint") from None  # fmt: skip
         raise
     return metrics.get("val/loss")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank went away (gloo or NCCL)."""
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+    )
+
+
+def run() -> None:
+    """train.py's entry point: :func:`main`, with Ctrl-C or a signal forwarded by a launcher ending in one line."""
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        raise SystemExit(f"interrupted{f' ({e})' if str(e) else ''}: relaunch the same command to resume (finished "
+                         "runs are skipped, interrupted ones resume from their last checkpoint)") from None
 
 
 register()
 die_with_parent()  # the ranks a plwlab launcher starts end with it
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -13,7 +13,7 @@ Per device, with P parameters (T trainable), parameter bytes b (the master weigh
 - logits ``N·V`` in the compute dtype, their gradient as large (the loss adds no full-size copy).
 
 LLaMA-2-7B at micro-batch 4 x 512 in bf16 over fp32: 27 GB weights + 27 GB gradients + 54 GB AdamW on one GPU,
-activations 16 GB (0.5 GB per layer; 1.6 GB with checkpointing), logits 0.5 GB. The activation coefficients are
+activations 16 GB (0.5 GB per layer; 1.6 GB with checkpointing), logits 0.3 GB. The activation coefficients are
 checked against a measured LLaMA-7B layer in docs/cluster.md when a GPU is available.
 """
 
@@ -112,12 +112,17 @@ def is_sharded(strategy: DictConfig) -> bool:
 
 
 def preflight(cfg: DictConfig, geometry: BatchGeometry) -> DictConfig:
-    """Before any weight is loaded: refuse a pretrained model of a billion parameters on CPU, choose the strategy
-    when it is ``auto`` (:func:`choose_strategy`), and refuse a plan that does not fit (:func:`check_fits`).
+    """Before any weight is loaded: refuse a ``data.max_length`` beyond the model's context and a pretrained model
+    of a billion parameters on CPU, choose the strategy when it is ``auto`` (:func:`choose_strategy`), and refuse a
+    plan that does not fit (:func:`check_fits`).
     Returns the strategy to train with. Nothing is checked when the model's config cannot be read here."""
     config = model_config(cfg.model)
     if config is None:
         return cfg.strategy
+    context = getattr(config, "max_position_embeddings", None)
+    if context and cfg.data.max_length > context:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds model {cfg.model.name}'s context of {context} "
+                          f"tokens (max_position_embeddings); use data.max_length<={context}")  # fmt: skip
     accelerator = str(cfg.trainer.get("accelerator"))
     if accelerator == "cpu" and cfg.model.get("name_or_path") and count_parameters(config) > CPU_PARAMETER_LIMIT:
         raise ConfigError(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from accelerate import init_empty_weights
 from tokenizers import processors
 from transformers import (
     AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedModel, PreTrainedTokenizerFast,
@@ -96,6 +97,7 @@ def load_model(
     gradient_checkpointing: bool = False,
     lora: dict[str, Any] | None = None,
     chat_template: str | None = None,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load a pretrained causal LM (``name_or_path``: hub id or local dir) or build a randomly initialised one
     from ``config`` (kwargs of ``AutoConfig.for_model``, e.g. ``model_type: llama``), plus its tokenizer.
@@ -105,6 +107,10 @@ def load_model(
     ``peft.LoraConfig`` kwargs to train a LoRA adapter instead of all weights. ``chat_template`` (chat data on a
     tokenizer without one, or to replace it): ``chatml`` (adds its two tokens, as TRL's ``setup_chat_format``), a
     ``.jinja`` file or a template string (:func:`plwlab.data.chat.set_chat_template`).
+
+    ``weights=False`` (the ranks other than 0 of a sharded run, see :func:`plwlab.training.sharding.shard_model`):
+    the pretrained model's architecture only, its parameters on the meta device (no memory, nothing read), its
+    buffers (e.g. rotary frequencies) real; rank 0's weights are broadcast into the shards once sharded.
     """
     if (name_or_path is None) == (config is None):
         raise ModelLoadError(f"model preset {name!r}: set exactly one of name_or_path (pretrained) or config (random init)")
@@ -123,7 +129,14 @@ def load_model(
     kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": attn_implementation}
     if name_or_path is not None:
         try:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+            if weights:
+                model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+            else:
+                with init_empty_weights(include_buffers=False):
+                    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), **kwargs)
+                # accelerate re-creates every parameter it moves to meta, so tied embeddings came apart: tie them
+                # again, as rank 0's loaded model is (SmolLM2, Gemma); else the ranks' FSDP units differ
+                model.tie_weights()
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
     else:
@@ -131,8 +144,8 @@ def load_model(
         model_config = AutoConfig.for_model(**{"vocab_size": len(tok), **special, **config})
         model = AutoModelForCausalLM.from_config(model_config, **kwargs)
     pretrained_vocab_size = model.get_input_embeddings().weight.shape[0]
-    if len(tok) > pretrained_vocab_size:
-        model.resize_token_embeddings(len(tok))
+    if len(tok) > pretrained_vocab_size:  # on meta parameters: shapes only (rank 0's values are broadcast)
+        model.resize_token_embeddings(len(tok), mean_resizing=weights)
     if gradient_checkpointing:  # per decoder layer; non-reentrant, as FSDP2 needs
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name goes in v6
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -89,7 +89,7 @@ class PLWModule(L.LightningModule):
         strategy = self.trainer.strategy
         if not isinstance(strategy, FSDP2Strategy) or is_sharded(self.model):
             return
-        shard_model(self.model, strategy.sharding_mesh, self.trainer.precision)
+        shard_model(self.model, strategy.sharding_mesh, self.trainer.precision, self.device)
         # the chunked loss reads the LM head outside the model's forward: run it as a forward of the root unit, so
         # FSDP gathers the root's parameters (embeddings, norm, LM head) for it
         register_fsdp_forward_method(self.model, "plw_chunked_nll")

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -37,13 +43,36 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def shard_model(model: torch.nn.Module, mesh: DeviceMesh, precision: str) -> None:
+def shard_model(model: torch.nn.Module, mesh: DeviceMesh, precision: str, device: torch.device) -> None:
     """Shard ``model`` in place over ``mesh``: every decoder layer is one FSDP2 unit (gathered for its forward and
-    backward only), the root holds the rest (embeddings, final norm, LM head)."""
+    backward only), the root holds the rest (embeddings, final norm, LM head).
+
+    A pretrained model is read by rank 0 alone; the other ranks hold its architecture on the meta device
+    (:func:`plwlab.training.model.load_model` with ``weights=False``). Once sharded, their shards are allocated on
+    ``device`` and rank 0's weights broadcast into every rank's shards (``set_model_state_dict`` with
+    ``broadcast_from_rank0``): host memory holds one copy of the model, not one per rank."""
     policy = mixed_precision_policy(precision)
+    on_meta = any(p.is_meta for p in model.parameters())
+    broadcast = _any_rank(on_meta, device)
+    full = model.state_dict() if broadcast and dist.get_rank() == 0 else {}  # rank 0: the loaded weights
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if not broadcast:
+        return
+    if on_meta:
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # real: built from the config
+        model.to_empty(device=device)
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (every rank calls it)."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -90,12 +119,16 @@ class FSDP2Strategy(ModelParallelStrategy):
     every micro-batch. The step's exact denominator (PLWModule) is unaffected: only the summation order changes.
     """
 
-    def __init__(self, replicate_across_nodes: bool = True, defer_gradient_sync: str = "replicas", **kwargs: Any) -> None:
+    def __init__(self, replicate_across_nodes: bool = True, defer_gradient_sync: str = "replicas",
+                 async_save: bool = True, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(**kwargs)
         if defer_gradient_sync not in DEFER_GRADIENT_SYNC:
             raise ValueError(f"defer_gradient_sync must be one of {DEFER_GRADIENT_SYNC}, got {defer_gradient_sync!r}")
         self.replicate_across_nodes, self.defer_gradient_sync = replicate_across_nodes, defer_gradient_sync
+        self.async_save = async_save
         self._sharding_mesh: DeviceMesh | None = None
+        self._save: Future | None = None  # the asynchronous save in flight
+        self._save_group: Any = None  # a gloo group for it: async_save's collectives run on CPU beside NCCL's
 
     @property
     def hsdp(self) -> bool:
@@ -117,6 +150,35 @@ class FSDP2Strategy(ModelParallelStrategy):
             else:
                 self._sharding_mesh = self.device_mesh["data_parallel"]
         return self._sharding_mesh
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """``async_save`` (default): the distributed checkpoint is copied aside (to host memory) and written by a
+        background thread (``torch.distributed.checkpoint.async_save``), so training is blocked only by the copy;
+        :meth:`finish_checkpoint` waits for the write. Otherwise Lightning's synchronous save."""
+        if not (self.async_save and self._save_distributed_checkpoint):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        self.finish_checkpoint()
+        path = Path(self.broadcast(filepath))
+        if path.is_file():
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        if self._save_group is None:
+            self._save_group = dist.new_group(backend="gloo")
+        self._save = dcp.async_save(state, checkpoint_id=path, process_group=self._save_group)
+        if self.global_rank == 0:  # the rest of Lightning's checkpoint (loops, callbacks, ...): small, now
+            torch.save(checkpoint, path / _METADATA_FILENAME)
+
+    def checkpoint_in_flight(self) -> bool:
+        """Whether this rank is still writing an asynchronous checkpoint."""
+        return self._save is not None and not self._save.done()
+
+    def finish_checkpoint(self) -> None:
+        """Wait until this rank has written its part of the asynchronous checkpoint (raises what the write raised)."""
+        if self._save is not None:
+            save, self._save = self._save, None
+            save.result()
 
     @contextmanager
     def block_backward_sync(self) -> Iterator[None]:

@@ -13,14 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
 from plwlab.files import safe_dirname
-from plwlab.rundir import SWEEP_ID, RunDir, RunError, check_writable, find_runs
+from plwlab.rundir import SWEEP_ID, RunDir, RunError, check_writable, config_digest, find_runs
+from plwlab.training.config import ConfigError, check_name
 
 console = Console()
 
@@ -51,18 +53,34 @@ def read_statuses(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     return {str(run.path.relative_to(sweep_dir)): run.status() for run in find_runs(sweep_dir)}
 
 
+def _digest(config: DictConfig, job: list[str]) -> str | None:
+    """The config digest the job of these overrides will have (None when it cannot be composed here)."""
+    try:
+        job_config = GlobalHydra.instance().config_loader().load_sweep_config(config, job)
+        with open_dict(job_config):
+            del job_config["hydra"]  # what the job's train() gets
+        return config_digest(job_config)
+    except Exception:  # the job itself will report a config it cannot compose
+        return None
+
+
 class OutputDirCheck(Callback):
-    """An output directory that cannot be created is one line of error before Hydra tries (and fails with a
-    traceback)."""
+    """An output directory that cannot be created, or a ``name`` that would put it outside ``paths.output_dir``, is
+    one line of error before Hydra creates anything (and fails with a traceback)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_writable(config.hydra.run.dir)
+        _check_writable(config.hydra.run.dir, config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_writable(config.hydra.sweep.dir)
+        _check_writable(config.hydra.sweep.dir, config)
 
 
-def _check_writable(directory: str) -> None:
+def _check_writable(directory: str, config: DictConfig) -> None:
+    try:
+        if "name" in config:
+            check_name(config.name)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         check_writable(directory)
     except RunError as e:
@@ -83,9 +101,12 @@ class SweepCallback(Callback):
         table.add_column("state")
         counts: dict[str, int] = {}
         for i, job in enumerate(jobs):
-            state = statuses.get(override_dirname(job, config), {}).get("status", "new")
+            status = statuses.get(override_dirname(job, config), {})
+            state = status.get("status", "new")
             state = {"finished": "done (skip)", "running": "interrupted (resume)", "interrupted": "interrupted (resume)",
-                     "failed": "failed (retry)"}.get(state, state)  # fmt: skip
+                     "requeued": "requeued (resume)", "failed": "failed (retry)"}.get(state, state)  # fmt: skip
+            if "config_digest" in status and status["config_digest"] != (_digest(config, job) or status["config_digest"]):
+                state = "different config (refused)"  # e.g. trainer.devices changed the global batch
             counts[state] = counts.get(state, 0) + 1
             table.add_row(str(i), " ".join(job), state)
         console.print(table)

@@ -6,19 +6,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import secrets
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from plwlab.data.datamodule import InstructionDataModule
-from plwlab.rundir import RunDir, RunError, prepare_run_dir, record_failure, run_dir_lock, write_json
+from plwlab.rundir import RunDir, RunError, RunRefused, prepare_run_dir, record_failure, run_dir_lock, write_json
 from plwlab.training.callbacks import LossRSD, ParamDistance
 from plwlab.training.checkpointing import CheckpointError, Preempted, RunCheckpoint
 from plwlab.training.config import BatchGeometry, to_dict, validate
@@ -48,6 +48,13 @@ def total_steps(datamodule: InstructionDataModule, cfg: DictConfig, geometry: Ba
     return min(steps, max_steps) if max_steps > 0 else steps
 
 
+def peak_host_rss_gb(trainer: L.Trainer) -> list[float]:
+    """The peak resident host memory of each rank so far, in GB (every rank calls it)."""
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6], dtype=torch.float64)
+    gathered = trainer.strategy.all_gather(rss.to(trainer.strategy.root_device))
+    return [round(float(x), 3) for x in gathered.flatten().cpu()]
+
+
 def make_loggers(cfg: DictConfig, status: dict[str, Any]) -> list[Any]:
     """The configured loggers. A W&B run keeps one id per run directory (in ``status.json``): a resumed attempt
     continues the same W&B run."""
@@ -71,6 +78,18 @@ def finish_wandb(loggers: list[Any], failed: bool) -> None:
         wandb.finish(exit_code=1 if failed else 0)
 
 
+def check_inputs(status: dict[str, Any], inputs: dict[str, str], ckpt_path: Path | None, allow_change: bool) -> None:
+    """Refuse (:class:`RunRefused`) to resume from a checkpoint trained on other data or with another tokenizer than
+    ``inputs`` (their digests, recorded in ``status.json`` when the run started), unless ``allow_change``."""
+    recorded = status.get("inputs") or {}
+    changed = [k for k, v in inputs.items() if recorded.get(k, v) != v]
+    if ckpt_path is not None and changed and not allow_change:
+        what = " and ".join({"data_sha256": "the data file", "tokenizer_sha256": "the tokenizer"}[k] for k in changed)
+        digests = "; ".join(f"{k} {recorded[k]} -> {inputs[k]}" for k in changed)
+        raise RunRefused(f"cannot resume: {what} changed since the checkpoint ({digests}): the run would "
+                         "mix both; restore them, or set allow_data_change=true to resume anyway")  # fmt: skip
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.data`` with prompt loss weight ``cfg.plw``; return the final metrics.
 
@@ -81,16 +100,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``checkpoints/last.ckpt``.
     """
     geometry = validate(cfg)
-    with open_dict(cfg):
-        cfg.strategy = preflight(cfg, geometry)  # before any weight is read: will it fit, and sharded how
+    strategy = preflight(cfg, geometry)  # before any weight is read: will it fit, and sharded how
     run_dir = Path(cfg.paths.run_dir)
     # before the Trainer exists: torchrun sets RANK, srun SLURM_PROCID, Lightning's launcher LOCAL_RANK (>0 only)
     rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("LOCAL_RANK") or 0)
     with run_dir_lock(run_dir, rank):
-        return _train(cfg, RunDir(run_dir), geometry, rank == 0)
+        return _train(cfg, RunDir(run_dir), geometry, strategy, rank == 0)
 
 
-def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, is_zero: bool) -> dict[str, Any]:
+def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: DictConfig, is_zero: bool) -> dict[str, Any]:
     action, ckpt_path, status = prepare_run_dir(cfg, run.path)
     if action == "skip":
         log.info("run dir %s: already finished, skipped (resume=false reruns it)", run.path)
@@ -99,20 +117,25 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, is_zero: bool)
     if cfg.matmul_precision:
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     loggers = make_loggers(cfg, status)
+    before = dict(status)  # what status.json says again if this attempt is refused
     if is_zero:
         run.refused_file.unlink(missing_ok=True)  # an earlier launcher's refusal no longer applies
         status.update(status="running", attempts=status["attempts"] + 1, resumed_from=str(ckpt_path) if ckpt_path else None,
                       started=time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
         run.write_status(status)
-        if ckpt_path is not None and run.metrics_csv.exists():  # the CSV logger would overwrite it
-            os.replace(run.metrics_csv, run.metrics_attempt_csv(status["attempts"] - 1))
     trainer = None
     try:
         L.seed_everything(cfg.seed, workers=True)
-        loaded = load_model(**to_dict(cfg.model))
+        # a sharded run reads a pretrained model once, on rank 0, and broadcasts it into the shards
+        loaded = load_model(**to_dict(cfg.model), weights=is_zero or not (is_sharded(strategy) and geometry.world_size > 1))
         datamodule = InstructionDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, global_batch_size=geometry.global_batch,
                                            **to_dict(cfg.data))  # fmt: skip
         datamodule.setup("fit")
+        inputs = {key: datamodule.stats[key] for key in ("data_sha256", "tokenizer_sha256")}
+        check_inputs(status, inputs, ckpt_path, cfg.allow_data_change)
+        status["inputs"] = inputs
+        if is_zero:
+            run.write_status(status)
         module = PLWModule(
             loaded.model, plw=cfg.plw, pretrained_vocab_size=loaded.pretrained_vocab_size,
             total_steps=total_steps(datamodule, cfg, geometry), **to_dict(cfg.loss), **to_dict(cfg.optim),
@@ -121,7 +144,7 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, is_zero: bool)
         trainer = L.Trainer(
             **cfg.trainer,
             accumulate_grad_batches=geometry.accumulation,
-            strategy=make_strategy(cfg.strategy, geometry.world_size),
+            strategy=make_strategy(strategy, geometry.world_size),
             callbacks=callbacks,
             logger=loggers or False,
             default_root_dir=str(run.path),  # where callbacks find the run directory
@@ -132,16 +155,15 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, is_zero: bool)
         if is_zero:
             run.config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            # Lightning's CSV logger warns that logs "will be deleted" whenever its folder is not empty, and the run
-            # directory always holds Hydra's files; a resumed run's earlier metrics.csv was moved aside above
-            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except BaseException as e:
         if is_zero:  # every failure after the run started is recorded, also one before fit (bad model path, ...)
             finish_wandb(loggers, failed=True)
             if isinstance(e, Preempted):  # its checkpoint is saved and its status written (requeued/interrupted)
                 pass
+            elif isinstance(e, RunRefused):  # nothing trained: the run stays as it was, the refusal beside it
+                run.write_status(before)
+                record_failure(run.path, e)
             # Lightning turns Ctrl-C into SystemExit(1) after marking the trainer interrupted
             elif isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and trainer is not None and trainer.interrupted):
                 run.write_status({**status, "status": "interrupted"})
@@ -164,6 +186,8 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, is_zero: bool)
         data_sha256=datamodule.stats["data_sha256"],
         n_train=datamodule.stats["n_train"],
         n_empty_completion=datamodule.stats["n_empty_completion"],
+        n_duplicates=datamodule.stats["n_duplicates"],
+        tokenizer_sha256=datamodule.stats["tokenizer_sha256"],
         global_steps=trainer.global_step,
         global_batch_size=geometry.global_batch,
         micro_batch_size=geometry.micro_batch,
@@ -176,6 +200,7 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, is_zero: bool)
         fit_seconds=time.perf_counter() - start,
         final_train_loss=module.last_step_loss,
         resumed=ckpt_path is not None,
+        host_rss_gb=peak_host_rss_gb(trainer),
     )
     for cb in callbacks:
         if isinstance(cb, LossRSD):
