@@ -389,3 +389,19 @@ def test_a_run_another_launcher_trains_is_refused_once_and_its_refusal_cleared_w
     summary = json.loads((tmp_path / "plwlab" / "sweep_summary.json").read_text())
     assert (len(summary["finished"]), len(summary["skipped"]), summary["refused"]) == (1, 1, [])
     assert not list((tmp_path / "plwlab").glob("*/refused.json"))  # no stale refusal
+
+
+def test_a_finished_run_leaves_no_handler_or_trainer_behind(tmp_path):
+    """Sweep points run one after another in one process: each must free its trainer, model and optimizer. A
+    SIGTERM handler left installed (Lightning's, reinstalled by the checkpoint callback) kept every run alive: a
+    SmolLM2 sweep grew to 15 GB and was killed by the OOM killer after 5 runs."""
+    import gc
+
+    import lightning as L
+
+    before = signal.getsignal(signal.SIGTERM)
+    for i in range(2):
+        train(compose_train(QUICK, tmp_path / f"run{i}"))
+    gc.collect()
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert not [o for o in gc.get_objects() if isinstance(o, L.Trainer)]

@@ -104,7 +104,10 @@ class RunCheckpoint(Checkpoint):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, handler in self._handlers.items():
-            signal.signal(signum, handler)
+            # unless Lightning's teardown already put back the handlers from before fit: reinstalling the one we
+            # replaced (Lightning's, which holds the trainer) would keep every run of a sweep alive in one process
+            if signal.getsignal(signum) == self._take_note:
+                signal.signal(signum, handler)
         self._handlers.clear()
 
     def _due(self, trainer: L.Trainer, step: int) -> bool:
