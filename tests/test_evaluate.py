@@ -237,6 +237,19 @@ def test_paper_preset_on_the_real_local_files(tmp_path, run_dir, monkeypatch):
     assert got["alpaca_eval", "generation_length"] == got["pandalm", "generation_length"] == 3
 
 
+def test_a_task_can_have_its_own_limit(tmp_path, run_dir):
+    """eval.lm_eval.limit is the default subset; a task's own ``limit`` overrides it (eval=real keeps TruthfulQA's
+    ~8 options per question to fewer questions than PIQA's two)."""
+    from plwlab.evaluation.evaluate import evaluate
+
+    cfg = compose_eval([f"run_dir={run_dir}", f"results={tmp_path / 'r.csv'}", "~eval.memorization", "~eval.generations",
+                        "~eval.judges", "eval.lm_eval.limit=5", "+eval.lm_eval.tasks.truthfulqa_mc2.limit=2",
+                        *(f"~eval.lm_eval.tasks.{t}" for t in
+                          ("arc_challenge", "winogrande", "truthfulqa_gen", "wmt14_en_fr"))])  # fmt: skip
+    got = {r["benchmark"]: r["n"] for r in evaluate(cfg)}
+    assert got == {"piqa": 5, "truthfulqa_mc2": 2}
+
+
 def test_a_local_judge_model_is_loaded_once_for_all_runs(tmp_path, run_dir, monkeypatch):
     import shutil
 

@@ -228,3 +228,20 @@ def test_segment_weights_follow_the_token_loop():
                 total += w * float(nll[b, t])
                 d += {"weight_sum": w, "nonzero": float(w > 0), "completion": float(int(segments[b, t + 1]) in (3, 4))}[normalization]
         assert float(out.loss) == pytest.approx(total / d, rel=1e-12), normalization
+
+
+def test_the_gpu_block_size_gives_the_same_nll_and_gradient(monkeypatch):
+    """On CUDA the NLL upcasts blocks of GPU_BLOCK_ELEMENTS (a few kernels per micro-batch, not thousands); forced
+    on CPU, the values and gradients are the CPU block size's exactly."""
+    import plwlab.training.loss as loss_module
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 300, 1000, requires_grad=True)  # CPU blocks: 262 rows of 600; the GPU size: one block
+    ids = torch.randint(0, 1000, (2, 300))
+    results = []
+    for elements in (loss_module.ROW_BLOCK_ELEMENTS, loss_module.GPU_BLOCK_ELEMENTS):
+        monkeypatch.setattr(loss_module, "ROW_BLOCK_ELEMENTS", elements)
+        nll = next_token_nll(logits, ids)
+        (grad,) = torch.autograd.grad(nll.sum(), logits)
+        results.append((nll, grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -253,3 +253,34 @@ def test_gradient_checkpointing_is_enabled_without_a_deprecation_warning():
         model = tiny_model(gradient_checkpointing=True).model
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     assert checkpointing if checkpointing is not None else model.is_gradient_checkpointing
+
+
+def test_a_micro_batch_asks_nothing_of_the_host():
+    """training_step keeps its step sums on the device: no op of plwlab's that waits for the device to answer the
+    host (an item/tolist/bool read, a data-dependent shape such as boolean indexing) runs per micro-batch on CUDA.
+    Checked on CPU by the aten ops dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    loaded = tiny_model("float32", chat_template="chatml")
+    module = PLWModule(loaded.model, plw=0.1, segment_weights=CHAT_WEIGHTS)
+    dm = InstructionDataModule(loaded.tokenizer, path=str(CHAT_SAMPLE), format="messages", batch_size=2, val_size=0,
+                               limit=4, cache_dir=None)  # fmt: skip
+    dm.setup()
+    batch = collate([[dm.train_set[i][0]] for i in range(2)], loaded.tokenizer.pad_token_id)
+    # host reads; data-dependent output sizes (bincount sizes its output by the largest value)
+    syncing = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::bincount", "bool index"}
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func._schema.name)
+            if func._schema.name == "aten::index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+                seen.add("bool index")  # its kernel calls nonzero below this mode
+            return func(*args, **(kwargs or {}))
+
+    nll = module(batch)  # the model's forward: transformers checks the padding mask on the host (varlen: issue 26)
+    module.forward = lambda _: nll  # what plwlab itself does per micro-batch: the loss and the step sums
+    with Record():
+        module.training_step(batch, 0)
+    assert not seen & syncing, seen & syncing
+    assert module._step_sums.device == batch["input_ids"].device and module._step_sums[-len(SEGMENTS):].sum() > 0

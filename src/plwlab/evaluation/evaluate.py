@@ -135,9 +135,10 @@ def evaluate_run(
             def lm_eval(benchmark: str = benchmark, t: DictConfig = t) -> list[dict[str, Any]]:
                 task = prepare_task(benchmark, task_dir, t.num_fewshot, t.get("data"), t.get("fewshot_data"),
                                     ev.lm_eval.max_gen_toks)  # fmt: skip
+                limit = t.get("limit", ev.lm_eval.limit)  # a task's own subset, else the preset's
                 return [result_row(run, b, m, score, stderr, n) for b, m, score, stderr, n in
-                        run_lm_eval(run.model, run.tokenizer, [task], task_dir, ev.lm_eval.limit, cfg.batch_size,
-                                    cfg.device, ev.lm_eval.get("add_bos_token"))]  # fmt: skip
+                        run_lm_eval(run.model, run.tokenizer, [task], task_dir, limit, cfg.batch_size, cfg.device,
+                                    ev.lm_eval.get("add_bos_token"))]  # fmt: skip
 
             step(benchmark, lm_eval)
     for name, spec in (ev.get("judges") or {}).items():

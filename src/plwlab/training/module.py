@@ -118,17 +118,19 @@ class PLWModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         step_scope = self.denominator_scope == "step"
         out = self._loss(batch, self.weights, self.normalization, denominator=1.0 if step_scope else None)
-        targets = batch["token_mask"][:, 1:].bool()
-        counts = torch.bincount(batch["segment_ids"][:, 1:][targets], minlength=len(SEGMENTS))
+        targets = batch["token_mask"][:, 1:].flatten().double()  # counted by scatter, not boolean indexing
+        counts = targets.new_zeros(len(SEGMENTS)).index_add_(0, batch["segment_ids"][:, 1:].flatten(), targets)
         sums = torch.cat([torch.stack([
             out.weighted_sum.detach(), out.loss.detach(), torch.ones_like(out.denominator),
             out.prompt_nll, out.n_prompt, out.completion_nll, out.n_completion,
-        ]).double().cpu(), counts.double().cpu()])  # fmt: skip
-        self._step_sums += sums
+        ]).double(), counts])  # fmt: skip
+        if self._step_sums.device != sums.device:
+            self._step_sums = self._step_sums.to(sums.device)
+        self._step_sums += sums  # on the device: no host sync per micro-batch, one per optimizer step
         return out.weighted_sum if step_scope else out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        sums = self.trainer.strategy.reduce(self._step_sums.clone().to(self.device), reduce_op="sum").double().cpu()
+        sums = self.trainer.strategy.reduce(self._step_sums.clone(), reduce_op="sum").double().cpu()
         self._step_sums.zero_()
         weighted, loss_sum, n_micro, p_nll, n_p, c_nll, n_c = sums[:7].tolist()
         if self.denominator_scope == "step":
