@@ -24,9 +24,13 @@ def _loss(module, batch, plw=0.1):
     return prompt_weighted_loss(module(batch), completion_mask(batch["segment_ids"]), batch["token_mask"], plw)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
 @pytest.mark.parametrize(("dtype", "tol"), [("float64", 1e-10), ("float32", 1e-5)])
-def test_packed_batch_loss_equals_unpacked(examples, dtype, tol):
-    loaded = tiny_model(dtype)
+def test_packed_batch_loss_equals_unpacked(examples, dtype, tol, attn):
+    """sdpa: packed rows through the block-diagonal mask; varlen: through the documents' boundaries, no mask
+    (plwlab.training.attention, its CPU path), padded rows through SDPA's mask."""
+    loaded = tiny_model(dtype, attn_implementation=attn)
+    assert loaded.model.config._attn_implementation == attn
     module = PLWModule(loaded.model)
     pad = loaded.tokenizer.pad_token_id
     rows = pack_examples([len(e.input_ids) for e in examples], 512)
@@ -50,6 +54,9 @@ def test_packed_collate_layout(examples):
     batch = collate(rows, pad_token_id=3)
     n0, n1, n2 = (len(examples[i].input_ids) for i in range(3))
     assert "attention_mask" not in batch and batch["input_ids"].shape == (2, max(n0 + n1, n2))
+    length = max(n0 + n1, n2)
+    starts = (batch["position_ids"].flatten() == 0).nonzero().flatten().tolist()
+    assert batch["cu_seqlens"].tolist() == [*starts, 2 * length] and batch["cu_seqlens"].dtype == torch.int32
     assert batch["position_ids"][0, : n0 + n1].tolist() == list(range(n0)) + list(range(n1))
     assert batch["token_mask"][0, 0] == 1 and batch["token_mask"][0, n0] == 0  # no target across documents
     assert batch["token_mask"][0].sum() == n0 + n1 - 1 and batch["token_mask"][1].sum() == n2

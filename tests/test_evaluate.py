@@ -167,11 +167,15 @@ def test_evaluate_cli_default_quick_preset_over_a_sweep_glob(tmp_path, run_dir):
         assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(results.open()))
     keys = [(r["benchmark"], r["metric"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 31 and {r["run_id"] for r in rows} == {f"plwlab/{run_dir.name}"}
+    assert len(keys) == len(set(keys)) == 33 and {r["run_id"] for r in rows} == {f"plwlab/{run_dir.name}"}
     assert {b for b, _ in keys} == {"memorization", "alpaca_eval", "pandalm", "arc_challenge", "piqa", "truthfulqa_mc2",
                                     "winogrande", "truthfulqa_gen", "wmt14_en_fr"}  # fmt: skip
     by_key = {(r["benchmark"], r["metric"]): r for r in rows}
     assert by_key["alpaca_eval", "win_rate"]["n"] == "6" and by_key["alpaca_eval", "unparsed_verdicts"]["score"] == "0.0"
+    kept = json.loads((run_dir / "eval" / "judgements" / "alpaca_eval.json").read_text())
+    assert len(kept) == 6 and {"preference", "shown", "raw"} <= kept[0].keys()
+    decisive = [v["shown"] for v in kept if v["shown"] in (1, 2)]
+    assert by_key["alpaca_eval", "first_position_rate"]["n"] == str(len(decisive))
     assert by_key["pandalm", "generation_length"]["n"] == "6" and by_key["winogrande", "acc"]["n"] == "6"
     assert 0 <= float(by_key["alpaca_eval", "win_rate"]["score"]) <= 100
     assert sum(float(by_key["pandalm", m]["score"]) for m in ("wins", "ties", "losses")) == 6  # PandaLM's counts

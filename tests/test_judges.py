@@ -23,6 +23,7 @@ from plwlab.evaluation.judges import (
     Verdict,
     alpaca_eval_messages,
     alpaca_eval_package,
+    first_position_rate,
     human_agreement,
     is_switched,
     pandalm_prompt,
@@ -133,6 +134,9 @@ def test_order_randomization_is_seeded_per_instruction_and_mapped_back(tiny):
     again = FirstShownWins(tiny.model, tiny.tokenizer, "pandalm", seed=3)
     assert [v.preference for v in again.compare(questions[::-1], [""] * n, ["r"] * n, ["m"] * n)] == [
         v.preference for v in verdicts][::-1]  # the same instruction gets the same order wherever it stands
+    assert first_position_rate(verdicts) == (100.0, n)  # the judge follows the position: its win rate is the coin's
+    assert first_position_rate([Verdict(2.0, "2", 1.0), Verdict(1.0, "1", 2.0), Verdict(1.5, "tie", 1.5),
+                                Verdict(None, "?")]) == (50.0, 2)  # fmt: skip
     fixed = judge.compare(["q"] * 4, [""] * 4, ["r"] * 4, ["m"] * 4, randomize_order=False)
     assert [v.preference for v in fixed] == [1.0] * 4
     with pytest.raises(ValueError, match="same length"):

@@ -112,6 +112,10 @@ class RunDir:
         """The cached responses of the run to the instruction set ``name``."""
         return self.eval_dir / "generations" / f"{name}.json"
 
+    def judgements_file(self, name: str) -> Path:
+        """The verdicts of the judge ``name`` on the run's responses (preference, as shown, the judge's text)."""
+        return self.eval_dir / "judgements" / f"{name}.json"
+
     # -- reading
     @property
     def is_exported(self) -> bool:

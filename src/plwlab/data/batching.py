@@ -94,10 +94,13 @@ class TokenizedDataset(Dataset):
 def collate(items: Sequence[list[TokenizedExample]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest: ``input_ids``, ``segment_ids`` (:mod:`plwlab.data.segments`), ``token_mask`` (B, L).
 
-    A row of one example also gets ``attention_mask`` (= ``token_mask``). A row of several packed examples gets
-    ``position_ids`` restarting at 0 for each example and no attention mask: HF models then attend within each
-    example only (block-diagonal causal mask; flash-attention varlen). ``token_mask`` is 0 on padding and on
-    the first token of every packed example, so no example is trained to predict the next one's first token.
+    A row of one example also gets ``attention_mask`` (= ``token_mask``). Packed rows (several examples in a row)
+    get ``position_ids`` restarting at 0 for each example and no attention mask, so HF models attend within each
+    example only (``sdpa``: a block-diagonal causal mask built from the position ids), and ``cu_seqlens``
+    (int32): the examples' boundaries over the flattened B·L tokens, the trailing padding of a row an example of
+    its own, for varlen kernels (:mod:`plwlab.training.attention`, flash-attention) without a host sync.
+    ``token_mask`` is 0 on padding and on the first token of every packed example, so no example is trained to
+    predict the next one's first token.
     """
     packed = any(len(row) > 1 for row in items)
     length = max(sum(len(e.input_ids) for e in row) for row in items)
@@ -105,19 +108,24 @@ def collate(items: Sequence[list[TokenizedExample]], pad_token_id: int) -> dict[
     batch["input_ids"] = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     if packed:
         batch["position_ids"] = torch.zeros(len(items), length, dtype=torch.long)
+    bounds = [0]
     for r, row in enumerate(items):
         start = 0
         for k, e in enumerate(row):
             end = start + len(e.input_ids)
+            bounds.append(r * length + end)
             batch["input_ids"][r, start:end] = torch.tensor(e.input_ids)
             batch["segment_ids"][r, start:end] = torch.tensor(e.segment_ids)
             batch["token_mask"][r, start + (k > 0) : end] = 1
             if packed:
                 batch["position_ids"][r, start:end] = torch.arange(len(e.input_ids))
             start = end
-        if packed:
+        if packed and start < length:
             batch["position_ids"][r, start:] = torch.arange(length - start)  # padding: a document of its own
-    if not packed:
+            bounds.append((r + 1) * length)
+    if packed:
+        batch["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32)
+    else:
         batch["attention_mask"] = batch["token_mask"]
     return batch
 

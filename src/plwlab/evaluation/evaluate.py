@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from plwlab.evaluation.harness import prepare_task, run_lm_eval
-from plwlab.evaluation.judges import PairwiseJudge, alpaca_eval_package, win_rate, win_tie_lose
+from plwlab.evaluation.judges import PairwiseJudge, alpaca_eval_package, first_position_rate, win_rate, win_tie_lose
 from plwlab.evaluation.memorization import memorization_bleu, training_records
 from plwlab.evaluation.responses import read_instructions, reference_outputs, responses
 from plwlab.evaluation.runs import LoadedRun, load_run
@@ -44,10 +44,12 @@ def result_row(run: LoadedRun, benchmark: str, metric: str, score: float, stderr
             "data_sha256": meta.get("data_sha256")}  # fmt: skip
 
 
-def judge_rows(run: LoadedRun, name: str, spec: DictConfig, outputs: list[dict[str, Any]], reference: list[str],
-               judges: dict[str, PairwiseJudge], cfg: DictConfig, results: Path) -> list[dict[str, Any]]:  # fmt: skip
-    """Win rate of the run's ``outputs`` against ``reference`` by the judge of ``spec`` (and the count of verdicts
-    that could not be parsed)."""
+def judge_rows(run: LoadedRun, run_dir: Path, name: str, spec: DictConfig, outputs: list[dict[str, Any]],
+               reference: list[str], judges: dict[str, PairwiseJudge], cfg: DictConfig,
+               results: Path) -> list[dict[str, Any]]:  # fmt: skip
+    """Win rate of the run's ``outputs`` against ``reference`` by the judge of ``spec``, the count of verdicts
+    that could not be parsed and the judge's first-position rate; the verdicts are kept in
+    ``<run>/eval/judgements/<name>.json``."""
     if spec.backend == "alpaca_eval":
         refs = [{**o, "output": ref, "generator": "reference"} for o, ref in zip(outputs, reference)]
         score, stderr, n = alpaca_eval_package(outputs, refs, spec.annotators_config,
@@ -74,8 +76,13 @@ def judge_rows(run: LoadedRun, name: str, spec: DictConfig, outputs: list[dict[s
     if invalid:
         log.warning("%s %s: %d of %d judge verdicts could not be parsed, e.g. %r", run.run_id, name, invalid,
                     len(verdicts), next(v.raw for v in verdicts if v.preference is None)[:200])  # fmt: skip
+    with atomic_write(RunDir(run_dir).judgements_file(name)) as tmp:
+        tmp.write_text(json.dumps([{"instruction": o["instruction"], "input": o["input"], "preference": v.preference,
+                                    "shown": v.shown, "raw": v.raw} for o, v in zip(outputs, verdicts)], indent=1))
+    first, decisive = first_position_rate(verdicts)
     rows = [result_row(run, name, "win_rate", score, stderr, n),
-            result_row(run, name, "unparsed_verdicts", float(invalid), None, len(verdicts))]  # fmt: skip
+            result_row(run, name, "unparsed_verdicts", float(invalid), None, len(verdicts)),
+            result_row(run, name, "first_position_rate", first, None, decisive)]  # fmt: skip
     if spec.style == "pandalm":  # PandaLM reports win / tie / lose counts beside the rate
         counts = win_tie_lose([v.preference for v in verdicts])
         rows += [result_row(run, name, metric, float(c), None, n) for metric, c in zip(("wins", "ties", "losses"), counts)]
@@ -154,7 +161,7 @@ def evaluate_run(
             outputs = generated[spec.generations]
             max_new_tokens = ev.generations[spec.generations].max_new_tokens
             reference = reference_outputs(spec.reference, outputs, spec.generations, max_new_tokens, cfg)
-            return judge_rows(run, name, spec, outputs, reference, judges, cfg, results)
+            return judge_rows(run, run_dir, name, spec, outputs, reference, judges, cfg, results)
 
         step(name, judge)
     with atomic_write(RunDir(run_dir).eval_status_file) as tmp:

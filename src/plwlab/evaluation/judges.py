@@ -191,6 +191,15 @@ def is_switched(instruction: str, seed: int = 0) -> bool:
 class Verdict:
     preference: float | None  # 1: first better, 2: second better, 1.5: tie, None: unparseable
     raw: str
+    shown: float | None = None  # the preference between the outputs in the order the judge saw them
+
+
+def first_position_rate(verdicts: Sequence[Verdict]) -> tuple[float, int]:
+    """Share (%) of the judge's decisive verdicts that chose the output it was shown first, and their number.
+    Near 100 or 0 the judge follows the position, not the outputs: its win rate then only reflects the order
+    coin (50 with a balanced coin). NaN with no decisive verdict."""
+    decisive = [v.shown for v in verdicts if v.shown in (1.0, 2.0)]
+    return (100 * decisive.count(1.0) / len(decisive) if decisive else math.nan), len(decisive)
 
 
 class PairwiseJudge:
@@ -264,6 +273,7 @@ class PairwiseJudge:
         judged = self._judge([self.prompt(instructions[i], inputs[i], *pairs[i]) for i in ask])
         verdicts = [Verdict(1.5, "identical outputs") for _ in first]
         for i, v in zip(ask, judged):
+            v.shown = v.preference
             if swapped[i] and v.preference is not None:
                 v.preference = 3.0 - v.preference
             verdicts[i] = v

@@ -42,7 +42,7 @@ class ModelConfig:  # arguments of plwlab.training.model.load_model
     config: Optional[dict[str, Any]] = None
     dtype: str = "float32"
     add_pad_token: bool = False
-    attn_implementation: Optional[str] = None
+    attn_implementation: Optional[str] = "auto"  # varlen on CUDA, else sdpa (plwlab.training.attention)
     gradient_checkpointing: bool = False
     chat_template: Optional[str] = None  # chatml | a .jinja file | a template string (default: the tokenizer's)
     lora: Any = None  # peft.LoraConfig kwargs, e.g. {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}

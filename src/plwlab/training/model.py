@@ -16,6 +16,7 @@ from transformers.convert_slow_tokenizer import import_protobuf
 from transformers.tokenization_utils_base import generate_merges
 
 from plwlab.data.chat import set_chat_template
+from plwlab.training.attention import resolve_attn_implementation
 from plwlab.data.tokenization import sentencepiece_normalizer
 
 
@@ -93,7 +94,7 @@ def load_model(
     config: dict[str, Any] | None = None,
     dtype: str = "float32",
     add_pad_token: bool = False,
-    attn_implementation: str | None = None,
+    attn_implementation: str | None = "auto",
     gradient_checkpointing: bool = False,
     lora: dict[str, Any] | None = None,
     chat_template: str | None = None,
@@ -106,7 +107,9 @@ def load_model(
     ``add_pad_token``, else reuses its unk/eos token (padding never enters the loss). ``lora`` holds
     ``peft.LoraConfig`` kwargs to train a LoRA adapter instead of all weights. ``chat_template`` (chat data on a
     tokenizer without one, or to replace it): ``chatml`` (adds its two tokens, as TRL's ``setup_chat_format``), a
-    ``.jinja`` file or a template string (:func:`plwlab.data.chat.set_chat_template`).
+    ``.jinja`` file or a template string (:func:`plwlab.data.chat.set_chat_template`). ``attn_implementation``:
+    ``auto`` (varlen flash on CUDA, else SDPA: :mod:`plwlab.training.attention`), ``varlen``, ``sdpa``, ``eager``,
+    ``flash_attention_2``..., or None for the model's own default.
 
     ``weights=False`` (the ranks other than 0 of a sharded run, see :func:`plwlab.training.sharding.shard_model`):
     the pretrained model's architecture only, its parameters on the meta device (no memory, nothing read), its
@@ -126,7 +129,7 @@ def load_model(
             tok.add_special_tokens({"pad_token": "[PAD]"})
         else:
             tok.pad_token = tok.unk_token or tok.eos_token
-    kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": attn_implementation}
+    kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": resolve_attn_implementation(attn_implementation)}
     if name_or_path is not None:
         try:
             if weights:

@@ -100,6 +100,11 @@ class PLWModule(L.LightningModule):
         inputs = {"input_ids": batch["input_ids"], "use_cache": False}
         if "position_ids" in batch:  # packed rows: no attention mask, so HF builds a block-diagonal causal mask
             inputs["position_ids"] = batch["position_ids"]
+            # varlen kernels (attn_implementation varlen, flash_attention_2) take the documents' boundaries as
+            # they are; the row length bounds the longest document, so nothing is read back from the device
+            length = batch["input_ids"].shape[1]
+            inputs.update(cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"], max_length_q=length,
+                          max_length_k=length)  # fmt: skip
         else:
             inputs["attention_mask"] = batch["token_mask"]
         if self.chunk_tokens is None:
