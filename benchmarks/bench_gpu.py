@@ -14,6 +14,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from plwlab.training.attention import VARLEN  # registers attn_implementation=varlen
 from plwlab.training.loss import chunked_next_token_nll, prompt_weighted_loss
 
 CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
-    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--attn", default="sdpa", help="sdpa (block-diagonal mask) or varlen (document boundaries)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("skipped: no CUDA GPU")
@@ -42,12 +43,16 @@ def main() -> None:
     completion = (position_ids > args.seq // docs // 3).long()
     token_mask = (position_ids > 0).long()
     token_mask[:, 0] = 1
+    starts = (position_ids.flatten() == 0).nonzero().flatten().tolist() + [args.rows * args.seq]  # once, before timing
+    bounds = {"cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32, device="cuda"), "max_length_q": args.seq}
+    bounds.update(cu_seq_lens_k=bounds["cu_seq_lens_q"], max_length_k=args.seq)
+    varlen = bounds if args.attn == VARLEN else {}
     times = []
     for step in range(args.steps + 3):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            hidden = model.model(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            hidden = model.model(input_ids=ids, position_ids=position_ids, use_cache=False, **varlen).last_hidden_state
             nll = chunked_next_token_nll(hidden, model.lm_head.weight, ids, 4096)
         prompt_weighted_loss(nll, completion, token_mask, 0.1).loss.backward()
         optimizer.step()

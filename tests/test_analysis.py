@@ -350,3 +350,19 @@ def test_simple_aggregate_puts_win_rates_and_accuracies_on_one_scale():
     assert units.between(0, 1).all()
     win = picked["metric"] == "win_rate"
     assert np.allclose(units[win], picked.loc[win, "score"] / 100) and np.allclose(units[~win], picked.loc[~win, "score"])
+
+
+def test_the_report_of_a_real_model_has_its_scores_and_no_tiny_model_caveat(tmp_path):
+    import pandas as pd
+
+    from plwlab.analysis.report import write_report
+
+    table = pd.DataFrame({"run_id": ["a", "b"], "model": ["smollm2-135m-instruct"] * 2, "dataset": ["short"] * 2,
+                          "rg": [0.16] * 2, "plw": [0.0, 1.0], "benchmark": ["piqa"] * 2, "metric": ["acc"] * 2,
+                          "score": [0.6267, 0.6533], "n": [150, 150]})  # fmt: skip
+    (tmp_path / "analysis").mkdir()
+    report = write_report(tmp_path, table, {}, {"train": 1.0}, []).read_text()
+    assert "say nothing about PLW" not in report
+    row = next(line for line in report.splitlines() if line.startswith("| piqa"))
+    assert [c.strip() for c in row.strip("|").split("|")] == ["piqa", "acc", "0.6267", "0.6533", "150"]
+    assert "short PLW 0 " in report and "short PLW 1 " in report

@@ -247,8 +247,27 @@ def test_a_7b_plan_is_checked_against_the_gpus_before_loading(tmp_path):
     assert is_sharded(strategy)
     sharded = check_fits(four, batch_geometry(four), config, gpu, sharded=True)
     assert sharded.weights == whole.weights / 4 and sharded.total < 50e9
-    checkpointed = compose_train([*overrides[:-1], "trainer.devices=4"], tmp_path)  # the preset's checkpointing
+    checkpointed = compose_train([*overrides[:-1], "trainer.devices=4", "model.gradient_checkpointing=true"], tmp_path)
     assert plan_memory(checkpointed, batch_geometry(checkpointed), 4, config).activations < 2e9  # ≈ 1.6 GB
+
+
+def test_the_paper_preset_checkpoints_activations_only_where_memory_needs_it(tmp_path):
+    """model.gradient_checkpointing=auto (the LLaMA presets): the paper's node (4 x 80 GB, FSDP, 4 x 512) holds the
+    7B run's ≈ 43 GB per GPU without checkpointing, so it is off there (no recomputation); 4 x 24 GB GPUs need it."""
+    from plwlab.training.memory import choose_checkpointing, model_config
+
+    model = _llama_7b(tmp_path / "llama-7b")
+    cfg = compose_train(["model=llama2", f"model.name_or_path={model}", "trainer=gpu", "data.batch_size=4",
+                         "trainer.devices=4"], tmp_path)  # fmt: skip
+    assert cfg.model.gradient_checkpointing == "auto"
+    geometry, config = batch_geometry(cfg), model_config(cfg.model)
+    assert choose_checkpointing(cfg, geometry, config, 80e9, sharded=True) is False
+    assert choose_checkpointing(cfg, geometry, config, 24e9, sharded=True) is True
+    assert choose_checkpointing(cfg, geometry, config, None, sharded=True) is True  # unknown: the safe choice
+    assert cfg.model.gradient_checkpointing == "auto"  # asking does not change the config
+    cfg.model.gradient_checkpointing = "sometimes"
+    with pytest.raises(ConfigError, match="model.gradient_checkpointing must be true, false or auto, got 'sometimes'"):
+        choose_checkpointing(cfg, geometry, config, 80e9, sharded=True)
 
 
 def test_a_7b_model_on_cpu_is_refused_before_loading(tmp_path):

@@ -43,7 +43,8 @@ class ModelConfig:  # arguments of plwlab.training.model.load_model
     dtype: str = "float32"
     add_pad_token: bool = False
     attn_implementation: Optional[str] = "auto"  # varlen on CUDA, else sdpa (plwlab.training.attention)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Any = False  # true | false | auto (off when the memory plan fits without it)
+    compile: bool = False  # torch.compile each decoder layer (not yet measured on a GPU: off by default)
     chat_template: Optional[str] = None  # chatml | a .jinja file | a template string (default: the tokenizer's)
     lora: Any = None  # peft.LoraConfig kwargs, e.g. {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}
 

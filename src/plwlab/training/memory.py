@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from plwlab import CONF_DIR
@@ -32,6 +32,7 @@ from plwlab.training.config import BatchGeometry, ConfigError
 
 GB = 1e9
 CPU_PARAMETER_LIMIT = 1_000_000_000  # a pretrained model above this on CPU is a mistake, not a plan
+HEADROOM = 0.85  # share of a device's memory a plan may fill without activation checkpointing (allocator slack)
 COMPUTE_BYTES = {"bf16-mixed": 2, "16-mixed": 2, "bf16-true": 2, "16-true": 2}  # Lightning precision -> bytes; else 4
 
 
@@ -86,7 +87,7 @@ def plan_memory(cfg: DictConfig, geometry: BatchGeometry, shards: int, config: A
     layers, vocab = config.num_hidden_layers, config.vocab_size
     tokens = geometry.micro_batch * cfg.data.max_length
     per_layer = (40 * h + 8 * i) * tokens * compute / 2
-    if cfg.model.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing is True:
         activations = layers * tokens * 4 * h + per_layer
     else:
         activations = layers * per_layer
@@ -115,9 +116,11 @@ def preflight(cfg: DictConfig, geometry: BatchGeometry) -> DictConfig:
     """Before any weight is loaded: refuse a ``data.max_length`` beyond the model's context and a pretrained model
     of a billion parameters on CPU, choose the strategy when it is ``auto`` (:func:`choose_strategy`), and refuse a
     plan that does not fit (:func:`check_fits`).
+    ``model.gradient_checkpointing=auto`` is resolved here, in ``cfg`` (:func:`choose_checkpointing`).
     Returns the strategy to train with. Nothing is checked when the model's config cannot be read here."""
     config = model_config(cfg.model)
     if config is None:
+        cfg.model.gradient_checkpointing = cfg.model.gradient_checkpointing is not False  # auto: the safe choice
         return cfg.strategy
     context = getattr(config, "max_position_embeddings", None)
     if context and cfg.data.max_length > context:
@@ -131,8 +134,29 @@ def preflight(cfg: DictConfig, geometry: BatchGeometry) -> DictConfig:
         )
     capacity = device_memory(accelerator)
     strategy = choose_strategy(cfg, geometry, config, capacity)
+    cfg.model.gradient_checkpointing = choose_checkpointing(cfg, geometry, config, capacity, is_sharded(strategy))
     check_fits(cfg, geometry, config, capacity, is_sharded(strategy))
     return strategy
+
+
+def choose_checkpointing(cfg: DictConfig, geometry: BatchGeometry, config: Any, capacity: float | None,
+                         sharded: bool) -> bool:  # fmt: skip
+    """``model.gradient_checkpointing``: true or false as set; ``auto`` off when the run fits in
+    :data:`HEADROOM` of a device without it (recomputing every layer costs about a third more compute), else on.
+    Unknown capacity: on."""
+    value = cfg.model.gradient_checkpointing
+    if isinstance(value, bool):
+        return value
+    if value != "auto":
+        raise ConfigError(f"model.gradient_checkpointing must be true, false or auto, got {value!r}")
+    if capacity is None:
+        return True
+    with open_dict(cfg):
+        cfg.model.gradient_checkpointing = False
+        plan = plan_memory(cfg, geometry, geometry.world_size if sharded else 1, config)
+        cfg.model.gradient_checkpointing = value
+    on_cpu = str(cfg.trainer.get("accelerator")) == "cpu"
+    return plan.total * (geometry.world_size if on_cpu else 1) > HEADROOM * capacity
 
 
 def check_fits(cfg: DictConfig, geometry: BatchGeometry, config: Any, capacity: float | None, sharded: bool) -> MemoryPlan:

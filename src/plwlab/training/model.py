@@ -87,6 +87,15 @@ def load_tokenizer(tokenizer: str) -> Any:
         raise ModelLoadError(f"cannot load tokenizer {tokenizer!r}: {str(e).splitlines()[0]}") from e
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers: instances of the classes HF lists in ``_no_split_modules`` (LlamaDecoderLayer)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} lists no decoder-layer class in _no_split_modules: cannot shard or compile it per layer")
+    return layers
+
+
 def load_model(
     name: str,
     tokenizer: str,
@@ -96,6 +105,7 @@ def load_model(
     add_pad_token: bool = False,
     attn_implementation: str | None = "auto",
     gradient_checkpointing: bool = False,
+    compile: bool = False,
     lora: dict[str, Any] | None = None,
     chat_template: str | None = None,
     weights: bool = True,
@@ -109,7 +119,9 @@ def load_model(
     tokenizer without one, or to replace it): ``chatml`` (adds its two tokens, as TRL's ``setup_chat_format``), a
     ``.jinja`` file or a template string (:func:`plwlab.data.chat.set_chat_template`). ``attn_implementation``:
     ``auto`` (varlen flash on CUDA, else SDPA: :mod:`plwlab.training.attention`), ``varlen``, ``sdpa``, ``eager``,
-    ``flash_attention_2``..., or None for the model's own default.
+    ``flash_attention_2``..., or None for the model's own default. ``compile``: ``torch.compile`` each decoder
+    layer (compiled at its first call; inductor needs a C compiler on CPU). ``gradient_checkpointing`` ``auto``
+    is resolved by :func:`plwlab.training.memory.preflight` before this; here it counts as on.
 
     ``weights=False`` (the ranks other than 0 of a sharded run, see :func:`plwlab.training.sharding.shard_model`):
     the pretrained model's architecture only, its parameters on the meta device (no memory, nothing read), its
@@ -154,6 +166,9 @@ def load_model(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile:  # each decoder layer on its own (torchtitan's choice): small graphs, FSDP2 units unchanged
+        for layer in decoder_layers(model):
+            layer.compile()
     if lora:
         import peft  # only LoRA runs pay for importing peft
 

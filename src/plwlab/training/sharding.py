@@ -21,6 +21,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from plwlab.training.model import decoder_layers
+
 # Lightning precision flag -> compute dtype of the sharded path (other flags: no casting)
 COMPUTE_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 DEFER_GRADIENT_SYNC = ("replicas", "all", "none")
@@ -32,15 +34,6 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     adds autocast on top, as HF's Trainer does with ``--bf16``. ``32-true``/``64-true``: no casting."""
     compute = COMPUTE_DTYPES.get(str(precision))
     return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute is not None else None)
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's decoder layers: instances of the classes HF lists in ``_no_split_modules`` (LlamaDecoderLayer)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} lists no decoder-layer class in _no_split_modules: cannot shard it per layer")
-    return layers
 
 
 def shard_model(model: torch.nn.Module, mesh: DeviceMesh, precision: str, device: torch.device) -> None:
