@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from plwlab import CONF_DIR
@@ -77,8 +77,10 @@ def count_parameters(config: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def plan_memory(cfg: DictConfig, geometry: BatchGeometry, shards: int, config: Any) -> MemoryPlan:
-    """The per-device :class:`MemoryPlan` of ``cfg`` when its parameters are split over ``shards`` processes."""
+def plan_memory(cfg: DictConfig, geometry: BatchGeometry, shards: int, config: Any,
+                checkpointing: bool | None = None) -> MemoryPlan:  # fmt: skip
+    """The per-device :class:`MemoryPlan` of ``cfg`` when its parameters are split over ``shards`` processes, with
+    activation checkpointing as ``checkpointing`` says (None: as ``model.gradient_checkpointing`` is ``true``)."""
     params = count_parameters(config)
     b = torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8
     trainable = params if not cfg.model.lora else 0  # LoRA: the adapters are a rounding error here
@@ -87,7 +89,9 @@ def plan_memory(cfg: DictConfig, geometry: BatchGeometry, shards: int, config: A
     layers, vocab = config.num_hidden_layers, config.vocab_size
     tokens = geometry.micro_batch * cfg.data.max_length
     per_layer = (40 * h + 8 * i) * tokens * compute / 2
-    if cfg.model.gradient_checkpointing is True:
+    if checkpointing is None:
+        checkpointing = cfg.model.gradient_checkpointing is True
+    if checkpointing:
         activations = layers * tokens * 4 * h + per_layer
     else:
         activations = layers * per_layer
@@ -151,12 +155,13 @@ def choose_checkpointing(cfg: DictConfig, geometry: BatchGeometry, config: Any, 
         raise ConfigError(f"model.gradient_checkpointing must be true, false or auto, got {value!r}")
     if capacity is None:
         return True
-    with open_dict(cfg):
-        cfg.model.gradient_checkpointing = False
-        plan = plan_memory(cfg, geometry, geometry.world_size if sharded else 1, config)
-        cfg.model.gradient_checkpointing = value
-    on_cpu = str(cfg.trainer.get("accelerator")) == "cpu"
-    return plan.total * (geometry.world_size if on_cpu else 1) > HEADROOM * capacity
+    plan = plan_memory(cfg, geometry, geometry.world_size if sharded else 1, config, checkpointing=False)
+    return per_device(cfg, geometry, plan) > HEADROOM * capacity
+
+
+def per_device(cfg: DictConfig, geometry: BatchGeometry, plan: MemoryPlan) -> float:
+    """Bytes a plan asks of one device: its total, times the processes on CPU, where all ranks share one host."""
+    return plan.total * (geometry.world_size if str(cfg.trainer.get("accelerator")) == "cpu" else 1)
 
 
 def check_fits(cfg: DictConfig, geometry: BatchGeometry, config: Any, capacity: float | None, sharded: bool) -> MemoryPlan:
@@ -164,7 +169,7 @@ def check_fits(cfg: DictConfig, geometry: BatchGeometry, config: Any, capacity: 
     device's ``capacity``, on CPU the whole host's RAM shared by its processes."""
     plan = plan_memory(cfg, geometry, geometry.world_size if sharded else 1, config)
     on_cpu = str(cfg.trainer.get("accelerator")) == "cpu"
-    need = plan.total * (geometry.world_size if on_cpu else 1)  # CPU ranks share one host
+    need = per_device(cfg, geometry, plan)
     if capacity is None or need <= capacity:
         return plan
     fixes = []

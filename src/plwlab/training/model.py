@@ -16,8 +16,8 @@ from transformers.convert_slow_tokenizer import import_protobuf
 from transformers.tokenization_utils_base import generate_merges
 
 from plwlab.data.chat import set_chat_template
-from plwlab.training.attention import resolve_attn_implementation
 from plwlab.data.tokenization import sentencepiece_normalizer
+from plwlab.training.attention import resolve_attn_implementation
 
 
 class ModelLoadError(ValueError):
