@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo study study-real test test-all bench lint clean
+.PHONY: setup demo study study-real test test-all bench lint clean gpu-wheelhouse gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,9 @@ lint: setup
 
 clean:
 	rm -rf outputs .pytest_cache
+
+gpu-wheelhouse:  ## the wheels plwlab needs beside the GPU image's packages, into .whl (<= 60 MiB; needs PyPI)
+	$(PYTHON) tools/gpu_wheelhouse.py --out .whl
+
+gpu-check:  ## on a GPU machine: the acceptance run of issue 26 (~8 min on one H100), results in outputs/gpu_check
+	bash tools/gpu_check.sh

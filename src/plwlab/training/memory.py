@@ -77,6 +77,25 @@ def count_parameters(config: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def layer_activation_bytes(hidden: int, intermediate: int, tokens: int, compute_bytes: int, checkpointing: bool) -> float:
+    """Bytes one HF LLaMA decoder layer keeps for its backward over ``tokens`` tokens, per token:
+
+    - mixed precision (``compute_bytes`` < 4): ``36·h + 8·i``: the fp32 residual stream and the two norms' fp32
+      input and output (16·h), the bf16 casts autocast makes of the norms' outputs for each of the 5 input
+      projections (10·h: it caches casts of weights only), q, k, v and the attention output (8·h), o_proj's input
+      (2·h); the MLP's gate, up, SiLU and product (8·i);
+    - fp32 compute: ``40·h + 16·i`` (no casts; the rotary embedding's fp32 q and k);
+    - with activation checkpointing only the layer's fp32 input, ``4·h``.
+
+    Measured by the tensors autograd saves (tests/test_gpu_check.py, within 10% on CPU; GQA's smaller k and v make
+    it an upper bound); benchmarks/gpu_check.py measures a LLaMA-7B layer on a GPU."""
+    if checkpointing:
+        return 4 * hidden * tokens
+    if compute_bytes < 4:
+        return (36 * hidden + 8 * intermediate) * tokens
+    return (40 * hidden + 16 * intermediate) * tokens
+
+
 def plan_memory(cfg: DictConfig, geometry: BatchGeometry, shards: int, config: Any,
                 checkpointing: bool | None = None) -> MemoryPlan:  # fmt: skip
     """The per-device :class:`MemoryPlan` of ``cfg`` when its parameters are split over ``shards`` processes, with
@@ -88,13 +107,11 @@ def plan_memory(cfg: DictConfig, geometry: BatchGeometry, shards: int, config: A
     h, i = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
     layers, vocab = config.num_hidden_layers, config.vocab_size
     tokens = geometry.micro_batch * cfg.data.max_length
-    per_layer = (40 * h + 8 * i) * tokens * compute / 2
     if checkpointing is None:
         checkpointing = cfg.model.gradient_checkpointing is True
-    if checkpointing:
-        activations = layers * tokens * 4 * h + per_layer
-    else:
-        activations = layers * per_layer
+    activations = layers * layer_activation_bytes(h, i, tokens, compute, checkpointing)
+    if checkpointing:  # one layer's activations, recomputed in its backward
+        activations += layer_activation_bytes(h, i, tokens, compute, False)
     return MemoryPlan(
         params=params, trainable=trainable, weights=params * b / shards, gradients=trainable * b / shards,
         optimizer=2 * trainable * b / shards, activations=activations, logits=2 * tokens * vocab * compute, shards=shards,

@@ -96,17 +96,7 @@ class PLWModule(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-token next-token NLL (B, L-1) of a padded or packed batch."""
-        # use_cache=False: with a KV cache HF skips the packed-sequence detection and attends across documents
-        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-        if "position_ids" in batch:  # packed rows: no attention mask, so HF builds a block-diagonal causal mask
-            inputs["position_ids"] = batch["position_ids"]
-            # varlen kernels (attn_implementation varlen, flash_attention_2) take the documents' boundaries as
-            # they are; the row length bounds the longest document, so nothing is read back from the device
-            length = batch["input_ids"].shape[1]
-            inputs.update(cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"], max_length_q=length,
-                          max_length_k=length)  # fmt: skip
-        else:
-            inputs["attention_mask"] = batch["token_mask"]
+        inputs = model_inputs(batch)
         if self.chunk_tokens is None:
             logits = self.model(**inputs).logits
             nll, compute_dtype = next_token_nll(logits, batch["input_ids"]), logits.dtype
@@ -220,3 +210,17 @@ def _chunked_nll(
     hidden = causal.base_model(**inputs).last_hidden_state
     head = causal.get_output_embeddings().weight
     return chunked_next_token_nll(hidden, head, inputs["input_ids"], chunk_tokens), hidden.dtype
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The HF model's keyword arguments for a collated batch (:func:`plwlab.data.batching.collate`): padded rows
+    get the attention mask; packed rows get position ids restarting per document and no mask (HF builds a
+    block-diagonal causal mask) plus the documents' boundaries for varlen kernels (``attn_implementation`` varlen,
+    flash_attention_2), the row length bounding the longest document so nothing is read back from the device.
+    ``use_cache=False``: with a KV cache HF skips the packed-sequence detection and attends across documents."""
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" not in batch:
+        return {**inputs, "attention_mask": batch["token_mask"]}
+    length = batch["input_ids"].shape[1]
+    return {**inputs, "position_ids": batch["position_ids"], "cu_seq_lens_q": batch["cu_seqlens"],
+            "cu_seq_lens_k": batch["cu_seqlens"], "max_length_q": length, "max_length_k": length}  # fmt: skip
