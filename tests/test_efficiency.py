@@ -218,3 +218,35 @@ def test_compiled_decoder_layers_give_the_same_loss_and_gradients(examples):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=0)
     for name, g in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bench_train_meter_counts_real_tokens_of_training_forwards_only():
+    """bench_train.py's fairness rests on its meter: non-pad input ids of training forwards after the warm-up
+    steps, and the time from the end of warm-up step WARMUP to the end of the last step."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    model = tiny_model().model
+    meter = bench_train.Meter(pad_id=0)
+    meter.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    rows = [torch.tensor([[5, 6, 7, 0], [5, 6, 0, 0]]), torch.tensor([[5, 6, 7, 8]])]
+    for step in range(bench_train.WARMUP + 2):
+        ids = rows[step % 2]
+        model(input_ids=ids, attention_mask=(ids != 0).long()).logits.sum().backward()
+        with torch.no_grad():
+            model(input_ids=ids)  # an evaluation forward: not counted
+        optimizer.step()
+    model.eval()
+    model(input_ids=rows[0])  # eval mode: not counted
+    result = meter.result()
+    meter.close()
+    optimizer.step()
+    assert len(meter.step_ends) == bench_train.WARMUP + 2  # the global hook is gone
+    after_warmup = [rows[s % 2] for s in range(bench_train.WARMUP, bench_train.WARMUP + 2)]
+    assert result["tokens"] == sum(int((r != 0).sum()) for r in after_warmup)
+    assert result["steps"] == bench_train.WARMUP + 2 and result["seconds"] > 0
