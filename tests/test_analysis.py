@@ -113,11 +113,19 @@ def test_glmm_flags_and_loglik_equal_glmmtmb_off_the_fixture():
     for dataset, (convergence, pd_hess, warnings, loglik) in GLMMTMB_ON_SYNTHETIC.items():
         fit = fit_beta_glmm(rel[rel["dataset"] == dataset], dataset)
         expected = [glmmtmb_warning(w) for w in warnings]
-        assert (fit.convergence, fit.pd_hess, fit.warnings, fit.error) == (convergence, pd_hess, expected, ""), dataset
-        if loglik is None:
-            assert np.isnan(fit.loglik) and np.isfinite(fit.objective) and fit.to_dict()["loglik"] is None
+        if not pd_hess and fit.pd_hess:
+            # the SD at 0 leaves a Hessian eigenvalue of ~1e-108, whose Cholesky pivot is rounding noise: which way it
+            # falls depends on the BLAS kernel (OPENBLAS_CORETYPE=Sandybridge: not positive definite, as glmmTMB;
+            # AMD EPYC's default: positive definite). Either way the fit is flagged degenerate and not clean.
+            expected[0] = glmmtmb_warning("extreme or very small eigenvalues detected")
+            assert not fit.clean and np.isfinite(fit.loglik), dataset
         else:
-            assert fit.loglik == pytest.approx(loglik, abs=1e-6) and fit.objective == -fit.loglik
+            assert fit.pd_hess == pd_hess, dataset
+            if loglik is None:
+                assert np.isnan(fit.loglik) and np.isfinite(fit.objective) and fit.to_dict()["loglik"] is None
+            else:
+                assert fit.loglik == pytest.approx(loglik, abs=1e-6) and fit.objective == -fit.loglik
+        assert (fit.convergence, fit.warnings, fit.error) == (convergence, expected, ""), dataset
 
 
 def test_glmm_where_glmmtmb_itself_stops():
