@@ -160,7 +160,9 @@ def test_fsdp_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkey
     monkeypatch.setenv("WANDB_MODE", "offline")
     args = [*COMMON, "data.limit=100", "trainer.max_epochs=2", "callbacks.checkpoint.every_n_steps=5", "logger=wandb"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert run_cli(*args, *SINGLE, f"hydra.run.dir={whole}").returncode == 0
+    # the uninterrupted run is sharded too: 1 and 2 processes differ in float64 summation order, which 48 AdamW
+    # steps grow to ~1e-5 (the 6-step equality is test_fsdp_on_two_processes_equals_one_process); resume is exact
+    assert run_cli(*args, *SHARDED, f"hydra.run.dir={whole}").returncode == 0
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, *SHARDED, f"hydra.run.dir={broken}"],
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.time() + 240
@@ -177,8 +179,8 @@ def test_fsdp_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkey
     a, b = metrics(whole), metrics(broken)
     assert b["resumed"] and b["global_steps"] == a["global_steps"] == 48
     for key in ("final_train_loss", "param_distance", "loss_rsd", "val/loss"):
-        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), key
-    assert max_diff(weights(whole), weights(broken)) <= 1e-6
+        assert b[key] == pytest.approx(a[key], rel=1e-12, abs=1e-12), key
+    assert max_diff(weights(whole), weights(broken)) <= 1e-12
     status = json.loads((broken / "status.json").read_text())
     assert status["status"] == "finished" and status["attempts"] == 2
     assert status["wandb_id"] == first["wandb_id"]  # the resumed attempt continues the same W&B run
