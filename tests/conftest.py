@@ -1,4 +1,5 @@
 import os
+import signal
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,6 +9,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from pathlib import Path  # noqa: E402
 
+import lightning.pytorch as L  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -50,3 +52,14 @@ def compose_train(overrides: list[str], run_dir: Path) -> DictConfig:
 @pytest.fixture
 def tiny() -> LoadedModel:
     return tiny_model()
+
+
+
+class SignalAt(L.Callback):
+    """This process gets SIGTERM as optimizer step ``$SIGNAL_AT_STEP`` (0-based) starts, as a scheduler's signal
+    arrives mid-step: ``+callbacks.signal_at={_target_: conftest.SignalAt}`` (the step is not in the config, so
+    the attempts of one run directory keep one config)."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if str(trainer.global_step) == os.environ.get("SIGNAL_AT_STEP"):
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -328,3 +328,30 @@ def test_the_plan_and_the_refusal_name_a_changed_config(tmp_path):
     assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr[-3000:]
     (refusal,) = json.loads((tmp_path / "plwlab" / "sweep_summary.json").read_text())["refused"]
     assert "trainer.devices: 1 -> 2" in refusal, refusal
+
+
+def test_a_run_stopped_twice_by_signals_logs_every_step_and_validation_once(tmp_path, monkeypatch):
+    """SIGTERM mid-step at the last step of epoch 0 (so the epoch's validation is still due), then mid-epoch in the
+    second attempt: metrics.csv of the resumed run has every step once, at the right step and epoch, and every
+    epoch's validation, as the uninterrupted run does; the last step before each stop is not lost."""
+    args = [*RESUMABLE, "trainer.max_epochs=3", "callbacks.checkpoint.every_n_steps=1000", "model.config.hidden_size=32",
+            "model.config.intermediate_size=64", "+callbacks.signal_at={_target_: conftest.SignalAt}"]  # fmt: skip
+    train(compose_train(args, tmp_path / "whole"))
+    broken = tmp_path / "broken"
+    for step in (11, 18, None):  # steps 0-11 are epoch 0 (96 examples, 8 a step)
+        monkeypatch.setenv("SIGNAL_AT_STEP", str(step))
+        if step is None:
+            train(compose_train(args, broken))
+            break
+        with pytest.raises(SystemExit, match="stopped by SIGTERM after saving a checkpoint"):
+            train(compose_train(args, broken))
+    assert json.loads((broken / "status.json").read_text())["attempts"] == 3
+
+    def rows(run: Path, key: str) -> list[tuple[int, str, float]]:
+        return [(int(r["step"]), r["epoch"], round(float(r[key]), 5)) for r in read_metrics_csv(run) if r.get(key)]
+
+    for key in ("train/loss", "val/loss", "lr-AdamW"):
+        assert rows(broken, key) == rows(tmp_path / "whole", key), key
+    assert [s for s, _, _ in rows(broken, "train/loss")] == list(range(36))
+    wa, wb = load_file(tmp_path / "whole" / "hf_model" / "model.safetensors"), load_file(broken / "hf_model" / "model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6

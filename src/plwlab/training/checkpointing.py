@@ -7,9 +7,10 @@ checkpoint, never at a mix.
 
 SIGTERM (SLURM's preemption, ``scancel``, ``scontrol requeue``, a kill) and the preemption signal of submitit
 (SIGUSR2, sent ``signal_delay_s`` before a SLURM time limit) are answered at the end of the current optimizer step:
-every rank saves a checkpoint, the run directory says ``requeued`` (SIGUSR2 under submitit: the job requeues itself)
-or ``interrupted`` (relaunch, or SLURM's requeue, resumes it), and the process ends (:class:`Preempted`). So a
-preemption loses at most the step under way.
+every rank saves a checkpoint and the run directory says ``requeued`` (SIGUSR2 under submitit: the job requeues
+itself) or ``interrupted`` (relaunch, or SLURM's requeue, resumes it). The process ends (:class:`Preempted`) as the
+next step would start: after Lightning has logged the saved step and run a validation due after it (at an epoch's
+end), which the resumed run does not repeat. So a preemption loses at most the step under way, and no log row.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class RunCheckpoint(Checkpoint):
         self._last_save = time.monotonic()
         self._unpublished: Path | None = None  # written (or being written) but not yet last.ckpt
         self._signal: int | None = None  # a stop signal received, answered at the end of the optimizer step
+        self._stopping = False  # the step of the signal is saved: end the process before the next one starts
         self._handlers: dict[int, Any] = {}  # the handlers ours replaced (submitit's requeue among them)
 
     @property
@@ -129,25 +131,43 @@ class RunCheckpoint(Checkpoint):
             self.save(trainer)
         if stop:
             self.publish(trainer, wait=True)
+            if trainer.is_global_zero:
+                run = RunDir(trainer.default_root_dir)
+                if run.status_file.exists():
+                    run.write_status({**run.status(), "status": self._stop_status(), "stopped_by": self._signal_name()})
+            # Lightning logs this step only after on_train_batch_end, and a checkpoint of the step's end holds no
+            # validation that follows it: the process ends when the next batch starts (or, the last step, not at all)
+            self._stopping = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._stopping:
             self._stop(trainer)
+        epochs = trainer.fit_loop.epoch_progress
+        if epochs.current.ready == epochs.current.processed:
+            # Lightning 2.6, resumed from a checkpoint of an epoch's last step, goes on with the next epoch without
+            # counting it as started (FitLoop.on_advance_start skips that on its restart stage); counted here, or the
+            # next checkpoint would read as the end of an epoch and its resume would run this epoch again from batch 0
+            epochs.increment_ready()
+            epochs.increment_started()
+
+    def _stop_status(self) -> str:
+        requeue = self._signal == PREEMPT_SIGNAL and callable(self._handlers.get(PREEMPT_SIGNAL))
+        return "requeued" if requeue else "interrupted"
+
+    def _signal_name(self) -> str:
+        return signal.Signals(self._signal).name if self._signal else "a signal on another rank"
 
     def _stop(self, trainer: L.Trainer) -> None:
-        """After the checkpoint of this step: say so in the run directory, let submitit requeue the job (its
-        preemption signal, rank 0), and end the process."""
-        signum = self._signal
-        requeue = signum == PREEMPT_SIGNAL and callable(self._handlers.get(PREEMPT_SIGNAL))
-        status = "requeued" if requeue else "interrupted"
-        name = signal.Signals(signum).name if signum else "a signal on another rank"
-        message = (f"stopped by {name} after saving a checkpoint at step {trainer.global_step}; "
+        """The checkpoint of the signal's step is published and the run directory says so: let submitit requeue
+        the job (its preemption signal, rank 0), and end the process."""
+        status = self._stop_status()
+        requeue = status == "requeued"
+        message = (f"stopped by {self._signal_name()} after saving a checkpoint at step {trainer.global_step}; "
                    + ("SLURM starts it again" if requeue else "relaunch the same command to resume"))  # fmt: skip
-        if trainer.is_global_zero:
-            run = RunDir(trainer.default_root_dir)
-            if run.status_file.exists():
-                run.write_status({**run.status(), "status": status, "stopped_by": name})
         trainer.strategy.barrier()
         if requeue and trainer.is_global_zero:
             try:
-                self._handlers[PREEMPT_SIGNAL](signum, None)  # submitit: requeue this job, then exit
+                self._handlers[PREEMPT_SIGNAL](self._signal, None)  # submitit: requeue this job, then exit
             except SystemExit:
                 pass
         raise Preempted(status, message)
