@@ -65,6 +65,7 @@ def test_without_the_wheel_the_preset_is_one_line_naming_the_install(tmp_path, m
         train(compose_train(["model=smollm2", f"paths.model_dir={tmp_path}"], tmp_path / "run"))
 
 
+@pytest.mark.slow  # minutes on 2 cores: pytest -m slow
 def test_a_real_loss_that_a_few_steps_lower_at_plw_0_and_1(tmp_path, model_dir):
     """Validation loss is completion-only: ~3 nats before training, lower after 5 steps at either PLW."""
     unmoved = run(["plw=1", "trainer.max_steps=1", "trainer.val_check_interval=1", "optim.lr=1e-12"], tmp_path / "unmoved",
@@ -98,6 +99,7 @@ def test_greedy_generation_answers_and_stops_at_im_end(model_dir):
     assert all(len(a) < 40 for a in answers), texts  # stopped at <|im_end|>, not at the length limit
 
 
+@pytest.mark.slow  # minutes on 2 cores: pytest -m slow
 def test_evaluation_lora_and_chat_data_run_on_it(tmp_path, model_dir):
     from hydra import compose, initialize_config_dir
 
@@ -119,6 +121,7 @@ def test_evaluation_lora_and_chat_data_run_on_it(tmp_path, model_dir):
     assert {("piqa", "acc"), ("winogrande", "acc")} <= set(scores) and all(0 <= s <= 1 for s in scores.values())
 
 
+@pytest.mark.slow  # minutes on 2 cores: pytest -m slow
 def test_two_process_fsdp_equals_one_process(tmp_path, model_dir):
     args = [*SMALL, f"paths.model_dir={model_dir}", "trainer.max_steps=2", "global_batch_size=4", "optim.lr=1e-4",
             "data.limit=24"]  # fmt: skip

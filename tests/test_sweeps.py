@@ -219,6 +219,7 @@ def test_paper_preset_is_the_papers_node(tmp_path):
     assert batch_geometry(grid).accumulation == 8 and grid.name == "paper_grid" and instantiate(grid.callbacks.checkpoint).every_minutes == 30
 
 
+@pytest.mark.slow  # minutes on 2 cores: pytest -m slow
 def test_study_trains_evaluates_and_analyses_a_grid_in_one_command(tmp_path):
     """``plwlab study`` (make study) on the embedded default, made small: 3 Alpaca-format datasets of different Rg
     built from the bundled sample and the multi-turn chat sample (per-segment weights) x PLW 0, 0.1, 1, two steps
