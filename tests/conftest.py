@@ -54,7 +54,6 @@ def tiny() -> LoadedModel:
     return tiny_model()
 
 
-
 class SignalAt(L.Callback):
     """This process gets SIGTERM as optimizer step ``$SIGNAL_AT_STEP`` (0-based) starts, as a scheduler's signal
     arrives mid-step: ``+callbacks.signal_at={_target_: conftest.SignalAt}`` (the step is not in the config, so

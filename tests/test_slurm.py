@@ -149,7 +149,7 @@ def test_scontrol_requeue_mid_run_resumes_to_the_uninterrupted_weights(tmp_path,
 def test_a_time_limit_hit_saves_requeues_and_resumes(tmp_path, reference):
     """timeout_min=2, signal_delay_s=60: SIGUSR2 about a minute in, before the run can finish; the run saves its
     step and submitit requeues the job, which resumes where it stopped, as often as the time limit comes (each
-    attempt trains ~45 s of LONG's ~150 s: 3-4 attempts here; max_num_timeout=10 leaves room for a slower machine)."""
+    attempt trains ~45 s of LONG's ~150 s: 5 attempts measured here; max_num_timeout=10 leaves room for a slower machine)."""
     proc = start_sweep(*LONG, "plw=0.1", "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60",
                        "hydra.launcher.max_num_timeout=10", f"paths.output_dir={tmp_path}")  # fmt: skip
     job = running_job()
