@@ -240,7 +240,7 @@ def evaluate_table(wide: pd.DataFrame) -> pd.DataFrame:
         metric = PRIMARY_METRICS.get(r.benchmark, "acc")
         rows += [{**r._asdict(), "metric": metric}, {**r._asdict(), "metric": "other", "score": -1.0},
                  {**r._asdict(), "benchmark": "memorization", "metric": "bleu", "score": 50.0}]  # fmt: skip
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).drop_duplicates(["model", "dataset", "plw", "benchmark", "metric"])  # one per run
 
 
 def test_primary_scores_pick_one_metric_per_benchmark():
@@ -374,3 +374,54 @@ def test_the_report_of_a_real_model_has_its_scores_and_no_tiny_model_caveat(tmp_
     row = next(line for line in report.splitlines() if line.startswith("| piqa"))
     assert [c.strip() for c in row.strip("|").split("|")] == ["piqa", "acc", "0.6267", "0.6533", "150"]
     assert "short PLW 0 " in report and "short PLW 1 " in report
+
+
+def test_analysis_refuses_a_table_it_would_misread_in_one_line(tmp_path):
+    """A table concatenated with itself, a PLW outside [0, 1] and a score off its metric's scale are refused before
+    any fit (they were fitted silently, or failed minutes later naming another cause), naming the rows."""
+    table = _study(plws=(0.0, 0.01, 0.1, 1.0))
+
+    def refused(bad: pd.DataFrame) -> str:
+        path = tmp_path / "bad.csv"
+        bad.to_csv(path, index=False)
+        with pytest.raises(SystemExit) as stop:
+            cli(["analyze", str(path), "--out", str(tmp_path / "out")])
+        message = str(stop.value)
+        assert message.startswith("error: ") and "\n" not in message
+        assert not (tmp_path / "out" / "glmm.csv").exists()  # refused before fitting
+        return message
+
+    doubled = refused(pd.concat([table, table]))
+    assert f"{2 * len(table)} rows repeat {len(table)} (run_id, benchmark, metric) keys" in doubled
+    assert "line 2 (study/short,plw=0.0 piqa)" in doubled
+    negative = table.copy()
+    negative.loc[5, "plw"] = -0.01
+    assert "plw must lie in [0, 1]" in refused(negative) and "got -0.01 in line 7 (study/short,plw=0.01" in refused(negative)
+    percent = table.copy()
+    percent.loc[0, "score"] = 55.0  # an accuracy given as a percentage
+    assert "acc_norm scores lie in [0, 1], got 55 in line 2" in refused(percent)
+    win = table.copy()
+    win.loc[1, "score"] = 140.0
+    assert "win_rate scores lie in [0, 100], got 140" in refused(win)
+    # another tool's table (no run_id): one row per (model, dataset, rg, plw, benchmark)
+    plain = synthetic_results()
+    assert "(model, dataset, rg, plw, benchmark) keys" in refused(pd.concat([plain, plain.head(3)]))
+
+
+def test_cli_study_and_notebook_fit_the_same_rows(tmp_path):
+    """analyze_table is the one analysis entry: an evaluate.py table is fitted on its primary metric per benchmark
+    (the notebook fitted every metric row, memorization included)."""
+    from plwlab.analysis.analyze import analysis_inputs, analyze_table
+
+    path = tmp_path / "results.csv"
+    table = _study(plws=(0.0, 0.01, 0.1, 1.0))
+    table.to_csv(path, index=False)
+    raw, scores = analysis_inputs(path)
+    assert len(raw) == len(table) and len(scores) == len(table) // 2  # piqa acc_norm + alpaca_eval win_rate per run
+    assert set(zip(scores["benchmark"], scores["metric"])) == {("piqa", "acc_norm"), ("alpaca_eval", "win_rate")}
+    summary = analyze_table(path, tmp_path / "nb")
+    cli(["analyze", str(path), "--out", str(tmp_path / "cli")])
+    for name in ("relative_scores.csv", "glmm.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "nb" / name), pd.read_csv(tmp_path / "cli" / name))
+    assert len(pd.read_csv(tmp_path / "nb" / "relative_scores.csv")) == len(scores)
+    assert "run_metrics" in summary["figures"]  # memorization BLEU and generation length from the table

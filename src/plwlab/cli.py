@@ -162,29 +162,23 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from plwlab.analysis.analyze import analyze, collect_runs, fit_with_r, run_metrics
-    from plwlab.analysis.scores import primary_scores
+    from plwlab.analysis.analyze import analysis_inputs, analyze_table, fit_with_r
     from plwlab.files import spreadsheet_safe
-    from plwlab.results import read_table
 
     try:
         metrics = dict(m.split("=", 1) for m in args.metric)
     except ValueError:
         raise ValueError(f"--metric takes BENCHMARK=METRIC, got {args.metric}") from None
-    table = read_table(args.results)
-    if table.empty:
-        raise ValueError(f"{args.results} has no result rows (run evaluate.py on trained runs first)")
-    results = primary_scores(table, metrics)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.backend == "r":
+        _, results = analysis_inputs(args.results, metrics)
+        out.mkdir(parents=True, exist_ok=True)
         results.map(spreadsheet_safe).to_csv(out / "scores.csv", index=False)  # the rows the fit uses
         fit_with_r(out / "scores.csv", out / "r_fits.json")
         console.print(f"wrote {out / 'r_fits.json'} (glmmTMB + mgcv)")
         return
-    runs = run_metrics(table, collect_runs(args.runs) if args.runs else None)
     with console.status("fitting the beta GLMMs and the GAM"):
-        summary = analyze(results, args.out, runs)
+        summary = analyze_table(args.results, out, args.runs, metrics)
     for dataset, reason in summary["glmm_skipped"].items():
         console.print(f"{dataset}: GLMM skipped: {reason}", markup=False)
     for dataset, fit in summary["glmm"].items():

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plwlab.analysis.analyze import analyze, collect_runs, run_metrics
+from plwlab.analysis.analyze import analyze_table
 from plwlab.analysis.report import write_report
-from plwlab.analysis.scores import primary_scores
 from plwlab.results import FILE_NAME, read_table
 
 
@@ -47,8 +46,8 @@ def run_study(out_dir: str | Path, train_overrides: list[str] = (), eval_overrid
     seconds["evaluate"] = _run("evaluate", [sys.executable, "-m", "plwlab.evaluation.main", f"run_dir='{runs}/*'",
                                             *eval_overrides])  # fmt: skip
     start = time.perf_counter()
+    summary = analyze_table(table_path, out / "analysis", runs)
     table = read_table(table_path)
-    summary = analyze(primary_scores(table), out / "analysis", run_metrics(table, collect_runs(runs)))
     seconds["analyze"] = time.perf_counter() - start
     write_report(out, table, summary, seconds, list(train_overrides))
     print(f"== study written to {out} (REPORT.md)", flush=True)

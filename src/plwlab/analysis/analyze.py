@@ -15,8 +15,9 @@ import pandas as pd
 from plwlab.analysis import figures
 from plwlab.analysis.gam import fit_te_gam
 from plwlab.analysis.glmm import GLMMFit, fit_beta_glmm
-from plwlab.analysis.scores import relative_scores
+from plwlab.analysis.scores import check_scores, primary_scores, relative_scores
 from plwlab.files import spreadsheet_safe
+from plwlab.results import read_table
 from plwlab.rundir import find_runs
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,31 @@ def _markdown(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, floatfmt=".4g") + "\n"
 
 
+def analysis_inputs(results: str | Path, metrics: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The results table at ``results`` (:func:`plwlab.results.read_table`) checked (:func:`check_scores`), and the
+    scores the fits use: one primary metric per run and benchmark (:func:`primary_scores`, ``metrics`` overriding)."""
+    table = read_table(results)
+    if table.empty:
+        raise ValueError(f"{results} has no result rows (run evaluate.py on trained runs first)")
+    check_scores(table)
+    return table, primary_scores(table, metrics)
+
+
+def analyze_table(results: str | Path, out_dir: str | Path, runs: str | Path | None = None,
+                  metrics: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The analysis of a results table, as ``plwlab analyze``, ``plwlab study`` and the notebook run it: checked
+    inputs (:func:`analysis_inputs`), the fits and figures of :func:`analyze`, and the run-metric box plots from the
+    table's memorization and generation-length rows joined with the runs below ``runs`` (a sweep directory)."""
+    table, scores = analysis_inputs(results, metrics)
+    return analyze(scores, out_dir, run_metrics(table, collect_runs(runs) if runs else None))
+
+
 def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | None = None) -> dict[str, Any]:
     """Fit the beta GLMM per dataset and the te(PLW, Rg) GAM (plus its wp-scale robustness fit), and write:
     ``relative_scores.csv``, ``glmm.csv/.md`` (coefficients, SEs, p-values, critical PLW, convergence flags),
     ``gam.json`` (optimal PLW per Rg; usable by ``plwlab recommend --model-file``), ``optimal_plw.csv/.md``,
-    and the figures ``performance_by_wp``, ``plw_rg_contour`` and (with ``runs``) ``run_metrics`` as PNG + PDF.
+    and the figures ``performance_by_wp``, ``plw_rg_contour`` and (with ``runs``) ``run_metrics`` as PNG + PDF
+    (their names in the summary's ``figures``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +123,8 @@ def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | Non
             log.warning("GLMM skipped: %s", e)
             continue
         log.info("GLMM %s: %s", dataset, fits[dataset].to_dict())
-    summary: dict[str, Any] = {"glmm": {d: f.to_dict() for d, f in fits.items()}, "glmm_skipped": skipped}
+    summary: dict[str, Any] = {"glmm": {d: f.to_dict() for d, f in fits.items()}, "glmm_skipped": skipped,
+                               "figures": ["performance_by_wp"]}  # fmt: skip
     if fits:
         glmm = pd.DataFrame([f.to_dict() for f in fits.values()])
         glmm.insert(1, "rg", [rel.loc[rel["dataset"] == d, "rg"].iloc[0] for d in glmm["dataset"]])
@@ -138,6 +160,7 @@ def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | Non
         (out / "optimal_plw.md").write_text(_markdown(optimal) + f"\nThe data span Rg {lo:.3g} to {hi:.3g}; rows marked "
                                             "extrapolated lie outside it.\n")  # fmt: skip
         figures.plw_rg_contour(gams["identity"], out / "plw_rg_contour", rg_max=max(8.0, rel["rg"].max()))
+        summary["figures"].append("plw_rg_contour")
     else:
         summary["gam_skipped"] = (f"the GAM te(PLW, Rg, k=3) needs at least 3 distinct Rg and 3 distinct PLW values, "
                                   f"got {n_rg} and {n_plw}")  # fmt: skip
@@ -145,5 +168,6 @@ def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | Non
     figures.performance_by_wp(rel, fits, out / "performance_by_wp")
     if runs is not None:
         figures.run_metric_boxplots(runs, out / "run_metrics")
+        summary["figures"].append("run_metrics")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

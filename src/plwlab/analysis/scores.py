@@ -44,6 +44,56 @@ def primary_scores(results: pd.DataFrame, metrics: dict[str, str] | None = None)
 
 
 PERCENT_METRICS = ("win_rate", "bleu", "chrf", "ter")  # reported on 0-100; accuracies on 0-1
+# The values a metric can take; a score outside is a wrong table (another scale, a bad join), not data. Metrics
+# not named here (counts, lengths, TruthfulQA-gen's bleu_max and differences) are not range-checked.
+METRIC_RANGES = {
+    **dict.fromkeys(("acc", "acc_norm", "first_position_rate", "bleu_acc", "rouge1_acc", "rouge2_acc", "rougeL_acc"),
+                    (0.0, 1.0)),
+    **dict.fromkeys(("win_rate", "bleu", "chrf"), (0.0, 100.0)),
+    "ter": (0.0, float("inf")),
+}  # fmt: skip
+
+
+def _rows(table: pd.DataFrame, mask: pd.Series, limit: int = 3) -> str:
+    """The first rows under ``mask``, named by their line in the CSV (header = line 1) and their run."""
+    who = table["run_id"] if "run_id" in table.columns else table["model"].astype(str) + " " + table["dataset"].astype(str)
+    lines = [f"line {i + 2} ({who[i]} {table['benchmark'][i]})" for i in table.index[mask][:limit]]
+    return ", ".join(lines) + (f" and {int(mask.sum()) - limit} more" if mask.sum() > limit else "")
+
+
+def check_scores(table: pd.DataFrame) -> None:
+    """Refuse (ValueError, one line naming the rows) a results table whose numbers a fit would silently
+    misread: a row repeated for one (run, benchmark, metric) (a table concatenated with itself would be fitted as
+    twice the data), a PLW outside [0, 1], a score outside its metric's range (:data:`METRIC_RANGES`; without a
+    ``metric`` column the benchmark's :data:`PRIMARY_METRICS` entry). A run is its ``run_id``, or in another
+    tool's table its (model, dataset, rg, plw[, seed]). ``table`` is indexed 0..n-1 in file order."""
+    table = table.reset_index(drop=True)
+    run = ["run_id"] if "run_id" in table.columns else [c for c in ("model", "dataset", "rg", "plw", "seed") if c in table]
+    key = [*run, "benchmark", *(["metric"] if "metric" in table.columns else [])]
+    repeated = table.duplicated(key, keep=False)
+    if repeated.any():
+        n_keys = table[repeated].drop_duplicates(key).shape[0]
+        raise ValueError(f"results table: {int(repeated.sum())} rows repeat {n_keys} ({', '.join(key)}) keys, e.g. "
+                         f"{_rows(table, repeated)}; a run's score would count more than once: keep one row per key "
+                         "(evaluate.py replaces, never appends, a re-evaluated row)")  # fmt: skip
+    plw = pd.to_numeric(table["plw"], errors="coerce")
+    outside = (plw < 0) | (plw > 1)
+    if outside.any():
+        raise ValueError(f"results table: plw must lie in [0, 1] (wp = plw^{WP_EXPONENT} is the model's scale), got "
+                         f"{plw[outside].iloc[0]:g} in {_rows(table, outside)}")  # fmt: skip
+    metric = table["metric"] if "metric" in table.columns else table["benchmark"].map(PRIMARY_METRICS)
+    bounds = metric.map(METRIC_RANGES)
+    checked = bounds.notna()
+    if checked.any():
+        lo = bounds[checked].map(lambda b: b[0]).reindex(table.index)
+        hi = bounds[checked].map(lambda b: b[1]).reindex(table.index)
+        score = pd.to_numeric(table["score"], errors="coerce")
+        bad = checked & ((score < lo) | (score > hi))
+        if bad.any():
+            i = table.index[bad][0]
+            raise ValueError(f"results table: {metric[i]} scores lie in [{lo[i]:g}, {hi[i]:g}], got {score[i]:g} in "
+                             f"{_rows(table, bad)} ({int(bad.sum())} rows); a score on another scale (a percentage "
+                             "for a fraction?) would be fitted as it is")  # fmt: skip
 
 
 def unit_scores(results: pd.DataFrame) -> pd.Series:
@@ -60,6 +110,7 @@ def relative_scores(results: pd.DataFrame) -> pd.DataFrame:
     missing = {"model", "dataset", "rg", "plw", "benchmark", "score"} - set(results.columns)
     if missing:
         raise ValueError(f"results table lacks columns {sorted(missing)}")
+    check_scores(results)
     for column in ("rg", "plw"):
         values = pd.to_numeric(results[column], errors="coerce")
         if not np.isfinite(values).all():
