@@ -1,6 +1,7 @@
 """Faults and bad input: nothing lost, mixed or mislabeled, and every bad input is one clear line."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -405,3 +406,40 @@ def test_a_finished_run_leaves_no_handler_or_trainer_behind(tmp_path):
     gc.collect()
     assert signal.getsignal(signal.SIGTERM) == before
     assert not [o for o in gc.get_objects() if isinstance(o, L.Trainer)]
+
+
+def test_resume_refuses_other_pretrained_weights_and_keeps_each_attempts_inputs(tmp_path):
+    """The base weights replaced in place (same shapes) between two attempts: the resume was accepted and
+    param_distance measured against the new base. Now refused as changed data is; allowed, every attempt's digests
+    stay in status.json and metrics.json."""
+    from conftest import tiny_model
+
+    from plwlab.training.model import weights_digest
+
+    base = tmp_path / "base"
+    tiny_model(seed=0).model.save_pretrained(base)
+    first = weights_digest(base)
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    assert weights_digest(copy) == first  # a copy anywhere is the same model
+    args = [*QUICK, "model.config=null", f"model.name_or_path={base}", "callbacks.checkpoint.every_n_steps=3",
+            "callbacks.checkpoint.keep=true"]  # fmt: skip
+    run = tmp_path / "run"
+    train(compose_train(args, run))
+    status = {**json.loads((run / "status.json").read_text()), "status": "interrupted"}  # killed after its checkpoint
+    (run / "status.json").write_text(json.dumps(status))
+    assert status["inputs"]["base_weights_sha256"] == first
+    tiny_model(seed=1).model.save_pretrained(base)  # other values, the same shapes and file size
+    assert weights_digest(base) != first
+    with pytest.raises(RunRefused, match=r"cannot resume: the pretrained weights changed since the checkpoint "
+                                         r"\(base_weights_sha256 \w{16} -> \w{16}\)") as refused:  # fmt: skip
+        train(compose_train(args, run))
+    assert "\n" not in str(refused.value) and json.loads((run / "status.json").read_text()) == status
+    metrics = train(compose_train([*args, "allow_data_change=true"], run))
+    history = json.loads((run / "status.json").read_text())["input_history"]
+    last_step = int(os.readlink(run / "checkpoints" / "last.ckpt").split("-")[1].split(".")[0])
+    assert [(h["attempt"], h["base_weights_sha256"]) for h in history] == [(1, first), (2, weights_digest(base))]
+    assert history[1]["from_step"] == last_step and history[0]["from_step"] == 0
+    assert metrics["input_history"] == history and metrics["base_weights_sha256"] == weights_digest(base)
+    # the tiny preset's model is built from its config: no pretrained weights to digest
+    assert train(compose_train(QUICK, tmp_path / "plain"))["base_weights_sha256"] is None

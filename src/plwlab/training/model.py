@@ -3,6 +3,7 @@ a config, optionally with a LoRA adapter."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -14,6 +15,7 @@ from transformers import (
 )  # fmt: skip
 from transformers.convert_slow_tokenizer import import_protobuf
 from transformers.tokenization_utils_base import generate_merges
+from transformers.utils.hub import cached_file
 
 from plwlab.data.chat import set_chat_template
 from plwlab.data.tokenization import sentencepiece_normalizer
@@ -28,6 +30,40 @@ class LoadedModel(NamedTuple):
     model: PreTrainedModel
     tokenizer: Any
     pretrained_vocab_size: int  # embedding rows before any added token: excluded from weight distances
+    weights_sha256: str | None = None  # the pretrained weights' digest (weights_digest); None: built from a config
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.index.json")  # what from_pretrained reads weights from
+SAMPLE_BLOCKS, BLOCK_BYTES = 16, 1 << 16  # per weight file: 16 blocks of 64 KiB, evenly spaced, plus its last one
+
+
+def weights_digest(directory: str | Path) -> str:
+    """A digest of the pretrained weights in ``directory`` that reads about 1 MiB per file, not the whole 13 GB:
+    each weight file's name and size, its safetensors header (names, dtypes, shapes, offsets) and
+    :data:`SAMPLE_BLOCKS` blocks of it spread evenly over the file. Equal for a copy of the folder anywhere; a
+    replaced or re-trained model (same shapes, other values) differs in every block, so its digest differs. A
+    single edited weight may not be seen: this guards against another model, not against tampering."""
+    digest = hashlib.sha256()
+    files = sorted({f for pattern in WEIGHT_FILES for f in Path(directory).glob(pattern)})
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with file.open("rb") as f:
+            if file.suffix == ".safetensors" and size >= 8:
+                header = int.from_bytes(f.read(8), "little")
+                digest.update(f.read(min(header, size - 8)))
+            offsets = {min(size - 1, i * size // SAMPLE_BLOCKS) for i in range(SAMPLE_BLOCKS)} | {max(size - BLOCK_BYTES, 0)}
+            for offset in sorted(offsets):
+                f.seek(offset)
+                digest.update(f.read(BLOCK_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def model_directory(name_or_path: str) -> Path:
+    """The local folder holding a pretrained model: ``name_or_path`` itself, or a hub id's snapshot in the HF cache
+    (offline: the one ``from_pretrained`` just read)."""
+    path = Path(name_or_path).expanduser()
+    return path if path.is_dir() else Path(cached_file(name_or_path, "config.json")).parent
 
 
 def _looks_local(name_or_path: str) -> bool:
@@ -173,4 +209,5 @@ def load_model(
         import peft  # only LoRA runs pay for importing peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **lora))
-    return LoadedModel(model, tok, pretrained_vocab_size)
+    digest = None if name_or_path is None else weights_digest(model_directory(name_or_path))
+    return LoadedModel(model, tok, pretrained_vocab_size, digest)

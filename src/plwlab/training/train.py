@@ -78,16 +78,33 @@ def finish_wandb(loggers: list[Any], failed: bool) -> None:
         wandb.finish(exit_code=1 if failed else 0)
 
 
-def check_inputs(status: dict[str, Any], inputs: dict[str, str], ckpt_path: Path | None, allow_change: bool) -> None:
-    """Refuse (:class:`RunRefused`) to resume from a checkpoint trained on other data or with another tokenizer than
-    ``inputs`` (their digests, recorded in ``status.json`` when the run started), unless ``allow_change``."""
+INPUTS = {"data_sha256": "the data file", "tokenizer_sha256": "the tokenizer",
+          "base_weights_sha256": "the pretrained weights"}  # a run's inputs: their digests, per attempt  # fmt: skip
+
+
+def check_inputs(status: dict[str, Any], inputs: dict[str, str | None], ckpt_path: Path | None, allow_change: bool) -> None:
+    """Refuse (:class:`RunRefused`) to resume from a checkpoint trained on other data, with another tokenizer or
+    from other pretrained weights than ``inputs`` (their digests, recorded in ``status.json`` when the run
+    started), unless ``allow_change``."""
     recorded = status.get("inputs") or {}
     changed = [k for k, v in inputs.items() if recorded.get(k, v) != v]
     if ckpt_path is not None and changed and not allow_change:
-        what = " and ".join({"data_sha256": "the data file", "tokenizer_sha256": "the tokenizer"}[k] for k in changed)
+        what = " and ".join(INPUTS[k] for k in changed)
         digests = "; ".join(f"{k} {recorded[k]} -> {inputs[k]}" for k in changed)
         raise RunRefused(f"cannot resume: {what} changed since the checkpoint ({digests}): the run would "
                          "mix both; restore them, or set allow_data_change=true to resume anyway")  # fmt: skip
+
+
+def record_inputs(status: dict[str, Any], inputs: dict[str, str | None], ckpt_path: Path | None) -> None:
+    """Write this attempt's input digests into ``status`` (``inputs``) and its ``input_history``: one entry per
+    attempt (attempt, the step it started from, its digests), so that a resume on changed inputs
+    (``allow_data_change``) keeps which steps trained on what."""
+    step = int(ckpt_path.resolve().stem.split("-")[-1]) if ckpt_path is not None else 0  # step-00000050.ckpt
+    history = [h for h in status.get("input_history", []) if h["attempt"] != status["attempts"]]
+    if not history and status.get("inputs"):  # a run started before input_history existed
+        history = [{"attempt": 1, "from_step": 0, **status["inputs"]}]
+    status["input_history"] = [*history, {"attempt": status["attempts"], "from_step": step, **inputs}]
+    status["inputs"] = inputs
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -131,9 +148,10 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: Dict
         datamodule = InstructionDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, global_batch_size=geometry.global_batch,
                                            **to_dict(cfg.data))  # fmt: skip
         datamodule.setup("fit")
-        inputs = {key: datamodule.stats[key] for key in ("data_sha256", "tokenizer_sha256")}
+        inputs = {**{key: datamodule.stats[key] for key in ("data_sha256", "tokenizer_sha256")},
+                  "base_weights_sha256": loaded.weights_sha256}  # fmt: skip
         check_inputs(status, inputs, ckpt_path, cfg.allow_data_change)
-        status["inputs"] = inputs
+        record_inputs(status, inputs, ckpt_path)
         if is_zero:
             run.write_status(status)
         module = PLWModule(
@@ -188,6 +206,8 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: Dict
         n_empty_completion=datamodule.stats["n_empty_completion"],
         n_duplicates=datamodule.stats["n_duplicates"],
         tokenizer_sha256=datamodule.stats["tokenizer_sha256"],
+        base_weights_sha256=loaded.weights_sha256,
+        input_history=status["input_history"],  # per attempt: from which step, on which data, tokenizer, weights
         global_steps=trainer.global_step,
         global_batch_size=geometry.global_batch,
         micro_batch_size=geometry.micro_batch,
