@@ -13,7 +13,8 @@ from conftest import ROOT, SAMPLE, compose_train
 from test_train import QUICK, cli_env, run_cli
 
 from plwlab.data.sources import DataError
-from plwlab.rundir import RunRefused, run_dir_lock
+from plwlab.rundir import RunRefused
+from plwlab.runlock import run_dir_lock
 from plwlab.training.config import ConfigError
 from plwlab.training.model import ModelLoadError
 from plwlab.training.module import TrainingDiverged
@@ -38,9 +39,9 @@ def test_a_refused_relaunch_leaves_finished_runs_untouched_and_exits_non_zero(tm
     again = run_cli(*args)
     assert again.returncode == 1 and "REFUSED" in again.stdout
     assert {p: b for p, b in run_files().items() if p.name != "refused.json"} == before
-    assert "different config" in json.loads((first.parent / "refused.json").read_text())["error"]
     summary = json.loads((tmp_path / "plwlab" / "sweep_summary.json").read_text())
-    assert len(summary["refused"]) == 1 and len(summary["skipped"]) == 1
+    assert len(summary["refused"]) == 1 and len(summary["skipped"]) == 1 and "different config" in summary["refused"][0]
+    assert not (first.parent / "refused.json").exists()  # the launch summarised its refusal: nothing stale left
 
 
 def test_a_run_being_trained_elsewhere_is_refused(tmp_path):
@@ -114,6 +115,9 @@ def _bad_inputs(tmp_path):
                                     "data.max_length=4096 exceeds model tiny-llama's context of 1024 tokens"),
         "not parquet": ([f"data.path={tmp_path / 'fake.parquet'}"], DataError,
                         f"{tmp_path / 'fake.parquet'} is not a readable parquet file"),
+        "lora r 0": (["model.lora={r:0}"], ConfigError,
+                     "model.lora={'r': 0}: r must be a positive integer, got 0"),
+        "seed negative": (["seed=-1"], ConfigError, "seed must be an integer in [0, 2^32), got -1"),
     }  # fmt: skip
 
 
@@ -121,7 +125,7 @@ def _bad_inputs(tmp_path):
                                   "plw nan", "plw inf", "missing model dir", "empty model dir", "unknown key",
                                   "unknown nested key", "max_steps 0", "max_epochs 0", "empty data.path", "lr nan",
                                   "lr negative", "lora typo", "name escapes", "max_length over context",
-                                  "not parquet"])  # fmt: skip
+                                  "not parquet", "lora r 0", "seed negative"])  # fmt: skip
 def test_bad_input_is_one_clear_error(tmp_path, case):
     overrides, error, message = _bad_inputs(tmp_path)[case]
     with pytest.raises(error) as raised:
@@ -185,7 +189,7 @@ def test_analyze_refuses_two_datasets_under_one_name():
     rows["data_sha256"], rows["train_steps"] = "a1", [18, 18, 6]  # a 3-epoch and a 1-epoch study in one table
     with pytest.raises(ValueError, match="has 2 different training lengths"):
         relative_scores(rows)
-    assert len(relative_scores(rows.assign(train_steps=18))) == 3
+    assert len(relative_scores(rows.assign(train_steps=18, plw=[0, 1, 0.1]))) == 3  # (plw 0 twice: one run's repeat)
 
 
 def test_a_new_run_prints_no_warning_about_deleting_old_logs(tmp_path):
@@ -230,7 +234,7 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint_unless_allowed(tm
         train(compose_train(args, run))
     assert "\n" not in str(refused.value)
     assert json.loads((run / "status.json").read_text()) == status  # untouched, the refusal beside it
-    assert "the data file changed" in json.loads((run / "refused.json").read_text())["error"]
+    assert "the data file changed" in json.loads((run / "refused.json").read_text())["single run"]["error"]
     metrics = train(compose_train([*args, "allow_data_change=true"], run))  # the user means it
     assert metrics["resumed"] and json.loads((run / "status.json").read_text())["status"] == "finished"
 

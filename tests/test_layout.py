@@ -78,7 +78,8 @@ def test_no_import_cycles():
 STAGES = [
     ("plwlab", "plwlab.files"),  # the package's paths, atomic writes
     ("plwlab.data",),
-    ("plwlab.rundir", "plwlab.results"),  # the contracts between stages: a run directory, the results table
+    ("plwlab.rundir", "plwlab.runlock", "plwlab.results"),  # the contracts between stages: a run directory (and
+    # its lock), the results table
     ("plwlab.training",),
     ("plwlab.evaluation",),
     ("plwlab.analysis",),

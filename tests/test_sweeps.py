@@ -256,7 +256,7 @@ def test_study_trains_evaluates_and_analyses_a_grid_in_one_command(tmp_path):
 
 def _beating_record(path: Path, host: str, pid: int, stop: threading.Event, every: float) -> None:
     """Another node's live holder of a run directory: its lock record, its heartbeat renewed every ``every`` s."""
-    from plwlab.rundir import write_lock_record
+    from plwlab.runlock import write_lock_record
 
     while not stop.is_set():
         write_lock_record(path, {"host": host, "pid": pid, "since": "2026-12-04T00:00:00", "heartbeat": time.time()})
@@ -269,7 +269,7 @@ def test_run_dir_lock_on_a_filesystem_without_flock(tmp_path, monkeypatch, caplo
     import errno
     import fcntl
 
-    import plwlab.rundir as rundir
+    import plwlab.runlock as rundir
 
     def no_flock(*args):
         raise OSError(errno.ENOSYS, "Function not implemented")
@@ -299,7 +299,7 @@ def test_run_dir_lock_on_a_filesystem_without_flock(tmp_path, monkeypatch, caplo
 
 def test_run_dir_lock_refuses_another_nodes_live_run_where_flock_is_node_local(tmp_path, monkeypatch):
     """Mounted with localflock, flock succeeds on every node: the record of a live holder on another node refuses."""
-    import plwlab.rundir as rundir
+    import plwlab.runlock as rundir
 
     monkeypatch.setattr(rundir, "HEARTBEAT_SECONDS", 0.05)
     monkeypatch.setattr(rundir, "STALE_SECONDS", 0.5)

@@ -1,5 +1,5 @@
-"""A training run's directory: the one module that knows its layout, its identity (run id, config digest), its
-state and its lock. Training writes it (:mod:`plwlab.training.train`), evaluation and analysis read it.
+"""A training run's directory: the one module that knows its layout, its identity (run id, config digest) and its
+state (:class:`RunState`, changed only through :class:`RunDir`'s transitions); its lock is :mod:`plwlab.runlock`. Training writes it (:mod:`plwlab.training.train`), evaluation and analysis read it.
 
 ``status.json`` says whether the run is running, interrupted, failed or finished, how many attempts it took and
 what it resumed from; a run directory holds one config (its digest), and :func:`prepare_run_dir` decides whether
@@ -11,18 +11,14 @@ to start, resume from ``checkpoints/last.ckpt`` or skip. Layout (:class:`RunDir`
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import socket
-import threading
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +32,32 @@ log = logging.getLogger(__name__)
 NON_IDENTITY_KEYS = ("paths", "logger", "resume", "plan_only", "name", "allow_data_change")
 LAST_CHECKPOINT = "last.ckpt"  # in checkpoints/: a link to the latest whole checkpoint
 SWEEP_ID = "PLWLAB_SWEEP_ID"  # environment: which launch of a sweep a job belongs to (its refusals are its own)
+SINGLE_RUN = "single run"  # refused.json's key for the refusal of a run launched on its own (no sweep)
+
+
+def now() -> str:
+    """A status timestamp (local time, to the second; compared as text)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+class RunState(str, Enum):
+    """What ``status.json`` says of a run (``status``), changed only by :class:`RunDir`'s transitions::
+
+        (none) --start_attempt--> running --finish--> finished
+                                  running --stop--> interrupted | requeued --start_attempt--> running
+                                  running --fail--> failed --start_attempt--> running
+                    running | interrupted --requeue--> requeued  (SLURM put the job back in its queue)
+
+    A run directory without ``status.json`` never started (or was exported before ``status.json`` existed)."""
+
+    RUNNING = "running"  # an attempt trains (or its processes died without saying so)
+    INTERRUPTED = "interrupted"  # stopped (Ctrl-C, a signal) after saving: relaunching resumes it
+    REQUEUED = "requeued"  # stopped for SLURM to start it again
+    FAILED = "failed"  # an error ended the attempt (status ``error``)
+    FINISHED = "finished"  # trained and exported: the one state evaluation accepts
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class RunError(RuntimeError):
@@ -119,11 +141,24 @@ class RunDir:
     # -- reading
     @property
     def is_exported(self) -> bool:
-        """Training finished and exported the model (evaluation needs this)."""
+        """The model export is there (``hf_model/plwlab.json``)."""
         return self.export_meta_file.exists()
 
     def status(self) -> dict[str, Any]:
         return _read_json(self.status_file)
+
+    @property
+    def state(self) -> RunState | None:
+        """The run's :class:`RunState`; None when it never started."""
+        state = self.status().get("status")
+        return RunState(state) if state else None
+
+    @property
+    def finished(self) -> bool:
+        """Training finished: the one definition that training (skip), the launchers, the sweep summary and evaluation
+        use. ``status.json`` says finished; a run exported before ``status.json`` existed counts by its export."""
+        state = self.state
+        return state is RunState.FINISHED or (state is None and self.is_exported)
 
     def metrics(self) -> dict[str, Any]:
         return _read_json(self.metrics_file)
@@ -136,9 +171,9 @@ class RunDir:
         return meta
 
     def refusal(self, sweep_id: str | None) -> str | None:
-        """Why the launch ``sweep_id`` of a sweep left this run untouched, if it did (``refused.json``)."""
-        refused = _read_json(self.refused_file)
-        return refused.get("error") if refused and sweep_id and refused.get("sweep_id") == sweep_id else None
+        """Why the launch ``sweep_id`` of a sweep (None: a single run) left this run untouched, if it did
+        (``refused.json``)."""
+        return (_read_json(self.refused_file).get(sweep_id or SINGLE_RUN) or {}).get("error")
 
     def train_config(self) -> DictConfig:
         return OmegaConf.load(self.config_file)
@@ -154,9 +189,78 @@ class RunDir:
         """``<training name>/<run dir name>``: unique across sweeps that share overrides. Results rows carry it."""
         return f"{self.name}/{self.path.name}"
 
-    # -- writing
+    # -- the transitions of RunState (rank 0 writes; each returns the status it wrote)
     def write_status(self, status: dict[str, Any]) -> None:
         write_json(self.status_file, status)
+
+    def start_attempt(self, status: dict[str, Any], resumed_from: Path | None) -> dict[str, Any]:
+        """A new attempt trains: ``running``, attempts + 1, what it resumed from, the launch it belongs to."""
+        self.forget_refusal(SINGLE_RUN)  # a single run's earlier refusal no longer applies
+        status = {**status, "status": RunState.RUNNING, "attempts": status.get("attempts", 0) + 1, "error": None,
+                  "resumed_from": str(resumed_from) if resumed_from else None, "started": now(),
+                  "sweep_id": os.environ.get(SWEEP_ID)}  # fmt: skip
+        self.write_status(status)
+        return status
+
+    def finish(self, status: dict[str, Any]) -> dict[str, Any]:
+        """The attempt trained to the end and exported the model."""
+        status = {**status, "status": RunState.FINISHED, "finished": now(), "error": None}
+        self.write_status(status)
+        return status
+
+    def stop(self, state: RunState, **details: Any) -> dict[str, Any]:
+        """The attempt stopped after saving (``interrupted``: relaunching resumes it; ``requeued``: SLURM will)."""
+        if state not in (RunState.INTERRUPTED, RunState.REQUEUED):
+            raise ValueError(f"a run stops as interrupted or requeued, not {state}")
+        status = {**self.status(), "status": state, "stopped": now(), **details}
+        self.write_status(status)
+        return status
+
+    def requeue(self) -> None:
+        """SLURM put the run's job back in its queue: a running or interrupted run says ``requeued`` until it runs."""
+        if self.state in (RunState.RUNNING, RunState.INTERRUPTED):
+            self.write_status({**self.status(), "status": RunState.REQUEUED, "requeued": now()})
+
+    def skip(self, status: dict[str, Any]) -> dict[str, Any]:
+        """A launch found the run finished and left it (``skipped``: when, and by which launch)."""
+        status = {**status, "skipped": now(), "skipped_by": os.environ.get(SWEEP_ID)}
+        self.write_status(status)
+        return status
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the run failed with ``error`` (never a finished run), if the directory is writable. A refusal is no
+        failure of the run: it goes beside it, into ``refused.json``, keyed by the launch it refused
+        (:meth:`refuse`)."""
+        if isinstance(error, RunRefused):
+            return self.refuse(error)
+        try:
+            if self.finished:
+                return
+            self.write_status({**(self.status() or {"attempts": 1}), "status": RunState.FAILED,
+                               "error": f"{type(error).__name__}: {error}"[:2000]})  # fmt: skip
+        except OSError:
+            pass
+
+    def refuse(self, error: BaseException) -> None:
+        """Record why this launch (its sweep id) left the run untouched: ``refused.json`` keeps one entry per
+        launch until that launch's summary has read it (:meth:`forget_refusal`), so that another launch finishing
+        the run meanwhile cannot hide it."""
+        try:
+            refused = {k: v for k, v in _read_json(self.refused_file).items() if isinstance(v, dict)}
+            key = os.environ.get(SWEEP_ID) or SINGLE_RUN
+            write_json(self.refused_file, {**refused, key: {"time": now(), "error": str(error)}})
+        except OSError:
+            pass
+
+    def forget_refusal(self, sweep_id: str | None) -> None:
+        """The launch ``sweep_id`` has summarised its refusal: remove it (and ``refused.json`` once empty)."""
+        refused = _read_json(self.refused_file)
+        if sweep_id in refused:
+            del refused[sweep_id]
+            if refused:
+                write_json(self.refused_file, refused)
+            else:
+                self.refused_file.unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -187,21 +291,8 @@ def check_writable(directory: str | Path) -> None:
 
 
 def record_failure(run_dir: Path, error: BaseException) -> None:
-    """Mark a run failed in its ``status.json`` (kept for the sweep summary), if the directory is writable. A
-    refusal is recorded beside the run (``refused.json``), never in it, and a finished run is never marked failed."""
-    run = RunDir(run_dir)
-    try:
-        if isinstance(error, RunRefused):
-            write_json(run.refused_file, {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "error": str(error),
-                                          "sweep_id": os.environ.get(SWEEP_ID)})  # fmt: skip
-            return
-        status = run.status() or {"attempts": 1}
-        if status.get("status") == "finished":
-            return
-        status.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000])
-        run.write_status(status)
-    except OSError:
-        pass
+    """Mark the run in ``run_dir`` failed, or refused (:meth:`RunDir.fail`)."""
+    RunDir(run_dir).fail(error)
 
 
 def identity(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -245,122 +336,6 @@ def usable_checkpoint(path: Path) -> bool:
         return False
 
 
-HEARTBEAT_SECONDS = 30.0  # how often a training process renews its lock record
-STALE_SECONDS = 120.0  # a record not renewed for this long is a dead holder's
-
-
-@contextmanager
-def run_dir_lock(run_dir: Path, rank: int = 0) -> Iterator[None]:
-    """Hold ``<run_dir>/.lock`` (rank 0) while a run trains there: a second launcher of the same run is refused
-    instead of resuming from a live checkpoint.
-
-    Two locks in one: ``flock`` (released by the OS when the process dies, even by kill -9), and a record in the
-    file (host, pid, heartbeat renewed every :data:`HEARTBEAT_SECONDS`) for parallel filesystems where ``flock``
-    fails (Lustre without ``-o flock``: ENOSYS; then the record alone locks, with a warning) or holds only per node
-    (``localflock``). A live record of another holder refuses the run; a record on this host whose process is gone,
-    or one not renewed for :data:`STALE_SECONDS`, is a dead holder's and is taken over (after waiting that long
-    when it names another node).
-    """
-    if rank != 0:
-        yield
-        return
-    run = RunDir(run_dir)
-    check_writable(run.path)
-    try:
-        handle = open(run.lock_file, "a+")
-    except OSError as e:
-        raise RunError(f"cannot write to run directory {run.path}: {e.strerror or e}") from e
-    with handle:
-        flocked = _flock(handle, run)
-        try:
-            holder = _live_holder(run.lock_file)
-            if holder:
-                raise RunRefused(f"{run.path} is in use by another training process ({holder}); skipped")
-            record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            write_lock_record(run.lock_file, {**record, "heartbeat": time.time()})
-            stop = threading.Event()
-            beat = threading.Thread(target=_heartbeat, args=(run.lock_file, record, stop), daemon=True)
-            beat.start()
-            try:
-                yield
-            finally:
-                stop.set()
-                beat.join()
-                write_lock_record(run.lock_file, {})
-        finally:
-            if flocked:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _flock(handle: Any, run: RunDir) -> bool:
-    """Take the flock (True), refuse if another process holds it, or say that this filesystem has none (False)."""
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        raise RunRefused(f"{run.path} is in use by another training process ({_describe(_read_record(run.lock_file))}); "
-                         "skipped") from None  # fmt: skip
-    except OSError as e:  # ENOSYS, ENOLCK, EOPNOTSUPP: no flock here (Lustre without -o flock, some NFS mounts)
-        log.warning("cannot flock %s (%s): locking the run directory by its record and heartbeat alone",
-                    run.lock_file, e.strerror or e)  # fmt: skip
-        return False
-
-
-RECORD_BYTES = 512  # a lock record is rewritten in place, whole, by one write of this size (never truncated)
-
-
-def write_lock_record(path: Path, record: dict[str, Any]) -> None:
-    """Replace the lock record in place: one ``pwrite`` of :data:`RECORD_BYTES` at offset 0, so a reader never sees
-    it half written or empty (the file itself must stay: ``flock`` holds its inode)."""
-    data = json.dumps(record).encode() if record else b""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        os.pwrite(fd, data.ljust(RECORD_BYTES), 0)
-    finally:
-        os.close(fd)
-
-
-def _read_record(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text().strip() or "{}")
-    except (OSError, ValueError):
-        return {}  # an old plain-text record: no live holder can be read from it
-
-
-def _describe(record: dict[str, Any]) -> str:
-    return f"pid {record.get('pid')} on {record.get('host')} since {record.get('since')}" if record else "unknown"
-
-
-def _heartbeat(path: Path, record: dict[str, Any], stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_SECONDS):
-        write_lock_record(path, {**record, "heartbeat": time.time()})
-
-
-def _live_holder(path: Path) -> str | None:
-    """The live holder named by the lock record, described, or None (no record, this process, or a dead holder)."""
-    record = _read_record(path)
-    if not record or (record.get("host"), record.get("pid")) == (socket.gethostname(), os.getpid()):
-        return None
-    if record.get("host") == socket.gethostname():  # this host: the process is there or it is not
-        try:
-            os.kill(int(record["pid"]), 0)
-        except (ProcessLookupError, ValueError, KeyError):
-            return None
-        except PermissionError:
-            pass
-        return _describe(record) if time.time() - record.get("heartbeat", 0) < STALE_SECONDS else None
-    # another node: alive while its heartbeat moves; wait until it is stale or moves
-    first = record.get("heartbeat", 0)
-    while time.time() - first < STALE_SECONDS:
-        time.sleep(min(HEARTBEAT_SECONDS / 4, 1.0))
-        again = _read_record(path)
-        if (again.get("host"), again.get("pid")) != (record.get("host"), record.get("pid")):
-            return _live_holder(path)  # someone else took it meanwhile
-        if again.get("heartbeat", 0) > first:
-            return _describe(again)
-    return None
-
-
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[str, Path | None, dict[str, Any]]:
     """Decide what to do with ``run_dir``: ("skip", None, status) when the same config already finished there,
     ("resume", checkpoint, status) when it was interrupted, ("start", None, status) otherwise."""
@@ -378,7 +353,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[str, Path | None, d
             "use another name/run dir, or delete it"
         )
     status["config_digest"] = digest
-    if status.get("status") == "finished" and cfg.resume:
+    if run.finished and cfg.resume:
         return "skip", None, status
     last = run.last_checkpoint
     if cfg.resume and (last.exists() or last.is_symlink()):

@@ -37,16 +37,26 @@ class PlwlabLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         # Hydra imports every plugin module at startup (evaluate.py and `plwlab stats` too): torch only from here on
-        from plwlab.rundir import record_failure
-        from plwlab.training.config import ConfigError, batch_geometry
-        from plwlab.training.launch import LaunchError, record_exit, supervise, torchrun_command
-        from plwlab.training.sweep import override_dirname
+        from plwlab.training.checkpointing import Preempted
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         results = []
+        try:
+            self._launch(job_overrides, initial_job_idx, sweep_dir, results)
+        except (KeyboardInterrupt, Preempted) as e:  # the run under way saved what it could and says so
+            print(f"\nsweep stopped ({e}): the points not started are left for a relaunch", file=sys.stderr, flush=True)
+        return results  # the summary (sweep.SweepCallback) follows, also after a stop
+
+    def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, sweep_dir: Path,
+                results: list[JobReturn]) -> None:  # fmt: skip
+        from plwlab.rundir import record_failure
+        from plwlab.training.config import ConfigError, batch_geometry
+        from plwlab.training.launch import LaunchError, record_exit, supervise, torchrun_command
+        from plwlab.training.sweep import override_dirname
+
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info("#%d : %s", idx, " ".join(filter_overrides(overrides)))
             config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
@@ -71,7 +81,6 @@ class PlwlabLauncher(Launcher):
                 results.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
                                        job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))  # fmt: skip
                 configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return results
 
 
 DERIVED = ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb")  # from the trainer, or explicit

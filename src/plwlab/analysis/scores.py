@@ -63,12 +63,31 @@ def _rows(table: pd.DataFrame, mask: pd.Series, limit: int = 3) -> str:
 
 def check_scores(table: pd.DataFrame) -> None:
     """Refuse (ValueError, one line naming the rows) a results table whose numbers a fit would silently
-    misread: a row repeated for one (run, benchmark, metric) (a table concatenated with itself would be fitted as
+    misread: a non-finite rg or plw, one dataset name over several Rg values, data files or training lengths, a row
+    repeated for one (run, benchmark, metric) (a table concatenated with itself would be fitted as
     twice the data), a PLW outside [0, 1], a score outside its metric's range (:data:`METRIC_RANGES`; without a
     ``metric`` column the benchmark's :data:`PRIMARY_METRICS` entry). A run is its ``run_id``, or in another
-    tool's table its (model, dataset, rg, plw[, seed]). ``table`` is indexed 0..n-1 in file order."""
+    tool's table its (model, dataset, rg, plw[, seed][, data_sha256][, train_steps]). Rows are named by their line
+    in the CSV, in the table's order."""
     table = table.reset_index(drop=True)
-    run = ["run_id"] if "run_id" in table.columns else [c for c in ("model", "dataset", "rg", "plw", "seed") if c in table]
+    for column in ("rg", "plw"):
+        values = pd.to_numeric(table[column], errors="coerce")
+        if not np.isfinite(values).all():
+            bad = str(table.loc[~np.isfinite(values), column].iloc[0])
+            raise ValueError(f"results table: {column} must be a finite number in every row, got {bad} "
+                             f"({(~np.isfinite(values)).sum()} rows)")  # fmt: skip
+    for column, what, fix in (("rg", "Rg values", "give each data file its own data.name"),
+                              ("data_sha256", "data files (content hashes)", "give each data file its own data.name"),
+                              ("train_steps", "training lengths (steps)", "analyse one study at a time")):  # fmt: skip
+        if column not in table.columns:
+            continue
+        mixed = table.groupby(["dataset", "model"])[column].nunique()
+        if (mixed > 1).any():
+            (dataset, model), n = mixed.idxmax(), mixed.max()
+            raise ValueError(f"dataset {dataset!r} has {n} different {what} for model {model!r}: different runs "
+                             f"would be fitted as one group; {fix}")  # fmt: skip
+    run = ["run_id"] if "run_id" in table.columns else [
+        c for c in ("model", "dataset", "rg", "plw", "seed", "data_sha256", "train_steps") if c in table]
     key = [*run, "benchmark", *(["metric"] if "metric" in table.columns else [])]
     repeated = table.duplicated(key, keep=False)
     if repeated.any():
@@ -88,7 +107,7 @@ def check_scores(table: pd.DataFrame) -> None:
         lo = bounds[checked].map(lambda b: b[0]).reindex(table.index)
         hi = bounds[checked].map(lambda b: b[1]).reindex(table.index)
         score = pd.to_numeric(table["score"], errors="coerce")
-        bad = checked & ((score < lo) | (score > hi))
+        bad = checked & np.isfinite(score) & ((score < lo) | (score > hi))  # NaN and inf: left out, counted
         if bad.any():
             i = table.index[bad][0]
             raise ValueError(f"results table: {metric[i]} scores lie in [{lo[i]:g}, {hi[i]:g}], got {score[i]:g} in "
@@ -111,22 +130,6 @@ def relative_scores(results: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"results table lacks columns {sorted(missing)}")
     check_scores(results)
-    for column in ("rg", "plw"):
-        values = pd.to_numeric(results[column], errors="coerce")
-        if not np.isfinite(values).all():
-            bad = str(results.loc[~np.isfinite(values), column].iloc[0])
-            raise ValueError(f"results table: {column} must be a finite number in every row, got {bad} "
-                             f"({(~np.isfinite(values)).sum()} rows)")  # fmt: skip
-    for column, what, fix in (("rg", "Rg values", "give each data file its own data.name"),
-                              ("data_sha256", "data files (content hashes)", "give each data file its own data.name"),
-                              ("train_steps", "training lengths (steps)", "analyse one study at a time")):  # fmt: skip
-        if column not in results.columns:
-            continue
-        mixed = results.groupby(["dataset", "model"])[column].nunique()
-        if (mixed > 1).any():
-            (dataset, model), n = mixed.idxmax(), mixed.max()
-            raise ValueError(f"dataset {dataset!r} has {n} different {what} for model {model!r}: different runs "
-                             f"would be fitted as one group; {fix}")  # fmt: skip
     scores = pd.to_numeric(results["score"], errors="coerce")
     finite = np.isfinite(scores)
     if not finite.all():

@@ -198,9 +198,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"no finished training run (with hf_model/plwlab.json) matches {cfg.run_dir}")
     if not 0 <= cfg.shard < cfg.num_shards:
         raise ValueError(f"shard must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
-    unfinished = [p for p in runs if RunDir(p).status().get("status", "finished") != "finished"]
+    unfinished = [p for p in runs if not RunDir(p).finished]
     runs = [p for p in runs if p not in unfinished]
-    not_done = [f"{p.name} (training {RunDir(p).status()['status']}: its hf_model/ may be stale or partial)" for p in unfinished]
+    not_done = [f"{p.name} (training {RunDir(p).state}: its hf_model/ may be stale or partial)" for p in unfinished]
     if not runs:
         raise ValueError(f"no run matching {cfg.run_dir} has finished training: {'; '.join(not_done[:3])}; evaluate "
                          "once train.py has finished it")  # fmt: skip

@@ -28,7 +28,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 
-from plwlab.rundir import LAST_CHECKPOINT, RunDir
+from plwlab.rundir import LAST_CHECKPOINT, RunDir, RunState
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ class Preempted(SystemExit):
     """The run stopped on a signal after saving a checkpoint. ``status`` is what its run directory now says:
     ``requeued`` (SLURM starts it again) or ``interrupted`` (relaunching the same command resumes it)."""
 
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+    def __init__(self, status: RunState, reason: str) -> None:
+        hint = "SLURM starts it again" if status is RunState.REQUEUED else "relaunch the same command to resume"
+        super().__init__(f"{reason}; {hint}")
+        self.status, self.reason = status, reason
 
 
 def _remove(path: Path) -> None:
@@ -134,7 +135,7 @@ class RunCheckpoint(Checkpoint):
             if trainer.is_global_zero:
                 run = RunDir(trainer.default_root_dir)
                 if run.status_file.exists():
-                    run.write_status({**run.status(), "status": self._stop_status(), "stopped_by": self._signal_name()})
+                    run.stop(self._stop_status(), stopped_by=self._signal_name())
             # Lightning logs this step only after on_train_batch_end, and a checkpoint of the step's end holds no
             # validation that follows it: the process ends when the next batch starts (or, the last step, not at all)
             self._stopping = True
@@ -150,9 +151,9 @@ class RunCheckpoint(Checkpoint):
             epochs.increment_ready()
             epochs.increment_started()
 
-    def _stop_status(self) -> str:
+    def _stop_status(self) -> RunState:
         requeue = self._signal == PREEMPT_SIGNAL and callable(self._handlers.get(PREEMPT_SIGNAL))
-        return "requeued" if requeue else "interrupted"
+        return RunState.REQUEUED if requeue else RunState.INTERRUPTED
 
     def _signal_name(self) -> str:
         return signal.Signals(self._signal).name if self._signal else "a signal on another rank"
@@ -161,16 +162,14 @@ class RunCheckpoint(Checkpoint):
         """The checkpoint of the signal's step is published and the run directory says so: let submitit requeue
         the job (its preemption signal, rank 0), and end the process."""
         status = self._stop_status()
-        requeue = status == "requeued"
-        message = (f"stopped by {self._signal_name()} after saving a checkpoint at step {trainer.global_step}; "
-                   + ("SLURM starts it again" if requeue else "relaunch the same command to resume"))  # fmt: skip
+        requeue = status is RunState.REQUEUED
         trainer.strategy.barrier()
         if requeue and trainer.is_global_zero:
             try:
                 self._handlers[PREEMPT_SIGNAL](self._signal, None)  # submitit: requeue this job, then exit
             except SystemExit:
                 pass
-        raise Preempted(status, message)
+        raise Preempted(status, f"stopped by {self._signal_name()} after saving a checkpoint at step {trainer.global_step}")
 
     @staticmethod
     def _name(step: int) -> str:

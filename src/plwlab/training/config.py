@@ -240,6 +240,15 @@ def validate(cfg: DictConfig) -> BatchGeometry:
                 close = difflib.get_close_matches(str(key), sorted(lora_fields), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ConfigError(f"model.lora.{key} is not a peft.LoraConfig argument{hint}")
+        lora = OmegaConf.to_container(cfg.model.lora, resolve=True)
+        try:  # peft's own checks of the values, now rather than after the model is loaded
+            rank = LoraConfig(task_type="CAUSAL_LM", **lora).r
+            if not (isinstance(rank, int) and rank > 0):  # peft checks it only when it builds the adapter's layers
+                raise ValueError(f"r must be a positive integer, got {rank}")
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.lora={lora}: {str(e).strip().splitlines()[0]}") from None
+    if not (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32):
+        raise ConfigError(f"seed must be an integer in [0, 2^32), got {cfg.seed}")
     if not math.isfinite(cfg.plw):
         raise ConfigError(f"plw must be a finite number, got {cfg.plw}")
     if cfg.plw < 0:

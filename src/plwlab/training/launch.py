@@ -24,7 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args as parse_torchrun_args
 from torch.distributed.run import run as run_torchrun
 
-from plwlab.rundir import SWEEP_ID, RunDir, record_failure
+from plwlab.rundir import SWEEP_ID, RunDir, RunState, record_failure
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -105,8 +105,8 @@ def record_exit(run_dir: Path, code: int) -> None:
     if code == 0:
         return
     run = RunDir(run_dir)
-    status = run.status().get("status")
-    if status in ("failed", "finished") or run.refusal(os.environ.get(SWEEP_ID)):
+    status = run.state
+    if status is RunState.FAILED or run.finished or run.refusal(os.environ.get(SWEEP_ID)):
         return
     what = f"exit code {code}" if code > 0 else f"killed by {signal.Signals(-code).name}"
     reason = f"its processes ended with {what}" + (f" while the run was {status}" if status else " before it started")
@@ -166,14 +166,6 @@ def squeue(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
     return {job_id: (state, reason) for job_id, state, reason in rows}
 
 
-def mark_requeued(run_dir: Path) -> None:
-    """A job SLURM put back in the queue: its run says so (``requeued``) until it runs again."""
-    run = RunDir(run_dir)
-    status = run.status()
-    if status.get("status") in ("running", "interrupted"):
-        run.write_status({**status, "status": "requeued", "requeued": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-
 def watch_slurm_jobs(jobs: dict[str, tuple[Any, Path, dict]], poll_s: float = 5.0, grace_s: float = 60.0) -> None:
     """Wait until every job (id -> (submitit job, run dir, request)) has a result, or has ended without one, or
     can never start: those are recorded as failed in their run directory and cancelled. A job seen running and then
@@ -208,7 +200,7 @@ def watch_slurm_jobs(jobs: dict[str, tuple[Any, Path, dict]], poll_s: float = 5.
                 del waiting[job_id]
             elif state == "PENDING" and job_id in ran:
                 ran.discard(job_id)
-                mark_requeued(run_dir)
+                RunDir(run_dir).requeue()
                 log.info("SLURM job %s was requeued", job_id)
         if waiting:
             time.sleep(poll_s)

@@ -4,6 +4,9 @@ docs/cluster.md and conf/train.yaml."""
 
 import logging
 import os
+import re
+import shlex
+import sys
 from pathlib import Path
 
 import hydra
@@ -14,7 +17,8 @@ from omegaconf import DictConfig
 
 from plwlab import CONF_DIR
 from plwlab.data.sources import DataError
-from plwlab.rundir import SWEEP_ID, RunError, record_failure
+from plwlab.rundir import SWEEP_ID, RunError, RunState, record_failure
+from plwlab.training.checkpointing import Preempted
 from plwlab.training.config import ConfigError, batch_geometry, register
 from plwlab.training.launch import die_with_parent
 from plwlab.training.model import ModelLoadError
@@ -37,6 +41,12 @@ def main(cfg: DictConfig) -> float | None:
                 "hydra/launcher=slurm"
             )
         metrics = train(cfg)
+    except (KeyboardInterrupt, Preempted) as e:
+        if multirun or os.environ.get(SWEEP_ID) or getattr(e, "status", None) is RunState.REQUEUED:
+            raise  # a sweep's launcher (or SLURM) says what happens next
+        # a single run's folder is named by the time it started: the same command would start a new one
+        reason = getattr(e, "reason", None) or f"interrupted ({e or 'Ctrl-C'})"
+        raise SystemExit(f"{reason}; resume it from its last checkpoint with: {resume_command(hydra_cfg)}") from None
     except (ConfigError, DataError, ModelLoadError, RunError, TrainingDiverged) as e:
         if multirun or os.environ.get(SWEEP_ID):  # a sweep's job (here, or in a torchrun group): the summary lists it
             record_failure(Path(hydra_cfg.runtime.output_dir), e)
@@ -50,11 +60,24 @@ def main(cfg: DictConfig) -> float | None:
             record_failure(Path(hydra_cfg.runtime.output_dir), e)
             return None
         if lost_peer(e):  # another process of this run died (killed, out of memory): its error is the one to read
+            again = "relaunch the same command" if os.environ.get(SWEEP_ID) else f"run {resume_command(hydra_cfg)}"
             raise SystemExit(f"error: rank {os.environ.get('RANK', 0)} stopped: another process of this run died "
-                             f"({str(e).strip().splitlines()[0][:200]}); relaunch the same command to resume from the "
-                             "last checkpoint") from None  # fmt: skip
+                             f"({str(e).strip().splitlines()[0][:200]}); {again} to resume from the last "
+                             "checkpoint") from None  # fmt: skip
         raise
     return metrics.get("val/loss")
+
+
+def resume_command(hydra_cfg: DictConfig) -> str:
+    """The command that resumes this single run in its own directory (the same command would start a new one)."""
+    script = sys.argv[0]
+    command = ["python", script] if script.endswith(".py") else [Path(script).name]
+    overrides = [shlex.quote(o) for o in hydra_cfg.overrides.task]
+    if not any(o.startswith(("hydra.run.dir=", "paths.run_dir=")) for o in hydra_cfg.overrides.task):
+        run_dir = hydra_cfg.runtime.output_dir
+        plain = re.fullmatch(r"[\w./-]+", run_dir)  # else quoted for Hydra ('...') inside the shell's "..."
+        overrides.append(f"hydra.run.dir={run_dir}" if plain else f"\"hydra.run.dir='{run_dir}'\"")
+    return " ".join([*command, *overrides])
 
 
 def lost_peer(error: BaseException) -> bool:

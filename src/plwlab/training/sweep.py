@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from plwlab.files import safe_dirname
-from plwlab.rundir import SWEEP_ID, RunDir, RunError, check_writable, config_digest, find_runs
+from plwlab.rundir import SWEEP_ID, RunDir, RunError, RunState, check_writable, config_digest, find_runs
 from plwlab.training.config import ConfigError, check_name
 
 console = Console()
@@ -100,13 +100,19 @@ class SweepCallback(Callback):
         table.add_column("run")
         table.add_column("state")
         counts: dict[str, int] = {}
+        first: dict[str, int] = {}  # run directory -> the first point that trains in it
         for i, job in enumerate(jobs):
-            status = statuses.get(override_dirname(job, config), {})
+            run = override_dirname(job, config)
+            status = statuses.get(run, {})
             state = status.get("status", "new")
-            state = {"finished": "done (skip)", "running": "interrupted (resume)", "interrupted": "interrupted (resume)",
-                     "requeued": "requeued (resume)", "failed": "failed (retry)"}.get(state, state)  # fmt: skip
+            state = {RunState.FINISHED: "done (skip)", RunState.RUNNING: "interrupted (resume)",
+                     RunState.INTERRUPTED: "interrupted (resume)", RunState.REQUEUED: "requeued (resume)",
+                     RunState.FAILED: "failed (retry)"}.get(state, state)  # fmt: skip
             if "config_digest" in status and status["config_digest"] != (_digest(config, job) or status["config_digest"]):
                 state = "different config (refused)"  # e.g. trainer.devices changed the global batch
+            if run in first:
+                state = f"repeats #{first[run]} (one run)"  # -m plw=0.1,0.1: the same run directory, trained once
+            first.setdefault(run, i)
             counts[state] = counts.get(state, 0) + 1
             table.add_row(str(i), " ".join(job), state)
         console.print(table)
@@ -118,33 +124,52 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         summary: dict[str, list[str]] = {k: [] for k in ("finished", "skipped", "resumed", "failed", "refused", "unfinished")}
-        for run in sorted({override_dirname(job, config) for job in sweep_jobs(config)}):
-            kind, line = self._outcome(RunDir(sweep_dir / run), run)
+        sweep_id = getattr(self, "sweep_id", None)
+        runs = {name: RunDir(sweep_dir / name) for name in sorted({override_dirname(job, config) for job in sweep_jobs(config)})}
+        stopped_by = None  # the signal that stopped this launch (Ctrl-C, SIGTERM), as the run it stopped says
+        for run in runs.values():
+            status = run.status()
+            if run.state in (RunState.INTERRUPTED, RunState.REQUEUED) and status.get("sweep_id") == sweep_id:
+                stopped_by = stopped_by or status.get("stopped_by") or "a signal"
+        for name, run in runs.items():
+            kind, line = self._outcome(run, name, stopped=stopped_by is not None)
             summary[kind].append(line)
+            run.forget_refusal(sweep_id)  # summarised: this launch's refusal is no longer needed
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        console.print("Sweep summary: " + ", ".join(f"{len(v)} {k}" for k, v in summary.items() if v), markup=False)
+        launch = {"sweep_id": sweep_id, "started": getattr(self, "started", None),
+                  "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}  # fmt: skip
+        with open(sweep_dir / "sweep_summaries.jsonl", "a") as f:  # every launch's own, one line each (O_APPEND)
+            f.write(json.dumps(launch) + "\n")
+        console.print("\nSweep summary: " + ", ".join(f"{len(v)} {k}" for k, v in summary.items() if v), markup=False)
         for kind in ("failed", "refused", "unfinished"):
             for line in summary[kind]:
                 console.print(f"  {kind.upper()} {line}", markup=False)
+        if stopped_by:
+            raise SystemExit(f"interrupted (stopped by {stopped_by}): relaunch the same command to resume (finished "
+                             "runs are skipped, interrupted ones resume from their last checkpoint)")  # fmt: skip
         if summary["failed"] or summary["refused"] or summary["unfinished"]:  # scripts, SLURM and CI rely on it
             raise SystemExit(1)
 
-    def _outcome(self, run: RunDir, name: str) -> tuple[str, str]:
-        """How one job of this launch ended, from its run directory (so also for jobs that ran elsewhere): its own
-        refusal, failed, finished (skipped, resumed) or not (no status: it never started; running/interrupted:
-        its processes ended without saying so)."""
+    def _outcome(self, run: RunDir, name: str, stopped: bool = False) -> tuple[str, str]:
+        """How one run ended for this launch, from its run directory (so also for jobs that ran elsewhere): this
+        launch's refusal, failed, finished by this launch (resumed), skipped (finished before, or by another launch
+        of the sweep meanwhile) or not finished (no status: it never started; running/interrupted/requeued: its
+        processes ended without finishing; with ``stopped``, the launch was stopped before it started the run)."""
         started, status = getattr(self, "started", ""), run.status()
-        refusal = run.refusal(getattr(self, "sweep_id", None))
-        state = status.get("status")
+        sweep_id = getattr(self, "sweep_id", None)
+        refusal = run.refusal(sweep_id)
         if refusal:
             return "refused", f"{name}: {refusal}"
-        if state == "failed":
+        if run.state is RunState.FAILED:
             return "failed", f"{name}: {status.get('error')}"
-        if state == "finished" and status.get("skipped", "") >= started:
+        if run.finished:
+            trained_here = status.get("sweep_id") == sweep_id and status.get("started", "") >= started
+            if trained_here:  # also when a repeated point of this launch skipped it afterwards
+                return ("resumed" if status.get("resumed_from") else "finished"), name
             return "skipped", name
-        if state == "finished":
-            return ("resumed" if status.get("resumed_from") else "finished"), name
-        if state is None:
+        if run.state is None and stopped:
+            return "unfinished", f"{name}: not started (the sweep was stopped first)"
+        if run.state is None:
             return "failed", f"{name}: it never started (no status.json; see the launcher's log)"
-        return "unfinished", f"{name}: ended while {state} (relaunch the sweep to resume it)"
+        return "unfinished", f"{name}: ended while {run.state} (relaunch the sweep to resume it)"

@@ -18,7 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from plwlab.data.datamodule import InstructionDataModule
-from plwlab.rundir import RunDir, RunError, RunRefused, prepare_run_dir, record_failure, run_dir_lock, write_json
+from plwlab.rundir import RunDir, RunError, RunRefused, RunState, prepare_run_dir, write_json
+from plwlab.runlock import run_dir_lock
 from plwlab.training.callbacks import LossRSD, ParamDistance
 from plwlab.training.checkpointing import CheckpointError, Preempted, RunCheckpoint
 from plwlab.training.config import BatchGeometry, to_dict, validate
@@ -129,17 +130,14 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: Dict
     action, ckpt_path, status = prepare_run_dir(cfg, run.path)
     if action == "skip":
         log.info("run dir %s: already finished, skipped (resume=false reruns it)", run.path)
-        run.write_status({**status, "skipped": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        run.skip(status)
         return {**run.metrics(), "skipped": True}
     if cfg.matmul_precision:
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     loggers = make_loggers(cfg, status)
     before = dict(status)  # what status.json says again if this attempt is refused
     if is_zero:
-        run.refused_file.unlink(missing_ok=True)  # an earlier launcher's refusal no longer applies
-        status.update(status="running", attempts=status["attempts"] + 1, resumed_from=str(ckpt_path) if ckpt_path else None,
-                      started=time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
-        run.write_status(status)
+        status = run.start_attempt(status, ckpt_path)
     trainer = None
     try:
         L.seed_everything(cfg.seed, workers=True)
@@ -181,12 +179,14 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: Dict
                 pass
             elif isinstance(e, RunRefused):  # nothing trained: the run stays as it was, the refusal beside it
                 run.write_status(before)
-                record_failure(run.path, e)
+                run.refuse(e)
             # Lightning turns Ctrl-C into SystemExit(1) after marking the trainer interrupted
             elif isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and trainer is not None and trainer.interrupted):
-                run.write_status({**status, "status": "interrupted"})
+                run.stop(RunState.INTERRUPTED, stopped_by="SIGINT")
             else:
-                record_failure(run.path, e)
+                run.fail(e)
+        if isinstance(e, SystemExit) and not isinstance(e, Preempted) and trainer is not None and trainer.interrupted:
+            raise KeyboardInterrupt("stopped by SIGINT") from None  # Lightning's sys.exit(1) after Ctrl-C, named
         if isinstance(e, CheckpointError):
             raise RunError(str(e)) from e
         if isinstance(e, OSError):
@@ -232,9 +232,7 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: Dict
         write_json(run.metrics_file, metrics)
         if datamodule.manifest is not None:
             write_json(run.data_manifest, datamodule.manifest)
-        status.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
-        run.write_status(status)
-        run.refused_file.unlink(missing_ok=True)  # another launcher's refusal while this one trained: done now
+        run.finish(status)
         for cb in callbacks:
             if isinstance(cb, RunCheckpoint) and not cb.keep:
                 cb.discard()  # the run is complete: hf_model/ is the result, the training state is no longer needed
