@@ -35,7 +35,7 @@ def compose_eval(overrides: list[str]):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("run")
+    path = tmp_path_factory.mktemp("sweep") / "run"  # its own sweep folder: the tests glob over its parent
     train(compose_train([*QUICK, "plw=0.1"], path))
     return path
 
