@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from plwlab.rundir import RunDir, RunError, RunRefused, check_writable
+from plwlab.rundir import RunDir, RunError, RunRefused, check_writable, now
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def run_dir_lock(run_dir: Path, rank: int = 0) -> Iterator[None]:
             holder = _live_holder(run.lock_file)
             if holder:
                 raise RunRefused(f"{run.path} is in use by another training process ({holder}); skipped")
-            record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            record = {"host": socket.gethostname(), "pid": os.getpid(), "since": now()}
             write_lock_record(run.lock_file, {**record, "heartbeat": time.time()})
             stop = threading.Event()
             beat = threading.Thread(target=_heartbeat, args=(run.lock_file, record, stop), daemon=True)

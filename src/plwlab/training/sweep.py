@@ -9,7 +9,6 @@ import itertools
 import json
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from plwlab.files import safe_dirname
-from plwlab.rundir import SWEEP_ID, RunDir, RunError, RunState, check_writable, config_digest, find_runs
+from plwlab.rundir import SWEEP_ID, RunDir, RunError, RunState, check_writable, config_digest, find_runs, now
 from plwlab.training.config import ConfigError, check_name
 
 console = Console()
@@ -89,7 +88,7 @@ def _check_writable(directory: str, config: DictConfig) -> None:
 
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.started = now()  # compared with the runs' status timestamps: one format
         self.sweep_id = secrets.token_hex(6)  # this launch: its jobs' refusals carry it (also on SLURM, via env)
         os.environ[SWEEP_ID] = self.sweep_id
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -138,7 +137,7 @@ class SweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         launch = {"sweep_id": sweep_id, "started": getattr(self, "started", None),
-                  "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}  # fmt: skip
+                  "ended": now(), **summary}  # fmt: skip
         with open(sweep_dir / "sweep_summaries.jsonl", "a") as f:  # every launch's own, one line each (O_APPEND)
             f.write(json.dumps(launch) + "\n")
         console.print("\nSweep summary: " + ", ".join(f"{len(v)} {k}" for k, v in summary.items() if v), markup=False)
