@@ -101,9 +101,10 @@ def compose(out: Path, epochs: int, batching: str | None = None, extra: tuple[st
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from plwlab.training.config import register
+    from plwlab.config import register
+    from plwlab.training.smollm2 import RESOLVERS
 
-    register()
+    register(RESOLVERS)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("train", overrides=overrides(out, epochs, batching) + list(extra))
 

@@ -326,9 +326,9 @@ def check_bare(out: Path, size: dict, smoke: bool, plwlab_tokens_per_s: float | 
     from hydra import compose, initialize_config_dir
 
     from plwlab import CONF_DIR
+    from plwlab.config import register
     from plwlab.data.datamodule import InstructionDataModule
     from plwlab.data.segments import COMPLETION_IDS, weight_table
-    from plwlab.training.config import register
     from plwlab.training.loss import next_token_nll, segment_weighted_loss
     from plwlab.training.model import load_model
     from plwlab.training.module import model_inputs

@@ -16,11 +16,12 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from plwlab import ASSETS, CONF_DIR  # noqa: E402
-from plwlab.training.config import register  # noqa: E402
+from plwlab.config import register  # noqa: E402
 from plwlab.training.model import LoadedModel, load_model  # noqa: E402
+from plwlab.training.smollm2 import RESOLVERS  # noqa: E402
 
 torch.set_num_threads(1)
-register()
+register(RESOLVERS)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -236,7 +236,8 @@ def test_a_chat_run_is_prompted_through_its_template_and_stops_at_its_end_of_tur
 def test_bad_chat_settings_stop_with_one_line(tmp_path, override, message):
     from conftest import compose_train
 
-    from plwlab.training.config import ConfigError, validate
+    from plwlab.config import ConfigError
+    from plwlab.config import validate_train as validate
 
     with pytest.raises(ConfigError, match=message):
         validate(compose_train([override], tmp_path))

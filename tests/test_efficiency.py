@@ -140,6 +140,24 @@ def test_tokenized_cache_is_reused_and_keyed(tmp_path):
     assert len(list(tmp_path.glob("tokenized-*.npz"))) == 2  # max_length is part of the key
 
 
+def test_a_truncated_tokenized_cache_is_named_and_rebuilt(tmp_path, caplog):
+    """A cache file cut short (a full disk, a copy interrupted) made every later run on that data fail with
+    BadZipFile, the file unnamed: it is now named in a warning and rebuilt, with the same examples."""
+    tok = tiny_model().tokenizer
+    records = load_records(str(SAMPLE))[:30]
+    first, _ = cached_tokenize(records, tok, 128, tmp_path)
+    [path] = list(tmp_path.glob("tokenized-*.npz"))
+    whole = path.read_bytes()
+    for broken in (whole[: len(whole) // 2], b"", whole[:-30]):
+        path.write_bytes(broken)
+        with caplog.at_level("WARNING", logger="plwlab.data.tokenization"):
+            again, _ = cached_tokenize(records, tok, 128, tmp_path)
+        assert f"tokenized-data cache {path} is unreadable" in caplog.text and "rebuilding it" in caplog.text
+        assert [(e.input_ids, e.segment_ids) for e in again] == [(e.input_ids, e.segment_ids) for e in first]
+        assert path.read_bytes() == whole  # rebuilt in place
+        caplog.clear()
+
+
 @pytest.mark.parametrize("batching", ["packed", "length_grouped"])
 def test_training_with_packing_or_grouping_and_chunked_loss(tmp_path, batching):
     overrides = [*QUICK, f"data.batching={batching}", "loss.chunk_tokens=256", f"paths.data_dir={tmp_path / 'd'}",

@@ -183,6 +183,29 @@ def test_evaluate_cli_default_quick_preset_over_a_sweep_glob(tmp_path, run_dir):
     assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("error: no finished training run")
 
 
+def test_sweep_run_folders_are_plain_arguments(tmp_path, run_dir):
+    """A sweep's run folders contain '=' and ',' (Hydra's override syntax): given as plain arguments, one folder or
+    the many a shell glob expands to, they are evaluated as typed (Hydra's lexer refused them before)."""
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    names = ("data.limit=48,plw=0.1", "data.limit=48,plw=1")
+    for name in names:
+        shutil.copytree(run_dir, sweep / name, ignore=shutil.ignore_patterns("eval"))
+    results = tmp_path / "results.csv"
+    one = _evaluate_cli(tmp_path, str(sweep / names[0]), f"results={results}", *MEMORIZATION_ONLY)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert {r["run_id"] for r in csv.DictReader(results.open())} == {f"plwlab/{names[0]}"}
+    expanded = [str(p) for p in sorted(sweep.glob("*"))]  # what `python evaluate.py outputs/sweep/*` receives
+    both = _evaluate_cli(tmp_path, *expanded, f"results={results}", *MEMORIZATION_ONLY)
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert sorted({r["run_id"] for r in csv.DictReader(results.open())}) == [f"plwlab/{n}" for n in names]
+    typo = _evaluate_cli(tmp_path, str(sweep / names[0]), "batchsize=4")
+    assert typo.returncode == 1 and typo.stderr.strip() == ("error: unknown config key 'batchsize' (did you mean "
+                                                            "'batch_size'?) in batchsize=4; the schema is "
+                                                            "plwlab.config.EvaluateConfig")  # fmt: skip
+
+
 def test_multirun_shards_split_the_runs(tmp_path, run_dir):
     import shutil
 

@@ -1,21 +1,23 @@
 """Faults and bad input: nothing lost, mixed or mislabeled, and every bad input is one clear line."""
 
 import json
-import shutil
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, SAMPLE, compose_train
 from test_train import QUICK, cli_env, run_cli
 
+from plwlab.config import ConfigError
 from plwlab.data.sources import DataError
-from plwlab.rundir import RunRefused
+from plwlab.rundir import RunError, RunRefused
 from plwlab.runlock import run_dir_lock
-from plwlab.training.config import ConfigError
 from plwlab.training.model import ModelLoadError
 from plwlab.training.module import TrainingDiverged
 from plwlab.training.train import train
@@ -118,6 +120,8 @@ def _bad_inputs(tmp_path):
         "lora r 0": (["model.lora={r:0}"], ConfigError,
                      "model.lora={'r': 0}: r must be a positive integer, got 0"),
         "seed negative": (["seed=-1"], ConfigError, "seed must be an integer in [0, 2^32), got -1"),
+        "name too long": (["name=" + "a" * 300], ConfigError, "name is 300 characters long; a folder name may have at "
+                                                              "most 200: shorten it"),
     }  # fmt: skip
 
 
@@ -125,7 +129,7 @@ def _bad_inputs(tmp_path):
                                   "plw nan", "plw inf", "missing model dir", "empty model dir", "unknown key",
                                   "unknown nested key", "max_steps 0", "max_epochs 0", "empty data.path", "lr nan",
                                   "lr negative", "lora typo", "name escapes", "max_length over context",
-                                  "not parquet", "lora r 0", "seed negative"])  # fmt: skip
+                                  "not parquet", "lora r 0", "seed negative", "name too long"])  # fmt: skip
 def test_bad_input_is_one_clear_error(tmp_path, case):
     overrides, error, message = _bad_inputs(tmp_path)[case]
     with pytest.raises(error) as raised:
@@ -216,6 +220,17 @@ def test_a_name_leaving_the_output_directory_is_refused_before_anything_is_writt
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "error: name='../../escaped' must be a plain folder name" in result.stderr
     assert not (tmp_path / "escaped").exists() and not list(tmp_path.rglob("metrics.csv"))
+
+
+def test_an_unknown_key_without_plus_is_one_line_with_a_close_match(tmp_path):
+    """`plww=0.1` (no +) used to print Hydra's six lines ("Could not override 'plww'...") and no suggestion."""
+    for argv, line in ((["plww=0.1"], "error: unknown config key 'plww' (did you mean 'plw'?) in plww=0.1; the schema is "
+                                      "plwlab.config.TrainConfig"),
+                       (["-m", "plw=0,1", "data.max_lenght=64"], "error: unknown config key 'data.max_lenght' (did you "
+                        "mean 'data.max_length'?) in data.max_lenght=64; the schema is plwlab.config.TrainConfig")):  # fmt: skip
+        result = run_cli(*argv, f"paths.output_dir={tmp_path}")
+        assert result.returncode == 1 and result.stderr.strip() == line, result.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
 
 
 def test_resume_refuses_data_that_changed_since_the_checkpoint_unless_allowed(tmp_path):
@@ -447,3 +462,40 @@ def test_resume_refuses_other_pretrained_weights_and_keeps_each_attempts_inputs(
     assert metrics["input_history"] == history and metrics["base_weights_sha256"] == weights_digest(base)
     # the tiny preset's model is built from its config: no pretrained weights to digest
     assert train(compose_train(QUICK, tmp_path / "plain"))["base_weights_sha256"] is None
+
+
+def test_a_full_disk_during_the_export_keeps_the_trained_steps_and_a_resume_exports(tmp_path, monkeypatch):
+    """No space left while hf_model/ is written: no partial hf_model/ stays, the final step is checkpointed (the
+    last periodic checkpoint was step 0 of 4), the error says where, and a resume exports the same weights an
+    uninterrupted run does, without training again."""
+    import errno
+
+    from safetensors.torch import load_file
+    from transformers import PreTrainedModel
+
+    overrides = [*QUICK, "trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.checkpoint.every_n_steps=100"]
+    real = PreTrainedModel.save_pretrained
+
+    def disk_full(self, path, **kwargs):
+        (Path(path) / "model.safetensors").write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    run = tmp_path / "run"
+    with pytest.raises(RunError, match=r"cannot write the model export .*/run/hf_model: No space left on device; the "
+                                       r"trained state is in .*/run/checkpoints/last.ckpt \(step 4\)\. Free space and "
+                                       r"resume the run: it exports without training again"):  # fmt: skip
+        train(compose_train(overrides, run))
+    assert not (run / "hf_model").exists() and [p.name for p in run.iterdir() if "hf_model" in p.name] == []
+    assert json.loads((run / "status.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real)
+    resumed = train(compose_train(overrides, run))
+    assert resumed["global_steps"] == 4 and (run / "hf_model" / "plwlab.json").exists()
+    assert json.loads((run / "status.json").read_text())["status"] == "finished" and not (run / "checkpoints").exists()
+    whole = tmp_path / "whole"
+    uninterrupted = train(compose_train(overrides, whole))
+    a, b = load_file(run / "hf_model" / "model.safetensors"), load_file(whole / "hf_model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.keys() == uninterrupted.keys()  # metrics.json: every key, the trained attempt's values
+    for key in ("val/loss", "final_train_loss", "loss_rsd", "param_distance", "rg", "n_train"):
+        assert resumed[key] == uninterrupted[key], key

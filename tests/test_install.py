@@ -44,3 +44,32 @@ def test_a_wheel_install_runs_outside_the_checkout(tmp_path):
     stats = run("-m", "plwlab.cli", "stats", "data.limit=20", "--out", "stats.csv")
     assert stats.returncode == 0 and (elsewhere / "stats.csv").exists(), stats.stderr[-3000:]
     assert not (elsewhere / "conf").exists() and not list(elsewhere.glob("*.py"))  # nothing from the checkout
+
+
+def readme_commands(prefix: str) -> list[str]:
+    """The README's bash-block lines starting with ``prefix``, continuation lines joined, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
+    joined = "\n".join(blocks).replace("\\\n", " ")
+    return [line.split("  #", 1)[0].strip() for line in joined.splitlines() if line.startswith(prefix)]
+
+
+def test_the_readme_data_commands_run_offline_as_written(tmp_path):
+    """Every `plwlab stats / build-data / recommend` line of README.md, run as typed from the checkout (its
+    ../shared/data copies; skipped where they are absent) with outputs in a temporary PLWLAB_OUTPUT_DIR."""
+    import shlex
+
+    import pytest
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "tokenizer" / "llama_tokenizer.model").exists():
+        pytest.skip("../shared/data is absent")
+    commands = [c for c in readme_commands("plwlab ") if c.split()[1] in ("stats", "build-data", "recommend")]
+    assert len(commands) >= 5 and any("model=llama2" in c for c in commands)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PLWLAB_OUTPUT_DIR": str(tmp_path)}
+    plwlab = str(ROOT / ".venv" / "bin" / "plwlab") if (ROOT / ".venv" / "bin" / "plwlab").exists() else "plwlab"
+    for command in commands:
+        done = subprocess.run([plwlab, *shlex.split(command)[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"
+    assert (tmp_path / "data_stats.csv").exists() and list((tmp_path / "data").glob("rg_target-1-*.manifest.json"))  # Medium

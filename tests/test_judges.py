@@ -13,27 +13,12 @@ from conftest import SHARED_DATA
 from plwlab import ASSETS
 from plwlab.cli import main as cli
 from plwlab.evaluation.generation import continuation_logprobs
-from plwlab.evaluation.judges import (
-    GUANACO_HUMAN,
-    GUANACO_SYSTEM,
-    LOGPROB_VERDICTS,
-    RANKING_SYSTEM,
-    RANKING_USER,
-    PairwiseJudge,
-    Verdict,
-    alpaca_eval_messages,
-    alpaca_eval_package,
-    first_position_rate,
-    human_agreement,
-    is_switched,
-    pandalm_prompt,
-    parse_guanaco,
-    parse_pandalm,
-    parse_ranking,
-    read_pandalm_testset,
-    win_rate,
-    win_tie_lose,
+from plwlab.evaluation.judge_prompts import (
+    GUANACO_HUMAN, GUANACO_SYSTEM, LOGPROB_VERDICTS, RANKING_SYSTEM, RANKING_USER, alpaca_eval_messages, is_switched,
+    pandalm_prompt, parse_guanaco, parse_pandalm, parse_ranking,
 )  # fmt: skip
+from plwlab.evaluation.judges import PairwiseJudge, alpaca_eval_package, human_agreement, read_pandalm_testset
+from plwlab.evaluation.verdicts import Verdict, first_position_rate, win_rate, win_tie_lose
 
 ANNOTATED = ASSETS / "eval_sample" / "pandalm_annotated.json"
 

@@ -78,8 +78,8 @@ def test_no_import_cycles():
 STAGES = [
     ("plwlab", "plwlab.files"),  # the package's paths, atomic writes
     ("plwlab.data",),
-    ("plwlab.rundir", "plwlab.runlock", "plwlab.results"),  # the contracts between stages: a run directory (and
-    # its lock), the results table
+    ("plwlab.config", "plwlab.rundir", "plwlab.runlock", "plwlab.results"),  # the contracts between stages: the
+    # configs and their checks, a run directory (and its lock), the results table
     ("plwlab.training",),
     ("plwlab.evaluation",),
     ("plwlab.analysis",),

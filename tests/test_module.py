@@ -103,10 +103,11 @@ def test_micro_batch_scope_averages_micro_batch_losses():
 
 
 def test_bad_module_arguments_are_refused_where_the_config_is_checked(tmp_path):
-    """PLWModule trusts its arguments: the config layer (plwlab.training.config.validate) refuses bad ones."""
+    """PLWModule trusts its arguments: the config layer (plwlab.config.validate_train) refuses bad ones."""
     from conftest import compose_train
 
-    from plwlab.training.config import ConfigError, validate
+    from plwlab.config import ConfigError
+    from plwlab.config import validate_train as validate
 
     for override, message in (("loss.normalization=mean", "normalization"), ("loss.denominator_scope=epoch", "denominator_scope"),
                               ("plw=-1", "plw"), ("optim.optimizer_impl=adafactor", "optimizer_impl must be one of")):  # fmt: skip

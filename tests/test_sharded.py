@@ -213,15 +213,16 @@ def test_sweep_of_multi_process_points_runs_each_in_its_own_torchrun_group(tmp_p
 
 
 def test_failing_torchrun_points_are_failures_in_the_summary_and_the_exit_code(tmp_path):
-    """Both points fail before training starts (a global batch of 6 on 2 x 2 rows): each is recorded as failed with
-    its processes' exit code, the summary says so and the sweep exits 1."""
-    result = run_cli("-m", "plw=0,1", "hydra/launcher=torchrun", *SHARDED, "global_batch_size=6",
+    """Both points fail in their ranks before training starts (their data file is missing; a bad config value is
+    refused before any point starts): each is recorded as failed with its processes' exit code, the summary says
+    so and the sweep exits 1."""
+    result = run_cli("-m", "plw=0,1", "hydra/launcher=torchrun", *SHARDED, f"data.path={tmp_path / 'missing.json'}",
                      f"paths.output_dir={tmp_path}")  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
     summary = json.loads((tmp_path / "plwlab" / "sweep_summary.json").read_text())
     assert len(summary["failed"]) == 2 and not summary["finished"], summary
     for status in (json.loads(p.read_text()) for p in (tmp_path / "plwlab").glob("*/status.json")):
-        assert status["status"] == "failed" and "global_batch_size=6" in status["error"]
+        assert status["status"] == "failed" and "missing.json" in status["error"]
 
 
 def test_killing_the_launcher_stops_its_torchrun_group(tmp_path):

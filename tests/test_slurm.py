@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SAMPLE
 from safetensors.torch import load_file
 from test_train import QUICK, cli_env, read_metrics_csv, train_losses
 
@@ -169,9 +169,9 @@ def test_a_time_limit_hit_saves_requeues_and_resumes(tmp_path, reference):
 
 
 def test_failures_are_failures_in_the_summary_and_the_exit_code(tmp_path):
-    bad = sweep("plw=0,7", *QUICK, f"paths.output_dir={tmp_path / 'bad'}")
+    bad = sweep(f"data.path={SAMPLE},{tmp_path / 'missing.json'}", *QUICK, f"paths.output_dir={tmp_path / 'bad'}")
     assert bad.returncode == 1
-    assert len(summary(tmp_path / "bad")["finished"]) == 1 and "allow_plw_above_one" in summary(tmp_path / "bad")["failed"][0]
+    assert len(summary(tmp_path / "bad")["finished"]) == 1 and "data file not found" in summary(tmp_path / "bad")["failed"][0]
     start = time.time()
     never = sweep("plw=0", *QUICK, "hydra.launcher.cpus_per_task=64", f"paths.output_dir={tmp_path / 'never'}")
     assert never.returncode == 1 and time.time() - start < 60

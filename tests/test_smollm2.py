@@ -11,7 +11,7 @@ from conftest import compose_train
 from test_sharded import max_diff, metrics, weights
 from test_train import run_cli, train_losses
 
-from plwlab.training.config import ConfigError
+from plwlab.config import ConfigError
 from plwlab.training.train import train
 
 pytestmark = pytest.mark.skipif(

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, compose_train
+from conftest import ROOT, SAMPLE, compose_train
 from safetensors.torch import load_file
 from test_train import QUICK, cli_env, read_metrics_csv, run_cli, train_losses
 
@@ -92,16 +92,29 @@ def test_same_seed_same_loss_curve_and_finished_runs_are_skipped(tmp_path):
 
 
 def test_sweep_isolates_failures_summarises_and_relaunch_skips(tmp_path):
-    args = ["-m", "plw=0,7", *QUICK, f"paths.output_dir={tmp_path}"]
+    missing = tmp_path / "missing.json"  # a point that fails when it runs (its config is valid)
+    args = ["-m", f"data.path={SAMPLE},{missing}", *QUICK, f"paths.output_dir={tmp_path}"]
     first = run_cli(*args)
-    assert first.returncode == 1 and "FAILED data.limit=48" in first.stdout, first.stderr[-2000:]  # both ran, one failed
+    assert first.returncode == 1 and "FAILED " in first.stdout, first.stderr[-2000:]  # both ran, one failed
     summary = json.loads((tmp_path / "plwlab" / "sweep_summary.json").read_text())
-    assert len(summary["finished"]) == 1 and len(summary["failed"]) == 1 and "allow_plw_above_one" in summary["failed"][0]
+    assert len(summary["finished"]) == 1 and len(summary["failed"]) == 1 and "data file not found" in summary["failed"][0]
     plan = run_cli(*args, "plan_only=true")
     assert "1 done (skip); 1 failed (retry)" in plan.stdout.replace("\n", " ") and "nothing launched" in plan.stdout
     again = run_cli(*args)
     summary = json.loads((tmp_path / "plwlab" / "sweep_summary.json").read_text())
     assert len(summary["skipped"]) == 1 and len(summary["failed"]) == 1, again.stdout[-2000:]
+
+
+def test_every_sweep_point_is_checked_before_the_first_trains(tmp_path):
+    """-m plw=0,2.0: the second point's bad value stops the launch in one line before the first point trains (it
+    used to be refused after plw=0 had trained)."""
+    result = run_cli("-m", "plw=0,2.0", "seed=1,-1", *QUICK, f"paths.output_dir={tmp_path}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "nothing was launched (of 4 points, 3 refused)" in lines[0], result.stderr[-2000:]
+    assert "#1 (plw=0 seed=-1): seed must be an integer in [0, 2^32), got -1" in lines[0]
+    assert "#2 (plw=2.0 seed=1): plw=2.0 > 1 up-weights prompts over completions" in lines[0]
+    assert not list(tmp_path.rglob("status.json"))  # nothing trained, not even the good point
 
 
 def test_paper_grid_plan_has_60_runs():
@@ -202,7 +215,8 @@ def test_submitit_local_launcher(tmp_path):
 def test_paper_preset_is_the_papers_node(tmp_path):
     from hydra.utils import instantiate
 
-    from plwlab.training.config import batch_geometry, validate
+    from plwlab.config import batch_geometry
+    from plwlab.config import validate_train as validate
     from plwlab.training.train import make_strategy
 
     cfg = compose_train(["experiment=paper"], tmp_path)
@@ -355,3 +369,7 @@ def test_a_run_stopped_twice_by_signals_logs_every_step_and_validation_once(tmp_
     assert [s for s, _, _ in rows(broken, "train/loss")] == list(range(36))
     wa, wb = load_file(tmp_path / "whole" / "hf_model" / "model.safetensors"), load_file(broken / "hf_model" / "model.safetensors")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    whole_metrics, broken_metrics = (json.loads((run / "metrics.json").read_text()) for run in (tmp_path / "whole", broken))
+    assert broken_metrics.keys() == whole_metrics.keys()  # every key, val/loss included, after two resumes
+    for key in ("val/loss", "final_train_loss", "loss_rsd", "param_distance", "global_steps", "n_train"):
+        assert broken_metrics[key] == pytest.approx(whole_metrics[key], rel=1e-5), key

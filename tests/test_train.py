@@ -11,7 +11,7 @@ from conftest import ROOT, compose_train
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from plwlab.training.config import ConfigError, batch_geometry
+from plwlab.config import ConfigError, batch_geometry
 from plwlab.training.train import train
 
 QUICK = ["data.limit=48", "data.val_size=4", "trainer.max_epochs=1", "callbacks.progress=null"]
@@ -206,7 +206,7 @@ def test_bf16_weights_when_allowed_and_for_a_lora_base(tmp_path):
 def test_the_default_trainer_is_what_the_machine_has(tmp_path, monkeypatch):
     """trainer=auto: on a machine without GPU exactly trainer=cpu (the offline default); with 4 visible GPUs all
     four, bf16 compute over fp32 master weights, clipping at 1.0 (trainer=gpu's recipe)."""
-    import plwlab.training.config as config
+    import plwlab.config as config
 
     auto = compose_train([], tmp_path)
     assert OmegaConf.to_container(auto.trainer, resolve=True) == OmegaConf.to_container(
@@ -229,7 +229,7 @@ def test_a_7b_plan_is_checked_against_the_gpus_before_loading(tmp_path):
     """The design-card run (model=llama2, micro-batch 4 x 512, bf16 over fp32) on 80 GB GPUs: one GPU cannot hold
     weights + gradients + AdamW (108 GB): refused with the numbers and the fix; strategy=auto on 4 GPUs shards it
     with FSDP (27 GB of state per GPU + activations)."""
-    from plwlab.training.memory import check_fits, choose_strategy, is_sharded, model_config, plan_memory
+    from plwlab.training.memory import check_fits, choose_strategy, model_config, plan_memory, strategy_shards
 
     model = _llama_7b(tmp_path / "llama-7b")
     overrides = ["model=llama2", f"model.name_or_path={model}", "trainer=gpu", "data.batch_size=4",
@@ -244,16 +244,17 @@ def test_a_7b_plan_is_checked_against_the_gpus_before_loading(tmp_path):
         check_fits(one, batch_geometry(one), config, gpu, sharded=False)
     four = compose_train([*overrides, "trainer.devices=4"], tmp_path)
     strategy = choose_strategy(four, batch_geometry(four), config, gpu)
-    assert is_sharded(strategy)
+    assert strategy_shards(strategy)
     sharded = check_fits(four, batch_geometry(four), config, gpu, sharded=True)
     assert sharded.weights == whole.weights / 4 and sharded.total < 50e9
     checkpointed = compose_train([*overrides[:-1], "trainer.devices=4", "model.gradient_checkpointing=true"], tmp_path)
     assert plan_memory(checkpointed, batch_geometry(checkpointed), 4, config).activations < 2e9  # ≈ 1.6 GB
 
 
-def test_the_paper_preset_checkpoints_activations_only_where_memory_needs_it(tmp_path):
+def test_the_paper_preset_checkpoints_activations_only_where_memory_needs_it(tmp_path, monkeypatch):
     """model.gradient_checkpointing=auto (the LLaMA presets): the paper's node (4 x 80 GB, FSDP, 4 x 512) holds the
     7B run's ≈ 43 GB per GPU without checkpointing, so it is off there (no recomputation); 4 x 24 GB GPUs need it."""
+    from plwlab.training import memory
     from plwlab.training.memory import choose_checkpointing, model_config
 
     model = _llama_7b(tmp_path / "llama-7b")
@@ -268,6 +269,14 @@ def test_the_paper_preset_checkpoints_activations_only_where_memory_needs_it(tmp
     cfg.model.gradient_checkpointing = "sometimes"
     with pytest.raises(ConfigError, match="model.gradient_checkpointing must be true, false or auto, got 'sometimes'"):
         choose_checkpointing(cfg, geometry, config, 80e9, sharded=True)
+    # the pre-flight's plan says what it chose; the config stays as written (config.yaml keeps `auto`)
+    cfg.model.gradient_checkpointing = "auto"
+    monkeypatch.setattr(memory, "device_memory", lambda accelerator: 80e9)
+    plan = memory.preflight(cfg, geometry)
+    assert (plan.sharded, plan.gradient_checkpointing, cfg.model.gradient_checkpointing) == (True, False, "auto")
+    assert plan.memory.shards == 4 and plan.memory.total < 80e9
+    monkeypatch.setattr(memory, "device_memory", lambda accelerator: 32e9)
+    assert memory.preflight(cfg, geometry).gradient_checkpointing is True and cfg.model.gradient_checkpointing == "auto"
 
 
 def test_a_7b_model_on_cpu_is_refused_before_loading(tmp_path):

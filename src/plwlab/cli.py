@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from rich.table import Table
 
 from plwlab import CONF_DIR
 
+OUTPUT_DIR = os.environ.get("PLWLAB_OUTPUT_DIR", "outputs")  # as paths.output_dir in conf/paths/default.yaml
 # Each command imports what it needs when it runs: ``plwlab recommend --rg`` must not pay for torch or Lightning.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -35,14 +37,15 @@ def compose_config(overrides: list[str], config_dir: Path = CONF_DIR) -> Any:
     """The train config (a DictConfig) as train.py composes it, checked as train.py checks it."""
     from hydra import compose, initialize_config_dir
 
-    from plwlab.training.config import ConfigError, register, validate
+    from plwlab.config import ConfigError, register, validate_train
+    from plwlab.training.smollm2 import RESOLVERS
 
     if not (config_dir / "train.yaml").exists():
         raise ConfigError(f"no train.yaml in {config_dir}; pass --config-dir")
-    register()
+    register(RESOLVERS)
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    validate(cfg)
+    validate_train(cfg)
     return cfg
 
 
@@ -67,8 +70,8 @@ def _tokenizer(cfg: Any) -> Any:
 
 def _examples(cfg: Any, tokenizer: Any) -> tuple[list[Any], str, dict[str, Any] | None]:
     """What a data config trains on (records or conversations, variant built, limit applied)."""
+    from plwlab.config import to_dict
     from plwlab.data.examples import load_examples
-    from plwlab.training.config import to_dict
 
     d = to_dict(cfg.data)
     return load_examples(d["path"], tokenizer, d["format"], d["split"], d["columns"], d["roles"], d["on_invalid"],
@@ -122,7 +125,7 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_build_data(args: argparse.Namespace) -> None:
-    from plwlab.training.config import ConfigError
+    from plwlab.config import ConfigError
 
     cfg = compose_config(args.overrides, args.config_dir)
     d = cfg.data
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config-dir", type=Path, default=CONF_DIR, help="folder holding train.yaml")
     sub = parser.add_subparsers(dest="command", required=True)
     stats = sub.add_parser("stats", help="token statistics and Rg of datasets; prints a table and writes CSV")
-    stats.add_argument("--out", default="outputs/data_stats.csv", help="CSV file to write")
+    stats.add_argument("--out", default=f"{OUTPUT_DIR}/data_stats.csv", help="CSV file to write")
     stats.set_defaults(run=cmd_stats)
     build = sub.add_parser("build-data", help="build a dataset variant (JSON + manifest) into paths.data_dir")
     build.set_defaults(run=cmd_build_data)
@@ -239,13 +242,13 @@ def main(argv: list[str] | None = None) -> None:
                      "also has metric: the primary metric per benchmark is used)")
     ana.add_argument("--metric", action="append", default=[], metavar="BENCHMARK=METRIC",
                      help="use this metric for a benchmark (default: plwlab.analysis.scores.PRIMARY_METRICS), repeatable")
-    ana.add_argument("--out", default="outputs/analysis", help="output folder")
+    ana.add_argument("--out", default=f"{OUTPUT_DIR}/analysis", help="output folder")
     ana.add_argument("--runs", help="folder of training runs (metrics.json) for the run-metric box plots")
     ana.add_argument("--backend", choices=["python", "r"], default="python",
                      help="r: fit the same models with R's glmmTMB and mgcv via Rscript instead")  # fmt: skip
     ana.set_defaults(run=cmd_analyze, overrides=[])
     study = sub.add_parser("study", help="train a PLW x dataset grid, evaluate and analyse it into one directory")
-    study.add_argument("--out", default="outputs/study", help="study directory (runs, results, analysis, REPORT.md)")
+    study.add_argument("--out", default=f"{OUTPUT_DIR}/study", help="study directory (runs, results, analysis, REPORT.md)")
     study.add_argument("--experiment", default="study",
                        help="the grid (conf/experiment/): study (tiny model, ~3 min) or study_real (SmolLM2, ~1 h on CPU)")  # fmt: skip
     study.add_argument("--eval", dest="eval_overrides", action="append", default=[],

@@ -9,13 +9,12 @@ watched until it ends (no accounting needed), requeued on time limits and preemp
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import json
-import os
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
@@ -52,8 +51,8 @@ class PlwlabLauncher(Launcher):
 
     def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, sweep_dir: Path,
                 results: list[JobReturn]) -> None:  # fmt: skip
+        from plwlab.config import ConfigError, batch_geometry
         from plwlab.rundir import record_failure
-        from plwlab.training.config import ConfigError, batch_geometry
         from plwlab.training.launch import LaunchError, record_exit, supervise, torchrun_command
         from plwlab.training.sweep import override_dirname
 

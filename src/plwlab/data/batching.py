@@ -14,8 +14,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from plwlab.data.segments import PROMPT_ID
 from plwlab.data.tokenization import TokenizedExample
 
-BATCHING = ("padded", "length_grouped", "packed")
-
 
 def pack_examples(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     """Best-fit-decreasing bin packing: example indices grouped into rows of at most ``max_length`` tokens.

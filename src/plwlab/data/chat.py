@@ -144,7 +144,7 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     """Token ids that end an assistant turn under the tokenizer's chat template (generation stops at any of them):
     EOS and the template's end-of-turn marker (ChatML's ``<|im_end|>``, Llama-3's ``<|eot_id|>``, ...)."""
     messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-    ids = tokenizer(_render(tokenizer, messages, False), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(render_chat(tokenizer, messages, False), add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids)
     y = tokenizer("y", add_special_tokens=False)["input_ids"]
     after = next((ids[i + len(y) :] for i in range(len(ids) - len(y), -1, -1) if ids[i : i + len(y)] == y), [])
@@ -152,7 +152,9 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     return list(dict.fromkeys(t for t in (tokenizer.eos_token_id, marker) if t is not None))
 
 
-def _render(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
+    """``messages`` as text through the tokenizer's chat template (with the assistant's opening when
+    ``generation_prompt``): how training renders a conversation and evaluation prompts a chat run."""
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
 
 
@@ -170,7 +172,7 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], th
     if not getattr(tokenizer, "chat_template", None):
         raise ChatDataError("the tokenizer has no chat template (set model.chat_template or use a chat model's tokenizer)")
     try:
-        text = _render(tokenizer, messages, False)
+        text = render_chat(tokenizer, messages, False)
     except TemplateError as e:  # e.g. Mistral's raise_exception on a system turn
         raise ChatDataError(f"{name}: the chat template refuses it: {e}") from None
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -198,7 +200,7 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], th
     last_assistant = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
     start_char, start_tok = 0, 0
     for k, message in enumerate(messages):
-        end_text = _render(tokenizer, messages[: k + 1], False)
+        end_text = render_chat(tokenizer, messages[: k + 1], False)
         end_tok = prefix_length(end_text, f"the conversation up to turn {k}")
         content = message["content"]
         content_at = text.find(content, start_char, len(end_text))

@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import logging
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
-    segment_ids: list[int]  # plwlab.segments.SEGMENT_ID of each token
+    segment_ids: list[int]  # plwlab.data.segments: the segment id of each token
 
     @classmethod
     def from_prompt_length(cls, input_ids: list[int], n_prompt: int) -> TokenizedExample:
@@ -225,12 +226,18 @@ def _cached(
     # "segments": the file layout (a segment id per token), so a cache of an older layout is never read
     path = Path(cache_dir) / f"tokenized-{cache_key(records, tokenizer, 'segments', *key)}.npz"
     if path.exists():
-        data = np.load(path)
-        ids, segments, lengths = data["ids"].tolist(), data["segments"].tolist(), data["lengths"]
-        bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-        examples = [TokenizedExample(ids[a:b], segments[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-        log.info("loaded tokenized data from %s", path)
-        return examples, sum(not e.has_completion for e in examples)
+        try:
+            with np.load(path) as data:
+                ids, segments, lengths = data["ids"].tolist(), data["segments"].tolist(), data["lengths"]
+            if len(ids) != len(segments) or len(ids) != int(np.sum(lengths)):
+                raise ValueError("its arrays disagree in length")
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:  # truncated, or not ours
+            log.warning("tokenized-data cache %s is unreadable (%s: %s); rebuilding it", path, type(e).__name__, e)
+        else:
+            bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+            examples = [TokenizedExample(ids[a:b], segments[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+            log.info("loaded tokenized data from %s", path)
+            return examples, sum(not e.has_completion for e in examples)
     examples, n_empty = build()
     with atomic_write(path) as tmp, tmp.open("wb") as f:  # concurrent runs of a sweep never read half a cache
         np.savez(

@@ -23,11 +23,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from plwlab.config import validate_evaluate
 from plwlab.evaluation.harness import prepare_task, run_lm_eval
-from plwlab.evaluation.judges import PairwiseJudge, alpaca_eval_package, first_position_rate, win_rate, win_tie_lose
+from plwlab.evaluation.judges import PairwiseJudge, alpaca_eval_package
 from plwlab.evaluation.memorization import memorization_bleu, training_records
 from plwlab.evaluation.responses import read_instructions, reference_outputs, responses
 from plwlab.evaluation.runs import LoadedRun, load_run
+from plwlab.evaluation.verdicts import first_position_rate, win_rate, win_tie_lose
 from plwlab.files import atomic_write
 from plwlab.results import COLUMNS, append_results, check_results_path, default_path
 from plwlab.rundir import RunDir
@@ -55,8 +57,6 @@ def judge_rows(run: LoadedRun, run_dir: Path, name: str, spec: DictConfig, outpu
         score, stderr, n = alpaca_eval_package(outputs, refs, spec.annotators_config,
                                                str(results.parent / "alpaca_eval" / run.run_id))  # fmt: skip
         return [result_row(run, name, "win_rate", score, stderr, n)]
-    if spec.backend != "local":
-        raise ValueError(f"judge backend must be 'local' or 'alpaca_eval', got {spec.backend!r}")
     decoding = spec.get("decoding")
     kwargs = {"style": spec.style, "mode": spec.mode, "max_new_tokens": spec.get("max_new_tokens"),
               "batch_size": cfg.batch_size, "seed": spec.get("order_seed", 0),
@@ -149,8 +149,6 @@ def evaluate_run(
 
             step(benchmark, lm_eval)
     for name, spec in (ev.get("judges") or {}).items():
-        if spec.generations not in (ev.get("generations") or {}):
-            raise ValueError(f"judge {name} compares eval.generations.{spec.generations}, which this preset lacks")
         if spec.reference is None:
             log.warning("%s: judge %s skipped: no reference (set eval.judges.%s.reference)", run.run_id, name, name)
             continue
@@ -187,17 +185,17 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, rows: Sequence[dict[str, Any]])
 
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Evaluate every run matching ``cfg.run_dir`` (a run directory or a glob over a sweep; with ``num_shards``
-    > 1 only every ``num_shards``-th run from ``shard``) and append the rows to the results table (``cfg.results``,
+    """Evaluate every run matching ``cfg.run_dir`` (a run directory or a glob over a sweep, or a list of them; with
+    ``num_shards`` > 1 only every ``num_shards``-th run from ``shard``) and append the rows to the results table (``cfg.results``,
     or :func:`plwlab.results.default_path`, checked writable first). A run whose training has not finished
     (``status.json``) is not evaluated. Raises after all runs if any run was not evaluated or a benchmark failed (the
     others' rows stay)."""
-    matches = {Path(p).resolve() for p in glob.glob(str(cfg.run_dir))}  # resolved: a linked run counts once
+    validate_evaluate(cfg)  # before any run is read
+    patterns = list(cfg.run_dir) if OmegaConf.is_list(cfg.run_dir) else [str(cfg.run_dir)]
+    matches = {Path(p).resolve() for pattern in patterns for p in glob.glob(pattern)}  # resolved: a link counts once
     runs = sorted(p for p in matches if RunDir(p).is_exported)
     if not runs:
         raise FileNotFoundError(f"no finished training run (with hf_model/plwlab.json) matches {cfg.run_dir}")
-    if not 0 <= cfg.shard < cfg.num_shards:
-        raise ValueError(f"shard must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
     unfinished = [p for p in runs if not RunDir(p).finished]
     runs = [p for p in runs if p not in unfinished]
     not_done = [f"{p.name} (training {RunDir(p).state}: its hf_model/ may be stale or partial)" for p in unfinished]

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from plwlab.data.alpaca import prompt_text, user_text
-from plwlab.data.chat import end_of_turn_ids
+from plwlab.data.chat import end_of_turn_ids, render_chat
 from plwlab.data.sources import CHAT_FORMATS
 from plwlab.evaluation.generation import generate
 from plwlab.rundir import RunDir
@@ -89,8 +89,7 @@ def instruction_prompt(run: LoadedRun, instruction: str, input: str = "") -> str
     """The prompt that asks the run to follow ``instruction``, in the form it was trained on: the Alpaca template,
     the bare prompt (prompt/completion data), or one user turn through the chat template (chat data)."""
     if is_chat_run(run):
-        return run.tokenizer.apply_chat_template([{"role": "user", "content": user_text(instruction, input)}],
-                                                 tokenize=False, add_generation_prompt=True)  # fmt: skip
+        return render_chat(run.tokenizer, [{"role": "user", "content": user_text(instruction, input)}], True)
     return prompt_text({"instruction": instruction, "input": input}, run.meta.get("data_format", "alpaca"))
 
 
@@ -99,6 +98,6 @@ def example_prompt(run: LoadedRun, example: Any) -> tuple[str, str]:
     conversation up to its last assistant turn (through the chat template) and that turn."""
     if is_chat_run(run):
         last = max(k for k, m in enumerate(example) if m["role"] == "assistant")
-        prompt = run.tokenizer.apply_chat_template(list(example[:last]), tokenize=False, add_generation_prompt=True)
+        prompt = render_chat(run.tokenizer, example[:last], True)
         return prompt, example[last]["content"]
     return instruction_prompt(run, example["instruction"], example["input"]), example["output"]

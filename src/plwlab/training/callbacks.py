@@ -4,7 +4,9 @@ HF-format export of the fine-tuned model (HFExport)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ import lightning as L
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from plwlab.rundir import RunDir
+from plwlab.rundir import RunDir, RunError
+from plwlab.training.checkpointing import RunCheckpoint
 from plwlab.training.module import PLWModule
 from plwlab.training.sharding import is_sharded, local_part, replicas, reshard
 
@@ -184,14 +187,24 @@ class ParamDistance(L.Callback):
         self._log(trainer, pl_module)
 
 
+class ExportError(RunError):
+    """The model export could not be written (a full disk); the training state is kept for a resume that exports."""
+
+
 class HFExport(L.Callback):
     """At the end of training, save the model (or LoRA adapter) and tokenizer with ``save_pretrained`` into
     ``dirpath`` (default: the run directory's ``hf_model/``) plus ``plwlab.json`` (PLW, dataset, Rg, ``metadata``, ...)
-    so ``evaluate.py`` can load and label the run."""
+    so ``evaluate.py`` can load and label the run.
+
+    The export is written beside its place and renamed into it when complete: a failed write (a full disk) leaves
+    no partial ``hf_model/``. The final training state is then checkpointed (:class:`RunCheckpoint`; the space the
+    partial export took is free again) and :attr:`failed` says where; ``train()`` then fails the run with it, and a
+    resume exports without training again."""
 
     def __init__(self, dirpath: str | None = None, metadata: dict[str, Any] | None = None) -> None:
         self.dirpath = None if dirpath is None else Path(dirpath)
         self.metadata = dict(metadata or {})
+        self.failed: str | None = None  # why the export could not be written, and where the trained state is
 
     def on_train_end(self, trainer: L.Trainer, pl_module: PLWModule) -> None:
         state_dict = None
@@ -203,17 +216,46 @@ class HFExport(L.Callback):
             for name, p in pl_module.model.named_parameters(remove_duplicate=False):
                 if names.setdefault(id(p), name) != name:
                     state_dict.pop(name, None)
+        error = None
         if trainer.is_global_zero:
-            self._save(trainer, pl_module, state_dict)
+            try:
+                self._save(trainer, pl_module, state_dict)
+            except OSError as e:
+                error = f"{e.strerror or e}"
+        error = trainer.strategy.broadcast(error)  # every rank learns of it: the checkpoint below is collective
+        self.failed = None if error is None else self._failure(trainer, error)
         trainer.strategy.barrier()
+
+    def _failure(self, trainer: L.Trainer, error: str) -> str:
+        """Checkpoint the final training state (every rank) and say where the trained steps are."""
+        dirpath = self.dirpath or RunDir(trainer.default_root_dir).hf_model
+        saver = next((cb for cb in trainer.callbacks if isinstance(cb, RunCheckpoint)), None)
+        kept = "no checkpoint callback (callbacks.checkpoint=null): the trained steps are lost"
+        if saver is not None:
+            try:
+                saver.save_final(trainer)
+                kept = f"the trained state is in {saver.last} (step {trainer.global_step})"
+            except OSError as e:
+                kept = (f"the final state could not be checkpointed either ({e.strerror or e}); {saver.last} keeps the "
+                        "last one saved")  # fmt: skip
+        return (f"cannot write the model export {dirpath}: {error}; {kept}. Free space and resume the run: it "
+                "exports without training again")
 
     def _save(self, trainer: L.Trainer, pl_module: PLWModule, state_dict: dict[str, Any] | None) -> None:
         run = RunDir(trainer.default_root_dir)
         dirpath = self.dirpath or run.hf_model
-        dirpath.mkdir(parents=True, exist_ok=True)
-        pl_module.model.save_pretrained(dirpath, state_dict=state_dict)
-        datamodule = trainer.datamodule
-        datamodule.tokenizer.save_pretrained(dirpath)
-        meta = {**self.metadata, "plw": pl_module.plw, "segment_weights": pl_module.segment_weight_dict(),
-                "normalization": pl_module.normalization, **datamodule.stats}  # fmt: skip
-        (dirpath / run.export_meta_file.name).write_text(json.dumps(meta, indent=2) + "\n")
+        partial = dirpath.with_name(f".{dirpath.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            partial.mkdir(parents=True)
+            pl_module.model.save_pretrained(partial, state_dict=state_dict)
+            datamodule = trainer.datamodule
+            datamodule.tokenizer.save_pretrained(partial)
+            meta = {**self.metadata, "plw": pl_module.plw, "segment_weights": pl_module.segment_weight_dict(),
+                    "normalization": pl_module.normalization, **datamodule.stats}  # fmt: skip
+            (partial / run.export_meta_file.name).write_text(json.dumps(meta, indent=2) + "\n")
+            if dirpath.exists():  # an earlier export of this run (resumed after it): replaced whole
+                shutil.rmtree(dirpath)
+            os.rename(partial, dirpath)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)

@@ -100,8 +100,14 @@ class RunCheckpoint(Checkpoint):
         self._signal = self._signal or signum
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.keep:
+            self.save_final(trainer)
+        self.publish(trainer, wait=True)
+
+    def save_final(self, trainer: L.Trainer) -> None:
+        """Save the state of the last step unless it is already saved, and publish it (every rank calls it)."""
         latest = self._unpublished.name if self._unpublished is not None else self.last.resolve().name
-        if self.keep and latest != self._name(trainer.global_step):
+        if latest != self._name(trainer.global_step):
             self.save(trainer)
         self.publish(trainer, wait=True)
 

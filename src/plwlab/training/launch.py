@@ -1,9 +1,15 @@
-"""Launching the runs of a sweep on this node: a run of one process in the launcher's own process (as Hydra's basic
-launcher does), a run of several in its own torchrun process group, supervised so that its exit code counts, a
-signal to the launcher reaches every rank, and the ranks never outlive the launcher.
+"""Launching the runs of a sweep, on this node or on SLURM: the logic of the two Hydra launchers.
 
-The Hydra launcher classes are in ``src/hydra_plugins/plwlab_launcher`` (Hydra finds launchers there); this module
-is what they do.
+- ``hydra/launcher=plwlab`` (the default; ``torchrun``): a run of one process in the launcher's own process (as
+  Hydra's basic launcher does), a run of several in its own torchrun process group (:func:`torchrun_command`,
+  :func:`supervise`), so that its exit code counts, a signal to the launcher reaches every rank, and the ranks
+  never outlive the launcher (:func:`die_with_parent`).
+- ``hydra/launcher=slurm``: one job array per distinct resource request derived from the trainer
+  (:func:`slurm_resources`), its timing checked against requeues (:func:`check_slurm_timing`), and the jobs
+  watched with ``squeue`` until they end (:func:`watch_slurm_jobs`).
+
+The launcher classes themselves are in ``src/hydra_plugins/plwlab_launcher/launchers.py``: Hydra discovers
+launchers only in the ``hydra_plugins`` namespace package. docs/cluster.md shows both in use.
 """
 
 from __future__ import annotations

@@ -11,12 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from plwlab.config import NORMALIZATIONS
 from plwlab.data.segments import COMPLETION_IDS
 
 Normalization = Literal["weight_sum", "nonzero", "completion"]
-NORMALIZATIONS: tuple[str, ...] = ("weight_sum", "nonzero", "completion")
-# over which tokens D is taken: the whole optimizer step (all micro-batches and ranks) or each micro-batch
-DENOMINATOR_SCOPES: tuple[str, ...] = ("step", "micro_batch")
 
 
 class PLWLoss(NamedTuple):

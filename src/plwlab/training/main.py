@@ -16,13 +16,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from plwlab import CONF_DIR
+from plwlab.config import ConfigError, TrainConfig, batch_geometry, register, unknown_override
 from plwlab.data.sources import DataError
 from plwlab.rundir import SWEEP_ID, RunError, RunState, record_failure
+from plwlab.training.callbacks import ExportError
 from plwlab.training.checkpointing import Preempted
-from plwlab.training.config import ConfigError, batch_geometry, register
 from plwlab.training.launch import die_with_parent
 from plwlab.training.model import ModelLoadError
 from plwlab.training.module import TrainingDiverged
+from plwlab.training.smollm2 import RESOLVERS
 from plwlab.training.train import train
 
 log = logging.getLogger("train")
@@ -53,6 +55,8 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:  # one failing run must not stop the sweep
             log.error("run failed: %s", e)
             return None
+        if isinstance(e, ExportError) and not os.environ.get(SWEEP_ID):
+            raise SystemExit(f"error: {e}: {resume_command(hydra_cfg)}") from None
         raise SystemExit(f"error: {e}") from None
     except Exception as e:
         if multirun:
@@ -90,6 +94,10 @@ def lost_peer(error: BaseException) -> bool:
 
 def run() -> None:
     """train.py's entry point: :func:`main`, with Ctrl-C or a signal forwarded by a launcher ending in one line."""
+    groups = {d.name for d in CONF_DIR.iterdir() if d.is_dir()}
+    problem = unknown_override(sys.argv[1:], TrainConfig, groups)
+    if problem:
+        raise SystemExit(f"error: {problem}")
     try:
         main()
     except KeyboardInterrupt as e:
@@ -97,7 +105,7 @@ def run() -> None:
                          "runs are skipped, interrupted ones resume from their last checkpoint)") from None
 
 
-register()
+register(RESOLVERS)
 die_with_parent()  # the ranks a plwlab launcher starts end with it
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from plwlab import CONF_DIR
-from plwlab.training.config import BatchGeometry, ConfigError
+from plwlab.config import BatchGeometry, ConfigError
 
 GB = 1e9
 CPU_PARAMETER_LIMIT = 1_000_000_000  # a pretrained model above this on CPU is a mistake, not a plan
@@ -128,21 +128,34 @@ def device_memory(accelerator: str) -> float | None:
         return None
 
 
-def is_sharded(strategy: DictConfig) -> bool:
-    """Whether a strategy config shards the model with FSDP2 (``strategy=fsdp``)."""
+def strategy_shards(strategy: DictConfig) -> bool:
+    """Whether a strategy *config* shards the model with FSDP2 (``strategy=fsdp``); whether a built model is
+    sharded is :func:`plwlab.training.sharding.is_sharded`."""
     return str(strategy.get("_target_", "")).endswith(("FSDP2Strategy", "ModelParallelStrategy"))
 
 
-def preflight(cfg: DictConfig, geometry: BatchGeometry) -> DictConfig:
+@dataclass(frozen=True)
+class RunPlan:
+    """What the pre-flight decided for a run, beside its config (which it leaves as written): the strategy config
+    to train with, whether it shards the model, activation checkpointing on or off, and the memory estimate (None
+    when the model's config cannot be read here)."""
+
+    strategy: DictConfig
+    sharded: bool
+    gradient_checkpointing: bool
+    memory: MemoryPlan | None
+
+
+def preflight(cfg: DictConfig, geometry: BatchGeometry) -> RunPlan:
     """Before any weight is loaded: refuse a ``data.max_length`` beyond the model's context and a pretrained model
-    of a billion parameters on CPU, choose the strategy when it is ``auto`` (:func:`choose_strategy`), and refuse a
-    plan that does not fit (:func:`check_fits`).
-    ``model.gradient_checkpointing=auto`` is resolved here, in ``cfg`` (:func:`choose_checkpointing`).
-    Returns the strategy to train with. Nothing is checked when the model's config cannot be read here."""
+    of a billion parameters on CPU, choose the strategy when it is ``auto`` (:func:`choose_strategy`) and activation
+    checkpointing when it is ``auto`` (:func:`choose_checkpointing`), and refuse a plan that does not fit
+    (:func:`check_fits`). Nothing is checked when the model's config cannot be read here (checkpointing ``auto`` is
+    then on, the safe choice)."""
     config = model_config(cfg.model)
     if config is None:
-        cfg.model.gradient_checkpointing = cfg.model.gradient_checkpointing is not False  # auto: the safe choice
-        return cfg.strategy
+        checkpointing = cfg.model.gradient_checkpointing is not False
+        return RunPlan(cfg.strategy, strategy_shards(cfg.strategy), checkpointing, None)
     context = getattr(config, "max_position_embeddings", None)
     if context and cfg.data.max_length > context:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds model {cfg.model.name}'s context of {context} "
@@ -155,9 +168,10 @@ def preflight(cfg: DictConfig, geometry: BatchGeometry) -> DictConfig:
         )
     capacity = device_memory(accelerator)
     strategy = choose_strategy(cfg, geometry, config, capacity)
-    cfg.model.gradient_checkpointing = choose_checkpointing(cfg, geometry, config, capacity, is_sharded(strategy))
-    check_fits(cfg, geometry, config, capacity, is_sharded(strategy))
-    return strategy
+    sharded = strategy_shards(strategy)
+    checkpointing = choose_checkpointing(cfg, geometry, config, capacity, sharded)
+    memory = check_fits(cfg, geometry, config, capacity, sharded, checkpointing)
+    return RunPlan(strategy, sharded, checkpointing, memory)
 
 
 def choose_checkpointing(cfg: DictConfig, geometry: BatchGeometry, config: Any, capacity: float | None,
@@ -181,10 +195,12 @@ def per_device(cfg: DictConfig, geometry: BatchGeometry, plan: MemoryPlan) -> fl
     return plan.total * (geometry.world_size if str(cfg.trainer.get("accelerator")) == "cpu" else 1)
 
 
-def check_fits(cfg: DictConfig, geometry: BatchGeometry, config: Any, capacity: float | None, sharded: bool) -> MemoryPlan:
-    """Refuse (:class:`ConfigError`, one line with the numbers and the fix) a run whose estimate exceeds one
+def check_fits(cfg: DictConfig, geometry: BatchGeometry, config: Any, capacity: float | None, sharded: bool,
+               checkpointing: bool | None = None) -> MemoryPlan:  # fmt: skip
+    """The run's :class:`MemoryPlan` (activation checkpointing as ``checkpointing`` says; None: as the config
+    says); refuse (:class:`ConfigError`, one line with the numbers and the fix) a run whose estimate exceeds one
     device's ``capacity``, on CPU the whole host's RAM shared by its processes."""
-    plan = plan_memory(cfg, geometry, geometry.world_size if sharded else 1, config)
+    plan = plan_memory(cfg, geometry, geometry.world_size if sharded else 1, config, checkpointing)
     on_cpu = str(cfg.trainer.get("accelerator")) == "cpu"
     need = per_device(cfg, geometry, plan)
     if capacity is None or need <= capacity:
@@ -193,7 +209,7 @@ def check_fits(cfg: DictConfig, geometry: BatchGeometry, config: Any, capacity: 
     if not on_cpu and not sharded:
         fsdp = plan_memory(cfg, geometry, max(geometry.world_size, 2), config)
         fixes.append(f"strategy=fsdp over {max(geometry.world_size, 2)} GPUs (≈ {fsdp.total / GB:.0f} GB each)")
-    if not cfg.model.gradient_checkpointing:
+    if not (checkpointing if checkpointing is not None else cfg.model.gradient_checkpointing is True):
         fixes.append("model.gradient_checkpointing=true")
     if not cfg.model.lora:
         fixes.append("LoRA (model.lora={r:16,lora_alpha:32})")

@@ -11,7 +11,12 @@ import torch
 from accelerate import init_empty_weights
 from tokenizers import processors
 from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedModel, PreTrainedTokenizerFast,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
 )  # fmt: skip
 from transformers.convert_slow_tokenizer import import_protobuf
 from transformers.tokenization_utils_base import generate_merges
@@ -120,7 +125,11 @@ def load_tokenizer(tokenizer: str) -> Any:
             return sentencepiece_tokenizer(path)
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else tokenizer)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load tokenizer {tokenizer!r}: {str(e).splitlines()[0]}") from e
+        hint = ""
+        if not path.exists() and "huggingface.co" in str(e):  # a hub id on a machine that cannot (or may not) reach it
+            hint = (" (offline: set model.tokenizer to a local tokenizer folder or SentencePiece .model file, e.g. "
+                    "model.tokenizer=/data/llama/tokenizer.model)")  # fmt: skip
+        raise ModelLoadError(f"cannot load tokenizer {tokenizer!r}: {str(e).splitlines()[0]}{hint}") from e
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -157,7 +166,7 @@ def load_model(
     ``auto`` (varlen flash on CUDA, else SDPA: :mod:`plwlab.training.attention`), ``varlen``, ``sdpa``, ``eager``,
     ``flash_attention_2``..., or None for the model's own default. ``compile``: ``torch.compile`` each decoder
     layer (compiled at its first call; inductor needs a C compiler on CPU). ``gradient_checkpointing`` ``auto``
-    is resolved by :func:`plwlab.training.memory.preflight` before this; here it counts as on.
+    is decided by :func:`plwlab.training.memory.preflight` (its plan) before this; here it counts as on.
 
     ``weights=False`` (the ranks other than 0 of a sharded run, see :func:`plwlab.training.sharding.shard_model`):
     the pretrained model's architecture only, its parameters on the meta device (no memory, nothing read), its

@@ -78,7 +78,7 @@ class PLWModule(L.LightningModule):
         self.val_sums = torch.nn.ModuleList(SumMetric() for _ in range(4))
 
     def segment_weight_dict(self) -> dict[str, float]:
-        """The weight of each segment this run trains with (:mod:`plwlab.segments`)."""
+        """The weight of each segment this run trains with (:mod:`plwlab.data.segments`)."""
         return dict(zip(SEGMENTS, self.weights))
 
     def configure_model(self) -> None:

@@ -10,8 +10,6 @@ import torch
 from torch.optim.optimizer import _default_to_fused_or_foreach
 from transformers import get_cosine_schedule_with_warmup
 
-OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
-
 
 def adamw_impl(params: list[torch.Tensor], requested: str = "auto") -> str:
     """The AdamW implementation to use: ``requested``, or with ``auto`` the fused kernel where every parameter is
@@ -29,7 +27,7 @@ def adamw_impl(params: list[torch.Tensor], requested: str = "auto") -> str:
 
 def adamw(params: list[torch.Tensor], lr: float, betas: Sequence[float], eps: float, weight_decay: float,
           impl: str) -> torch.optim.AdamW:  # fmt: skip
-    """AdamW over ``params`` in implementation ``impl`` (one of :data:`OPTIMIZER_IMPLS` but ``auto``)."""
+    """AdamW over ``params`` in implementation ``impl`` (one of :data:`plwlab.config.OPTIMIZER_IMPLS` but ``auto``)."""
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                              fused=impl == "fused", foreach=impl == "foreach")  # fmt: skip
 

@@ -92,6 +92,9 @@ def converted_model(model_dir: str | Path) -> str:
     return str(target)
 
 
+RESOLVERS = {"plwlab.smollm2": converted_model}  # ${plwlab.smollm2:MODEL_DIR} in conf/model/smollm2.yaml
+
+
 def _source_digest(folder: Path) -> str | None:
     try:
         return json.loads((folder / SOURCE_FILE).read_text()).get("gguf_sha256")

@@ -19,9 +19,9 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
+from plwlab.config import ConfigError, check_name, validate_train
 from plwlab.files import safe_dirname
 from plwlab.rundir import SWEEP_ID, RunDir, RunError, RunState, check_writable, config_digest, find_runs, now
-from plwlab.training.config import ConfigError, check_name
 
 console = Console()
 
@@ -52,15 +52,31 @@ def read_statuses(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     return {str(run.path.relative_to(sweep_dir)): run.status() for run in find_runs(sweep_dir)}
 
 
-def _digest(config: DictConfig, job: list[str]) -> str | None:
-    """The config digest the job of these overrides will have (None when it cannot be composed here)."""
-    try:
-        job_config = GlobalHydra.instance().config_loader().load_sweep_config(config, job)
-        with open_dict(job_config):
-            del job_config["hydra"]  # what the job's train() gets
-        return config_digest(job_config)
-    except Exception:  # the job itself will report a config it cannot compose
-        return None
+def job_config(config: DictConfig, job: list[str]) -> DictConfig:
+    """The config the job of these overrides gets (what its train() reads: no ``hydra`` node)."""
+    composed = GlobalHydra.instance().config_loader().load_sweep_config(config, job)
+    with open_dict(composed):
+        del composed["hydra"]
+    return composed
+
+
+def check_points(config: DictConfig, jobs: list[list[str]]) -> dict[int, DictConfig]:
+    """Every point's config, composed and checked (:func:`plwlab.config.validate_train`) before the first point
+    trains: a bad value in any point (``-m plw=0,2.0``) stops the launch with one line naming the points, nothing
+    started. Returns point index -> its config."""
+    configs, bad = {}, []
+    for i, job in enumerate(jobs):
+        try:
+            configs[i] = job_config(config, job)
+            validate_train(configs[i])
+        except Exception as e:  # ConfigError, or what Hydra/OmegaConf refuse at composition (plw=abc)
+            point = " ".join(o for o in job if not all(o in other for other in jobs))  # what varies
+            bad.append(f"#{i} ({point or ' '.join(job)}): {str(e).strip().splitlines()[0]}")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise SystemExit(f"error: sweep point {'; '.join(bad[:3])}{more}; nothing was launched (of {len(jobs)} points, "
+                         f"{len(bad)} refused)")  # fmt: skip
+    return configs
 
 
 class OutputDirCheck(Callback):
@@ -93,6 +109,7 @@ class SweepCallback(Callback):
         os.environ[SWEEP_ID] = self.sweep_id
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = sweep_jobs(config)
+        configs = check_points(config, jobs)
         statuses = read_statuses(sweep_dir) if sweep_dir.exists() else {}
         table = Table(title=f"Sweep plan: {len(jobs)} runs in {sweep_dir}")
         table.add_column("#", justify="right")
@@ -107,7 +124,7 @@ class SweepCallback(Callback):
             state = {RunState.FINISHED: "done (skip)", RunState.RUNNING: "interrupted (resume)",
                      RunState.INTERRUPTED: "interrupted (resume)", RunState.REQUEUED: "requeued (resume)",
                      RunState.FAILED: "failed (retry)"}.get(state, state)  # fmt: skip
-            if "config_digest" in status and status["config_digest"] != (_digest(config, job) or status["config_digest"]):
+            if "config_digest" in status and status["config_digest"] != config_digest(configs[i]):
                 state = "different config (refused)"  # e.g. trainer.devices changed the global batch
             if run in first:
                 state = f"repeats #{first[run]} (one run)"  # -m plw=0.1,0.1: the same run directory, trained once

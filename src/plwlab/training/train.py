@@ -17,13 +17,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from plwlab.config import BatchGeometry, to_dict, validate_train
 from plwlab.data.datamodule import InstructionDataModule
 from plwlab.rundir import RunDir, RunError, RunRefused, RunState, prepare_run_dir, write_json
 from plwlab.runlock import run_dir_lock
-from plwlab.training.callbacks import LossRSD, ParamDistance
+from plwlab.training.callbacks import ExportError, HFExport, LossRSD, ParamDistance
 from plwlab.training.checkpointing import CheckpointError, Preempted, RunCheckpoint
-from plwlab.training.config import BatchGeometry, to_dict, validate
-from plwlab.training.memory import is_sharded, preflight
+from plwlab.training.memory import RunPlan, preflight, strategy_shards
 from plwlab.training.model import load_model
 from plwlab.training.module import PLWModule
 
@@ -35,7 +35,7 @@ def make_strategy(strategy: DictConfig, world_size: int) -> Any:
     ``world_size`` processes for data parallelism."""
     if "_target_" not in strategy:
         return "auto"
-    if is_sharded(strategy):
+    if strategy_shards(strategy):
         return instantiate(strategy, data_parallel_size=world_size, tensor_parallel_size=1)
     return instantiate(strategy)
 
@@ -100,12 +100,17 @@ def record_inputs(status: dict[str, Any], inputs: dict[str, str | None], ckpt_pa
     """Write this attempt's input digests into ``status`` (``inputs``) and its ``input_history``: one entry per
     attempt (attempt, the step it started from, its digests), so that a resume on changed inputs
     (``allow_data_change``) keeps which steps trained on what."""
-    step = int(ckpt_path.resolve().stem.split("-")[-1]) if ckpt_path is not None else 0  # step-00000050.ckpt
+    step = checkpoint_step(ckpt_path) if ckpt_path is not None else 0
     history = [h for h in status.get("input_history", []) if h["attempt"] != status["attempts"]]
     if not history and status.get("inputs"):  # a run started before input_history existed
         history = [{"attempt": 1, "from_step": 0, **status["inputs"]}]
     status["input_history"] = [*history, {"attempt": status["attempts"], "from_step": step, **inputs}]
     status["inputs"] = inputs
+
+
+def checkpoint_step(ckpt_path: Path) -> int:
+    """The optimizer step a checkpoint holds, from its name (``last.ckpt`` -> ``step-00000050.ckpt``)."""
+    return int(ckpt_path.resolve().stem.split("-")[-1])
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -117,16 +122,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     With ``resume=true`` (default) a finished run is skipped and an interrupted one resumes from
     ``checkpoints/last.ckpt``.
     """
-    geometry = validate(cfg)
-    strategy = preflight(cfg, geometry)  # before any weight is read: will it fit, and sharded how
+    geometry = validate_train(cfg)
+    plan = preflight(cfg, geometry)  # before any weight is read: will it fit, sharded how, checkpointing or not
     run_dir = Path(cfg.paths.run_dir)
     # before the Trainer exists: torchrun sets RANK, srun SLURM_PROCID, Lightning's launcher LOCAL_RANK (>0 only)
     rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("LOCAL_RANK") or 0)
     with run_dir_lock(run_dir, rank):
-        return _train(cfg, RunDir(run_dir), geometry, strategy, rank == 0)
+        return _train(cfg, RunDir(run_dir), geometry, plan, rank == 0)
 
 
-def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: DictConfig, is_zero: bool) -> dict[str, Any]:
+def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, plan: RunPlan, is_zero: bool) -> dict[str, Any]:
     action, ckpt_path, status = prepare_run_dir(cfg, run.path)
     if action == "skip":
         log.info("run dir %s: already finished, skipped (resume=false reruns it)", run.path)
@@ -142,7 +147,8 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: Dict
     try:
         L.seed_everything(cfg.seed, workers=True)
         # a sharded run reads a pretrained model once, on rank 0, and broadcasts it into the shards
-        loaded = load_model(**to_dict(cfg.model), weights=is_zero or not (is_sharded(strategy) and geometry.world_size > 1))
+        model_args = {**to_dict(cfg.model), "gradient_checkpointing": plan.gradient_checkpointing}
+        loaded = load_model(**model_args, weights=is_zero or not (plan.sharded and geometry.world_size > 1))
         datamodule = InstructionDataModule(tokenizer=loaded.tokenizer, seed=cfg.seed, global_batch_size=geometry.global_batch,
                                            **to_dict(cfg.data))  # fmt: skip
         datamodule.setup("fit")
@@ -160,7 +166,7 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: Dict
         trainer = L.Trainer(
             **cfg.trainer,
             accumulate_grad_batches=geometry.accumulation,
-            strategy=make_strategy(strategy, geometry.world_size),
+            strategy=make_strategy(plan.strategy, geometry.world_size),
             callbacks=callbacks,
             logger=loggers or False,
             default_root_dir=str(run.path),  # where callbacks find the run directory
@@ -172,6 +178,12 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: Dict
             run.config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        exporter = next((cb for cb in callbacks if isinstance(cb, HFExport)), None)
+        # an earlier attempt trained to the end but could not write its export: Lightning's loop had nothing to do
+        export_only = (ckpt_path is not None and trainer.global_step == checkpoint_step(ckpt_path)
+                       and run.metrics_file.exists() and not run.is_exported)  # fmt: skip
+        if export_only and exporter is not None:
+            exporter.on_train_end(trainer, module)
     except BaseException as e:
         if is_zero:  # every failure after the run started is recorded, also one before fit (bad model path, ...)
             finish_wandb(loggers, failed=True)
@@ -193,6 +205,12 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: Dict
             raise RunError(f"run {run.path} failed writing its outputs: {e.strerror or e}") from e
         raise
 
+    failed = exporter is not None and exporter.failed is not None
+    if export_only:  # the metrics of the attempt that trained (nothing was computed again)
+        if trainer.is_global_zero:
+            finish_wandb(loggers, failed=failed)
+        return _finish(run, {**run.metrics(), "input_history": status["input_history"]}, status, callbacks, exporter,
+                       datamodule, trainer.is_global_zero)  # fmt: skip
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update(
         plw=cfg.plw,
@@ -215,6 +233,7 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: Dict
         world_size=geometry.world_size,
         strategy=type(trainer.strategy).__name__,
         sharding=getattr(trainer.strategy, "sharding", None),
+        gradient_checkpointing=plan.gradient_checkpointing,  # model.gradient_checkpointing=auto decided by the plan
         precision=str(trainer.precision),
         **module.precision_report(),
         fit_seconds=time.perf_counter() - start,
@@ -228,10 +247,24 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, strategy: Dict
         if isinstance(cb, ParamDistance):
             metrics["param_distance"] = cb.last.get("total")
     if trainer.is_global_zero:
-        finish_wandb(loggers, failed=False)
+        finish_wandb(loggers, failed=failed)
+    return _finish(run, metrics, status, callbacks, exporter, datamodule, trainer.is_global_zero)
+
+
+def _finish(run: RunDir, metrics: dict[str, Any], status: dict[str, Any], callbacks: list[Any],
+            exporter: HFExport | None, datamodule: InstructionDataModule, is_zero: bool) -> dict[str, Any]:  # fmt: skip
+    """Write the trained run's ``metrics.json``; then finish it, or, when its export could not be written, fail it
+    with the checkpoints kept (a resume exports without training)."""
+    if is_zero:
         write_json(run.metrics_file, metrics)
         if datamodule.manifest is not None:
             write_json(run.data_manifest, datamodule.manifest)
+    if exporter is not None and exporter.failed is not None:
+        error = ExportError(exporter.failed)
+        if is_zero:
+            run.fail(error)
+        raise error
+    if is_zero:
         run.finish(status)
         for cb in callbacks:
             if isinstance(cb, RunCheckpoint) and not cb.keep:

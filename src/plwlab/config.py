@@ -1,31 +1,42 @@
-"""The train config: its typed Hydra schema (so ``plw=0`` arrives as a float and typos fail), the checks that turn
-bad values into one-line errors (the one place where config values are validated: the code below trusts them),
-and what derives from it, the batch geometry (:func:`batch_geometry`)."""
+"""The configs and their one validation layer: the typed Hydra schemas of train.py (:class:`TrainConfig`) and
+evaluate.py (:class:`EvaluateConfig`), so ``plw=0`` arrives as a float and typos fail; the choices each value may
+take; the checks that turn bad values into one-line :class:`ConfigError` s before any work (:func:`validate_train`,
+:func:`validate_evaluate`; the code behind them trusts the values); the resolvers (:func:`register`); and what
+derives from a train config, its batch geometry (:func:`batch_geometry`).
+
+Light on purpose: no torch, Lightning, transformers or peft at import, so a sweep's every point and an evaluation
+config are checked in milliseconds (peft is imported only to check a config that sets ``model.lora``, torch only to
+count GPUs for ``${plwlab.gpus:}``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
-from peft import LoraConfig
+from omegaconf.errors import ConfigKeyError, ConfigTypeError, InterpolationResolutionError, ValidationError
 
 from plwlab import ASSETS
-from plwlab.data.batching import BATCHING
 from plwlab.data.segments import weight_table
 from plwlab.data.sources import CHAT_FORMATS, FORMATS
 from plwlab.data.variants import VARIANTS
 from plwlab.files import is_folder_name, safe_dirname
-from plwlab.training.loss import DENOMINATOR_SCOPES, NORMALIZATIONS
-from plwlab.training.optim import OPTIMIZER_IMPLS
-from plwlab.training.smollm2 import converted_model
 
+# the choices of the config values below; the code that acts on them reads them from here
+BATCHING = ("padded", "length_grouped", "packed")  # data.batching (plwlab.data.batching)
+NORMALIZATIONS = ("weight_sum", "nonzero", "completion")  # loss.normalization (plwlab.training.loss)
+# loss.denominator_scope: over which tokens D is taken, the whole optimizer step (all micro-batches and ranks) or
+# each micro-batch
+DENOMINATOR_SCOPES = ("step", "micro_batch")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")  # optim.optimizer_impl (plwlab.training.optim)
+JUDGE_STYLES = ("alpaca_eval_guanaco", "alpaca_eval_ranking", "pandalm")  # eval.judges.*.style (evaluation.judges)
+JUDGE_MODES = ("generate", "logprob")
+JUDGE_BACKENDS = ("local", "alpaca_eval")
 HALF_DTYPES = ("bfloat16", "float16")
 HALF_TRUE_PRECISIONS = ("bf16-true", "16-true")  # Lightning casts every weight to half precision
 
@@ -119,25 +130,165 @@ class TrainConfig:
     paths: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class MemorizationConfig:  # eval.memorization: corpus BLEU of greedy generations for training prompts
+    n: int = 10000
+    max_new_tokens: int = 256
+
+
+@dataclass
+class GenerationsConfig:  # eval.generations.<name>: greedy responses to an instruction set, and their lengths
+    instructions: str = MISSING
+    limit: Optional[int] = None
+    max_new_tokens: int = 512
+
+
+@dataclass
+class TaskConfig:  # eval.lm_eval.tasks.<name>: an lm-eval task, from local files where data is set
+    num_fewshot: int = 0
+    data: Optional[str] = None
+    fewshot_data: Optional[str] = None
+    limit: Optional[int] = None  # this task's items (null: lm_eval.limit)
+
+
+@dataclass
+class LmEvalConfig:
+    add_bos_token: Optional[bool] = False
+    limit: Optional[int] = None
+    max_gen_toks: int = 256
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+
+
+@dataclass
+class JudgeConfig:  # eval.judges.<name>: a pairwise judge of eval.generations.<generations> against reference
+    generations: str = MISSING
+    reference: Optional[str] = None
+    backend: str = "local"
+    model: str = "self"
+    dtype: Optional[str] = None
+    device: Optional[str] = None
+    style: str = "alpaca_eval_guanaco"
+    mode: str = "generate"
+    max_new_tokens: Optional[int] = None
+    decoding: Any = None
+    randomize_order: bool = True
+    order_seed: int = 0
+    annotators_config: Optional[str] = None
+
+
+@dataclass
+class EvalSuiteConfig:  # the eval= preset (conf/eval/)
+    memorization: Optional[MemorizationConfig] = None
+    generations: dict[str, GenerationsConfig] = field(default_factory=dict)
+    lm_eval: Optional[LmEvalConfig] = None
+    judges: dict[str, JudgeConfig] = field(default_factory=dict)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "plwlab"
+    group: Optional[str] = None
+    offline: bool = False
+
+
+@dataclass
+class EvaluateConfig:  # evaluate.py (conf/evaluate.yaml)
+    run_dir: Any = MISSING  # a run folder or a glob over a sweep, or a list of them
+    results: Optional[str] = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 8
+    seed: int = 42
+    shard: int = 0
+    num_shards: int = 1
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # the eval= preset: an EvalSuiteConfig, kept a plain mapping so a section can be dropped (~eval.judges); its
+    # types and keys are checked by validate_evaluate
+    eval: dict[str, Any] = field(default_factory=dict)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def typed_suite(suite: DictConfig) -> EvalSuiteConfig:
+    """The ``eval`` preset typed as :class:`EvalSuiteConfig` (as a DictConfig): an unknown key or a value of the
+    wrong type is a one-line :class:`ConfigError` naming it."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(EvalSuiteConfig), suite)
+    except (ValidationError, ConfigKeyError, ConfigTypeError) as e:
+        key = f"eval.{e.full_key}" if getattr(e, "full_key", None) else "eval"
+        field_name = str(e.full_key or "").split(".")[-1]
+        close = difflib.get_close_matches(field_name, _suite_keys(str(e.full_key or "")), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close and close[0] != field_name else ""
+        raise ConfigError(f"{key}: {str(e).strip().splitlines()[0]}{hint}") from None
+
+
+def _suite_keys(full_key: str) -> list[str]:
+    """The keys a section of :class:`EvalSuiteConfig` may have at ``full_key`` (for a did-you-mean)."""
+    parts = full_key.split(".")
+    section = {"memorization": MemorizationConfig, "generations": GenerationsConfig, "lm_eval": LmEvalConfig,
+               "judges": JudgeConfig}.get(parts[0]) if len(parts) > 1 else EvalSuiteConfig  # fmt: skip
+    if parts[0] == "lm_eval" and len(parts) > 3:
+        section = TaskConfig
+    return [f.name for f in dataclasses.fields(section)] if section else []
+
+
+def validate_evaluate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` with a one-line message for an evaluate.py config value that cannot be right,
+    before any run is loaded: the shard, the dtypes, sizes, judges' choices and the generations each judge reads."""
+    if not 0 <= cfg.shard < cfg.num_shards:
+        raise ConfigError(f"shard must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
+    suite = typed_suite(cfg.eval)
+    for key, value in (("batch_size", cfg.batch_size), *((f"eval.generations.{n}.max_new_tokens", g.max_new_tokens)
+                       for n, g in suite.generations.items())):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {DTYPES}, got {cfg.dtype!r}")
+    if suite.memorization is not None and suite.memorization.n < 1:
+        raise ConfigError(f"eval.memorization.n must be >= 1, got {suite.memorization.n}")
+    for name, judge in suite.judges.items():
+        key = f"eval.judges.{name}"
+        for field_name, allowed in (("backend", JUDGE_BACKENDS), ("style", JUDGE_STYLES), ("mode", JUDGE_MODES)):
+            if judge[field_name] not in allowed:
+                raise ConfigError(f"{key}.{field_name} must be one of {allowed}, got {judge[field_name]!r}")
+        if judge.dtype is not None and judge.dtype not in DTYPES:
+            raise ConfigError(f"{key}.dtype must be one of {DTYPES} or null, got {judge.dtype!r}")
+        if judge.generations not in suite.generations:
+            raise ConfigError(f"{key} compares eval.generations.{judge.generations}, which this preset lacks "
+                              f"(it has {sorted(suite.generations) or 'none'})")  # fmt: skip
+        if judge.backend == "alpaca_eval" and not judge.annotators_config:
+            raise ConfigError(f"{key}.backend=alpaca_eval needs {key}.annotators_config (e.g. guanaco_33b)")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig}  # typed ones
+SECTIONS_EVAL = {"wandb": WandbConfig, "eval": EvalSuiteConfig}  # (eval: a mapping, checked as this)
+
+
 def visible_gpus() -> int:
     """CUDA GPUs this process can use (``CUDA_VISIBLE_DEVICES`` applies); 0 on a machine without any."""
+    import torch  # only where a config asks (trainer=auto): checking a config needs no torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def register() -> None:
-    """Register the schema and the resolvers ``${plwlab.asset:NAME}`` (path of a bundled asset),
-    ``${plwlab.safe_dirname:TEXT}`` (a flat run-directory name), ``${plwlab.gpus:}`` (:func:`visible_gpus`) and
-    ``${plwlab.on_gpu:A,B}`` (A on a machine with GPUs, else B: what ``trainer=auto`` is made of) and
-    ``${plwlab.smollm2:MODEL_DIR}`` (SmolLM2's converted folder, :func:`plwlab.training.smollm2.converted_model`)."""
+def register(resolvers: Mapping[str, Callable[..., Any]] | None = None) -> None:
+    """Register the schemas (``train_schema``, ``evaluate_schema``) and the resolvers ``${plwlab.asset:NAME}`` (path
+    of a bundled asset), ``${plwlab.safe_dirname:TEXT}`` (a flat run-directory name), ``${plwlab.gpus:}``
+    (:func:`visible_gpus`) and ``${plwlab.on_gpu:A,B}`` (A on a machine with GPUs, else B: what ``trainer=auto`` is
+    made of), plus ``resolvers`` a stage adds (training: ``${plwlab.smollm2:MODEL_DIR}``,
+    :data:`plwlab.training.smollm2.RESOLVERS`)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    resolvers = {
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+    every = {
         "plwlab.asset": lambda name: str(ASSETS / name),
         "plwlab.safe_dirname": safe_dirname,
         "plwlab.gpus": lambda: visible_gpus(),
         "plwlab.on_gpu": lambda on_gpu, on_cpu: on_gpu if visible_gpus() else on_cpu,
-        "plwlab.smollm2": converted_model,
+        **(resolvers or {}),
     }
-    for name, resolver in resolvers.items():
+    for name, resolver in every.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
@@ -201,7 +352,7 @@ def unknown_key(cfg: DictConfig | dict[str, Any], schema: type = TrainConfig, pr
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             return f"unknown config key '{prefix}{key}'{hint}"
-        section = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig}.get(key)
+        section = SECTIONS.get(key)
         if schema is TrainConfig and section is not None and cfg[key] is not None:
             found = unknown_key(cfg[key], section, f"{key}.")
             if found:
@@ -209,18 +360,48 @@ def unknown_key(cfg: DictConfig | dict[str, Any], schema: type = TrainConfig, pr
     return None
 
 
+def unknown_override(overrides: list[str], schema: type, groups: set[str]) -> str | None:
+    """The first command-line override that sets a key the config does not have, without ``+`` (``plww=0.1``), as
+    one line with a close match: Hydra's own message is six lines and no suggestion. Keys of config ``groups``
+    (``model=...``), of free-form sections (``trainer.*``), of Hydra and forced ones (``+``, ``~``) pass."""
+    sections = {f.name: f.type for f in dataclasses.fields(schema)}
+    for override in overrides:
+        if override.startswith(("-", "+", "~")) or "=" not in override:
+            continue
+        key = override.split("=", 1)[0]
+        if "@" in key or "/" in key or key.startswith("hydra") or key in groups:
+            continue
+        top, _, rest = key.partition(".")
+        problem = unknown_key({top: None}, schema) if top not in sections else None
+        section = SECTIONS.get(top) if schema is TrainConfig else SECTIONS_EVAL.get(top)
+        if problem is None and section is not None and rest:
+            problem = unknown_key({rest.split(".")[0]: None}, section, f"{top}.")
+        if problem:
+            return f"{problem} in {override}; the schema is plwlab.config.{schema.__name__}"
+    return None
+
+
+NAME_LIMIT = 200  # characters of a folder name plwlab makes (plwlab.files.safe_dirname); file systems allow 255 bytes
+
+
 def check_name(name: Any, key: str = "name") -> None:
-    """Refuse a name that would not stay one folder inside its root (``..``, ``a/b``, an absolute path, empty)."""
+    """Refuse a name that would not stay one folder inside its root (``..``, ``a/b``, an absolute path, empty) or
+    that is longer than a folder name may be (:data:`NAME_LIMIT`)."""
+    if len(str(name)) > NAME_LIMIT:
+        raise ConfigError(f"{key} is {len(str(name))} characters long; a folder name may have at most {NAME_LIMIT}: "
+                          f"shorten it ({key}={str(name)[:40]}...)")  # fmt: skip
     if not is_folder_name(str(name)):
         raise ConfigError(f"{key}={name!r} must be a plain folder name (letters, digits and ._=,+-): it names a folder "
                           "inside paths.output_dir")  # fmt: skip
 
 
-def validate(cfg: DictConfig) -> BatchGeometry:
-    """Raise :class:`ConfigError` with a one-line message for values that cannot be right; return the batch geometry."""
+def validate_train(cfg: DictConfig) -> BatchGeometry:
+    """Raise :class:`ConfigError` with a one-line message for a train config value that cannot be right; return the
+    batch geometry. Loads no weights (``model=smollm2`` converts its model once, in its resolver): a sweep checks every
+    point with it before the first trains."""
     problem = unknown_key(cfg)
     if problem:
-        raise ConfigError(f"{problem}; the schema is plwlab.training.config.TrainConfig")
+        raise ConfigError(f"{problem}; the schema is plwlab.config.TrainConfig")
     check_name(cfg.name)
     try:  # the model's paths may come from a resolver (model=smollm2 converts its model there)
         OmegaConf.to_container(cfg.model, resolve=True)
@@ -234,19 +415,7 @@ def validate(cfg: DictConfig) -> BatchGeometry:
     if not (isinstance(cfg.optim.lr, (int, float)) and math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
         raise ConfigError(f"optim.lr must be a finite number > 0, got {cfg.optim.lr}")
     if cfg.model.lora:
-        lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
-        for key in cfg.model.lora:
-            if key not in lora_fields:
-                close = difflib.get_close_matches(str(key), sorted(lora_fields), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"model.lora.{key} is not a peft.LoraConfig argument{hint}")
-        lora = OmegaConf.to_container(cfg.model.lora, resolve=True)
-        try:  # peft's own checks of the values, now rather than after the model is loaded
-            rank = LoraConfig(task_type="CAUSAL_LM", **lora).r
-            if not (isinstance(rank, int) and rank > 0):  # peft checks it only when it builds the adapter's layers
-                raise ValueError(f"r must be a positive integer, got {rank}")
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"model.lora={lora}: {str(e).strip().splitlines()[0]}") from None
+        check_lora(cfg.model.lora)
     if not (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32):
         raise ConfigError(f"seed must be an integer in [0, 2^32), got {cfg.seed}")
     if not math.isfinite(cfg.plw):
@@ -291,6 +460,26 @@ def validate(cfg: DictConfig) -> BatchGeometry:
                           "accumulation x devices x nodes) instead")  # fmt: skip
     check_master_weights(cfg)
     return batch_geometry(cfg)
+
+
+def check_lora(lora: DictConfig) -> None:
+    """Refuse ``model.lora`` keys that are no ``peft.LoraConfig`` argument (with a close match) and values peft
+    refuses, or a rank that is not a positive integer (peft checks that only when it builds the layers)."""
+    from peft import LoraConfig  # peft (and torch under it) only for a config that sets model.lora
+
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    for key in lora:
+        if key not in lora_fields:
+            close = difflib.get_close_matches(str(key), sorted(lora_fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"model.lora.{key} is not a peft.LoraConfig argument{hint}")
+    values = OmegaConf.to_container(lora, resolve=True)
+    try:
+        rank = LoraConfig(task_type="CAUSAL_LM", **values).r
+        if not (isinstance(rank, int) and rank > 0):
+            raise ValueError(f"r must be a positive integer, got {rank}")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.lora={values}: {str(e).strip().splitlines()[0]}") from None
 
 
 def check_master_weights(cfg: DictConfig) -> None:
