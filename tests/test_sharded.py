@@ -178,6 +178,7 @@ def test_fsdp_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkey
     assert "not resumable" not in resumed.stderr  # Lightning knows the loader resumes mid-epoch
     a, b = metrics(whole), metrics(broken)
     assert b["resumed"] and b["global_steps"] == a["global_steps"] == 48
+    assert b.keys() == a.keys()  # metrics.json after the resume: every key the uninterrupted run has
     for key in ("final_train_loss", "param_distance", "loss_rsd", "val/loss"):
         assert b[key] == pytest.approx(a[key], rel=1e-12, abs=1e-12), key
     assert max_diff(weights(whole), weights(broken)) <= 1e-12
