@@ -24,6 +24,12 @@ torch.set_num_threads(1)
 register(RESOLVERS)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` of a subprocess that a test stops with SIGINT: a shell that started the tests in the background
+    left SIGINT ignored, which a child inherits (Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SAMPLE = ASSETS / "alpaca_sample.json"
 TINY_CONFIG = {

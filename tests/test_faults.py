@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, compose_train
+from conftest import ROOT, SAMPLE, compose_train, sigint_default
 from test_train import QUICK, cli_env, run_cli
 
 from plwlab.config import ConfigError
@@ -73,7 +73,7 @@ def test_a_failure_before_fit_is_recorded(tmp_path):
 def test_ctrl_c_is_recorded_as_interrupted(tmp_path):
     args = ["data.limit=100", "data.val_size=4", "trainer.max_epochs=50", "callbacks.progress=null"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={tmp_path}"], env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=sigint_default)  # fmt: skip
     deadline = time.time() + 120
     while not (tmp_path / "metrics.csv").exists() and time.time() < deadline:
         time.sleep(0.2)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT
+from conftest import ROOT, sigint_default
 from test_train import QUICK, cli_env, run_cli, train_losses
 
 from plwlab.rundir import SWEEP_ID, RunDir, RunRefused, RunState
@@ -53,7 +53,8 @@ def test_a_single_run_stopped_by_sigterm_says_the_command_that_resumes_it(tmp_pa
 def test_ctrl_c_on_a_one_process_sweep_ends_with_the_summary_and_one_line(tmp_path):
     """Ctrl-C on an in-process sweep ended on a progress-bar fragment: no summary, points never started unlisted."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "plw=0,1", *LONG, f"paths.output_dir={tmp_path}"],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)  # fmt: skip
     deadline = time.time() + 180
     while time.time() < deadline and not any(len(train_losses(p.parent)) >= 3 for p in tmp_path.rglob("metrics.csv")):
         time.sleep(0.2)

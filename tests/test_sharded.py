@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, sigint_default
 from safetensors.torch import load_file
 from test_train import cli_env, read_metrics_csv, run_cli, train_losses
 
@@ -264,7 +264,8 @@ def test_ctrl_c_on_a_sweep_of_torchrun_groups_ends_in_one_line(tmp_path):
     traceback), and the run is recorded as interrupted."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "plw=0", *SHARDED, "data.limit=400",
                              "trainer.max_epochs=50", "callbacks.progress=null", f"paths.output_dir={tmp_path}"],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)  # fmt: skip
     deadline = time.time() + 180
     while not list(tmp_path.rglob("metrics.csv")) and time.time() < deadline:  # the ranks are training
         time.sleep(1)
@@ -282,7 +283,8 @@ def test_killing_one_rank_ends_the_others_in_one_line(tmp_path):
     is one line with the exit codes, and the sweep records the run as failed (relaunching resumes it)."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "plw=0", *SHARDED, "data.limit=400",
                              "trainer.max_epochs=50", "callbacks.progress=null", f"paths.output_dir={tmp_path}"],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)  # fmt: skip
     deadline = time.time() + 180
     while not list(tmp_path.rglob("metrics.csv")) and time.time() < deadline:
         time.sleep(1)

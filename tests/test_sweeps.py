@@ -56,6 +56,31 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     assert all(a == pytest.approx(b, rel=1e-6, abs=1e-6) for a, b in losses)
 
 
+def test_last_ckpt_names_a_checkpoint_only_once_metrics_csv_holds_every_step_it_covers(tmp_path, monkeypatch):
+    """kill -9 right after last.ckpt flipped to step-5 lost step 4's row for good (flaky in
+    test_kill_9_then_resume_matches_uninterrupted_run): the checkpoint was published inside step 5's
+    on_train_batch_end, before Lightning logged that step, and metrics.csv is flushed every 100 steps. At every
+    flip, metrics.csv must already hold the train/loss of each step the checkpoint covers."""
+    import plwlab.training.checkpointing as checkpointing
+
+    run = tmp_path / "run"
+    seen: list[tuple[int, list[int]]] = []
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "last.ckpt":
+            step = int(os.readlink(src).split("-")[1].split(".")[0])
+            logged = sorted(int(r["step"]) for r in read_metrics_csv(run) if r.get("train/loss")) if (run / "metrics.csv").exists() else []
+            seen.append((step, logged))
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpointing.os, "replace", replace)
+    train(compose_train([*RESUMABLE, "trainer.max_epochs=1"], run))
+    assert [step for step, _ in seen] == [5, 10]  # 12 steps in the epoch
+    for step, logged in seen:
+        assert logged[:step] == list(range(step)), (step, logged)
+
+
 def test_sigterm_saves_the_step_then_resume_matches_uninterrupted_run(tmp_path):
     """A SIGTERM (preemption, scancel, a kill) is answered at the end of the step: a checkpoint of that step, the
     status 'interrupted', one line; relaunching resumes from it to the uninterrupted run's weights. Periodic
@@ -159,9 +184,11 @@ def read_last(directory: Path, sharded: bool):
 @pytest.mark.parametrize("sharded", [False, True])
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, sharded):
     trainer, cb = SavingTrainer(sharded), RunCheckpoint(str(tmp_path), every_n_steps=1)
-    trainer.global_step = 1
-    cb.on_train_batch_end(trainer, None)
+    for step in (1, 2):  # step 1's checkpoint is published at the end of step 2
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, None)
     before = read_last(tmp_path, sharded)
+    assert before == ("shard 1" if sharded else 1)
 
     def full_disk(path):
         if sharded:
@@ -171,11 +198,11 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, sharded):
             path.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    trainer.save_checkpoint, trainer.global_step = full_disk, 2
+    trainer.save_checkpoint, trainer.global_step = full_disk, 3
     with pytest.raises(CheckpointError, match="No space left on device; the previous checkpoint is intact"):
-        cb.on_train_batch_end(trainer, None)
-    assert read_last(tmp_path, sharded) == before and sorted(p.name for p in tmp_path.iterdir()) == [
-        "last.ckpt", "step-00000001.ckpt"]  # fmt: skip
+        cb.on_train_batch_end(trainer, None)  # publishes step 2's, then fails to write step 3's
+    assert read_last(tmp_path, sharded) == ("shard 2" if sharded else 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step-00000002.ckpt"]
 
 
 def test_the_checkpoint_runs_after_every_other_callback(tmp_path):
@@ -198,8 +225,9 @@ def test_checkpoints_are_published_by_an_atomic_link_flip(tmp_path):
     assert (tmp_path / "last.ckpt").is_symlink() and read_last(tmp_path, True) == "shard 4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step-00000004.ckpt"]  # older ones deleted
     timed = RunCheckpoint(str(tmp_path / "timed"), every_n_steps=None, every_minutes=1e-9)
-    trainer.global_step = 7
-    timed.on_train_batch_end(trainer, None)
+    for step in (7, 8):  # step 7's checkpoint is published at the end of step 8
+        trainer.global_step = step
+        timed.on_train_batch_end(trainer, None)
     assert read_last(tmp_path / "timed", True) == "shard 7"
     timed.discard()
     assert not (tmp_path / "timed").exists()

@@ -1,8 +1,9 @@
 """Training checkpoints that are always whole: written aside, then published by an atomic link flip.
 
 ``checkpoints/step-00000050.ckpt`` (a file, or a folder of shards under FSDP2) is written by every rank; once all
-ranks are done, rank 0 points ``checkpoints/last.ckpt`` (a symbolic link) at it in one atomic rename and deletes
-the previous one. A preemption or a full disk at any moment leaves ``last.ckpt`` pointing at the previous complete
+ranks are done and the next step has ended (Lightning has then logged step 50, and the loggers are flushed first,
+so ``metrics.csv`` holds every row the checkpoint covers), rank 0 points ``checkpoints/last.ckpt`` (a symbolic link)
+at it in one atomic rename and deletes the previous one. A preemption or a full disk at any moment leaves ``last.ckpt`` pointing at the previous complete
 checkpoint, never at a mix.
 
 SIGTERM (SLURM's preemption, ``scancel``, ``scontrol requeue``, a kill) and the preemption signal of submitit
@@ -199,8 +200,7 @@ class RunCheckpoint(Checkpoint):
             if trainer.is_global_zero:
                 _remove(target)
             raise CheckpointError(f"cannot write checkpoint {target}: {e.strerror or e}; the previous checkpoint is intact") from e
-        self._unpublished = target
-        self.publish(trainer, wait=not hasattr(trainer.strategy, "checkpoint_in_flight"))
+        self._unpublished = target  # published at the next step's end, or at a stop (publish): see there
         self._last_save = time.monotonic()
         seconds = time.perf_counter() - start
         if trainer.is_global_zero:
@@ -210,7 +210,12 @@ class RunCheckpoint(Checkpoint):
 
     def publish(self, trainer: L.Trainer, wait: bool) -> None:
         """Point ``last.ckpt`` at the checkpoint written last, once every rank has finished writing it (``wait``:
-        wait for that; else only if it is done)."""
+        wait for that; else only if it is done), after the loggers have flushed.
+
+        A checkpoint of step N is published no earlier than the end of step N + 1, when Lightning has logged step
+        N's row (it logs after ``on_train_batch_end``, where the checkpoint was written): with the loggers flushed
+        first, ``metrics.csv`` holds every row the checkpoint covers before ``last.ckpt`` names it, so a ``kill -9``
+        right after cannot lose a row that the resume will not recompute."""
         if self._unpublished is None:
             return
         strategy = trainer.strategy
@@ -231,6 +236,8 @@ class RunCheckpoint(Checkpoint):
             strategy.barrier()
         target, self._unpublished = self._unpublished, None
         if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.save()
             link = self.dirpath / f".{LAST_CHECKPOINT}.{os.getpid()}"
             link.unlink(missing_ok=True)
             link.symlink_to(target.name)
