@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ConfigTypeError, InterpolationResolutionError, ValidationError
 
-from plwlab import ASSETS
+from plwlab import ASSETS, CONF_DIR
 from plwlab.data.segments import weight_table
 from plwlab.data.sources import CHAT_FORMATS, FORMATS
 from plwlab.data.variants import VARIANTS
@@ -360,10 +360,12 @@ def unknown_key(cfg: DictConfig | dict[str, Any], schema: type = TrainConfig, pr
     return None
 
 
-def unknown_override(overrides: list[str], schema: type, groups: set[str]) -> str | None:
+def unknown_override(overrides: list[str], schema: type) -> str | None:
     """The first command-line override that sets a key the config does not have, without ``+`` (``plww=0.1``), as
     one line with a close match: Hydra's own message is six lines and no suggestion. Keys of config ``groups``
-    (``model=...``), of free-form sections (``trainer.*``), of Hydra and forced ones (``+``, ``~``) pass."""
+    (``model=...``, the folders of ``conf/``), of free-form sections (``trainer.*``), of Hydra and forced ones (``+``,
+    ``~``) pass."""
+    groups = {d.name for d in CONF_DIR.iterdir() if d.is_dir()}
     sections = {f.name: f.type for f in dataclasses.fields(schema)}
     for override in overrides:
         if override.startswith(("-", "+", "~")) or "=" not in override:

@@ -56,8 +56,7 @@ def arguments(argv: list[str]) -> list[str]:
 def run() -> None:
     """evaluate.py's entry point: plain run-folder arguments become ``run_dir``; an unknown key is one line."""
     argv = arguments(sys.argv[1:])
-    groups = {d.name for d in CONF_DIR.iterdir() if d.is_dir()}
-    problem = unknown_override(argv, EvaluateConfig, groups)
+    problem = unknown_override(argv, EvaluateConfig)
     if problem:
         raise SystemExit(f"error: {problem}")
     sys.argv = [sys.argv[0], *argv]

@@ -94,8 +94,7 @@ def lost_peer(error: BaseException) -> bool:
 
 def run() -> None:
     """train.py's entry point: :func:`main`, with Ctrl-C or a signal forwarded by a launcher ending in one line."""
-    groups = {d.name for d in CONF_DIR.iterdir() if d.is_dir()}
-    problem = unknown_override(sys.argv[1:], TrainConfig, groups)
+    problem = unknown_override(sys.argv[1:], TrainConfig)
     if problem:
         raise SystemExit(f"error: {problem}")
     try:
