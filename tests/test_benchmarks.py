@@ -18,6 +18,7 @@ from plwlab.evaluation.harness import (
     read_truthfulqa_mc,
     read_winogrande,
     read_wmt,
+    harness_model,
     run_lm_eval,
     translation_instruction,
 )  # fmt: skip
@@ -137,7 +138,7 @@ def test_lm_eval_builds_the_paper_prompts(lm_eval_samples):
 def test_run_lm_eval_rows(lm_eval_samples, caplog):
     tiny, task_dir, reference = lm_eval_samples
     caplog.set_level(logging.INFO)
-    rows = run_lm_eval(tiny.model, tiny.tokenizer, ["piqa", "truthfulqa_mc2", "wmt14_en_fr"], task_dir, limit=3, batch_size=4)
+    rows = run_lm_eval(harness_model(tiny, batch_size=4), ["piqa", "truthfulqa_mc2", "wmt14_en_fr"], task_dir, limit=3)
     by_key = {(b, m): (s, e, n) for b, m, s, e, n in rows}
     assert set(by_key) == {("piqa", "acc"), ("piqa", "acc_norm"), ("truthfulqa_mc2", "acc"), ("wmt14_en_fr", "bleu"),
                            ("wmt14_en_fr", "chrf"), ("wmt14_en_fr", "ter")}  # fmt: skip
@@ -168,9 +169,10 @@ def test_run_lm_eval_bos_choice_reaches_the_model(lm_eval_samples, add_bos_token
     hook = tiny.model.register_forward_pre_hook(lambda m, args, kwargs: firsts.extend(
         (args[0] if args else kwargs["input_ids"])[:, 0].tolist()), with_kwargs=True)  # fmt: skip
     try:
-        run_lm_eval(tiny.model, tiny.tokenizer, ["piqa"], task_dir, limit=3, batch_size=4, add_bos_token=add_bos_token)
+        run_lm_eval(harness_model(tiny, batch_size=4, add_bos_token=add_bos_token), ["piqa"], task_dir, limit=3)
     finally:
         hook.remove()
     bos = tiny.tokenizer.bos_token_id
     assert firsts and tiny.tokenizer("x")["input_ids"][0] == bos
     assert all(f == bos for f in firsts) if add_bos_token in (True, None) else not any(f == bos for f in firsts)
+

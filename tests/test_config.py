@@ -44,7 +44,11 @@ def test_the_judge_styles_are_the_parsers():
         ("eval.judges.pandalm.mode=vote", "eval.judges.pandalm.mode must be one of ('generate', 'logprob'), got 'vote'"),
         ("eval.judges.pandalm.generations=alpaca", "eval.judges.pandalm compares eval.generations.alpaca, which this "
                                                    "preset lacks (it has ['alpaca_eval', 'pandalm'])"),
-        ("eval.judges.alpaca_eval.backend=openai", "eval.judges.alpaca_eval.backend must be one of ('local', 'alpaca_eval')"),
+        ("eval.judges.alpaca_eval.backend=vllm",
+         "eval.judges.alpaca_eval.backend must be one of ('local', 'openai', 'alpaca_eval')"),
+        ("eval.judges.alpaca_eval.backend=openai", "eval.judges.alpaca_eval.base_url must be the server's http(s) URL"),
+        ("engine=openai", "engine.base_url must be the server's http(s) URL, e.g. http://127.0.0.1:8000/v1, got None"),
+        ("engine.name=tgi", "engine.name must be one of ('hf', 'openai', 'vllm'), got 'tgi'"),
         ("shard=4", "shard must be in [0, num_shards=1), got 4"),
         ("dtype=bf16", "dtype must be one of ('float32', 'bfloat16', 'float16'), got 'bf16'"),
         ("eval.generations.pandalm.max_new_tokens=0", "eval.generations.pandalm.max_new_tokens must be >= 1, got 0"),

@@ -15,7 +15,7 @@ from plwlab.data.alpaca import alpaca_prompt
 from plwlab.data.datamodule import InstructionDataModule
 from plwlab.data.tokenization import cached_tokenize
 from plwlab.evaluation.evaluate import result_row
-from plwlab.evaluation.generation import generate
+from plwlab.evaluation.generation import encode, generate
 from plwlab.evaluation.memorization import memorization_bleu, training_records
 from plwlab.evaluation.responses import reference_outputs, responses
 from plwlab.evaluation.runs import load_run
@@ -74,12 +74,13 @@ def test_memorization_uses_exactly_the_training_split(run_dir):
 def test_memorization_bleu_of_a_perfect_memorizer(run_dir, monkeypatch):
     run = load_run(run_dir)
     records = json.loads(SAMPLE.read_text())
-    by_prompt = {alpaca_prompt(r["instruction"], r["input"]): r["output"] for r in records}
+    by_prompt = {tuple(encode(run.tokenizer, [alpaca_prompt(r["instruction"], r["input"])], True)[0]): r["output"]
+                 for r in records}  # fmt: skip
 
     def parrot(model, tokenizer, prompts, *args, **kwargs):
-        return [tokenizer(by_prompt[p], add_special_tokens=False)["input_ids"] for p in prompts]
+        return [tokenizer(by_prompt[tuple(p)], add_special_tokens=False)["input_ids"] for p in prompts]
 
-    monkeypatch.setattr("plwlab.evaluation.runs.generate", parrot)
+    monkeypatch.setattr("plwlab.evaluation.engines.generate", parrot)
     score, _, _ = memorization_bleu(run, records, n=20)
     assert score > 90  # the byte-level tokenizer round-trips the completions
 
@@ -104,7 +105,7 @@ def test_results_table_replaces_rows_and_survives_concurrent_jobs(tmp_path, run_
 def test_responses_are_cached_and_references_aligned(run_dir, monkeypatch, tmp_path):
     run = load_run(run_dir)
     records = [{"instruction": "Say hi.", "input": ""}, {"instruction": "Add the numbers.", "input": "2 and 3"}]
-    first = responses(run, run_dir, "demo", records, max_new_tokens=6, batch_size=2)
+    first = responses(run, run_dir, "demo", records, max_new_tokens=6)
     assert [(r["instruction"], r["input"], r["generator"]) for r in first] == [("Say hi.", "", run.run_id),
                                                                                ("Add the numbers.", "2 and 3", run.run_id)]  # fmt: skip
     assert all(0 <= r["length"] <= 6 for r in first) and (run_dir / "eval" / "generations" / "demo.json").exists()
@@ -112,10 +113,10 @@ def test_responses_are_cached_and_references_aligned(run_dir, monkeypatch, tmp_p
     def no_generation(*args, **kwargs):
         raise AssertionError("should have used the cache")
 
-    monkeypatch.setattr("plwlab.evaluation.runs.generate", no_generation)
-    assert responses(run, run_dir, "demo", records, max_new_tokens=6, batch_size=2) == first
+    monkeypatch.setattr("plwlab.evaluation.engines.generate", no_generation)
+    assert responses(run, run_dir, "demo", records, max_new_tokens=6) == first
     with pytest.raises(AssertionError, match="cache"):  # other settings: generated again
-        responses(run, run_dir, "demo", records, max_new_tokens=7, batch_size=2)
+        responses(run, run_dir, "demo", records, max_new_tokens=7)
     settings = OmegaConf.create({"dtype": "float32", "device": "cpu", "batch_size": 2})
     assert reference_outputs(str(run_dir), first, "demo", 6, settings) == [r["output"] for r in first]  # another run's
     monkeypatch.undo()
@@ -387,20 +388,20 @@ def test_cached_responses_are_keyed_by_dtype_and_weights(run_dir, tmp_path, monk
     import shutil
 
     import plwlab.evaluation.responses as ev
-    import plwlab.evaluation.runs as runs
+    import plwlab.evaluation.engines as engines
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir / "hf_model", copy / "hf_model")
     records = [{"instruction": "Say hi.", "input": ""}]
     calls = []
-    real = runs.generate
-    monkeypatch.setattr(runs, "generate", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
-    ev.responses(load_run(copy), copy, "demo", records, max_new_tokens=4, batch_size=1)
-    ev.responses(load_run(copy), copy, "demo", records, max_new_tokens=4, batch_size=1)  # cached
-    ev.responses(load_run(copy, dtype="float64"), copy, "demo", records, max_new_tokens=4, batch_size=1)
+    real = engines.generate
+    monkeypatch.setattr(engines, "generate", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    ev.responses(load_run(copy), copy, "demo", records, max_new_tokens=4)
+    ev.responses(load_run(copy), copy, "demo", records, max_new_tokens=4)  # cached
+    ev.responses(load_run(copy, dtype="float64"), copy, "demo", records, max_new_tokens=4)
     weights = next((copy / "hf_model").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes())  # the run was trained again: new weight files
-    ev.responses(load_run(copy, dtype="float64"), copy, "demo", records, max_new_tokens=4, batch_size=1)
+    ev.responses(load_run(copy, dtype="float64"), copy, "demo", records, max_new_tokens=4)
     assert len(calls) == 3
 
 

@@ -102,7 +102,7 @@ def test_alpaca_eval_prompts_use_the_chat_template(tiny):
 class FirstShownWins(PairwiseJudge):
     """Prefers whichever response it is shown first: tests that shuffled pairs are mapped back."""
 
-    def _judge(self, prompts):
+    def _judge(self, prompts, journal=None):
         self.seen = prompts
         return [Verdict(1.0, "1") for _ in prompts]
 
@@ -236,7 +236,7 @@ class ScriptedJudge(PairwiseJudge):
         super().__init__(None, None, "alpaca_eval_guanaco")
         self.kind = kind
 
-    def complete(self, prompts):
+    def complete(self, prompts, journal=None):
         return [_scripted_verdict(self.kind, text) for text, _ in prompts]
 
 

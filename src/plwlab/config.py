@@ -36,7 +36,8 @@ DENOMINATOR_SCOPES = ("step", "micro_batch")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")  # optim.optimizer_impl (plwlab.training.optim)
 JUDGE_STYLES = ("alpaca_eval_guanaco", "alpaca_eval_ranking", "pandalm")  # eval.judges.*.style (evaluation.judges)
 JUDGE_MODES = ("generate", "logprob")
-JUDGE_BACKENDS = ("local", "alpaca_eval")
+JUDGE_BACKENDS = ("local", "openai", "alpaca_eval")
+ENGINES = ("hf", "openai", "vllm")  # engine.name (plwlab.evaluation.engines)
 HALF_DTYPES = ("bfloat16", "float16")
 HALF_TRUE_PRECISIONS = ("bf16-true", "16-true")  # Lightning casts every weight to half precision
 
@@ -174,6 +175,27 @@ class JudgeConfig:  # eval.judges.<name>: a pairwise judge of eval.generations.<
     randomize_order: bool = True
     order_seed: int = 0
     annotators_config: Optional[str] = None
+    base_url: Optional[str] = None  # backend=openai (and alpaca_eval's client): the judge's server, e.g. http://host:8000/v1
+    served_model: Optional[str] = None  # the name the server gives the judge (null: `model`, what `vllm serve <model>` uses)
+    concurrency: int = 16  # backend=openai: requests in flight
+    timeout_s: float = 600.0
+    max_retries: int = 6
+    api_key_env: str = "OPENAI_API_KEY"
+
+
+@dataclass
+class EngineConfig:  # engine= (conf/engine/): arguments of plwlab.evaluation.engines.make_engine
+    name: str = "hf"  # hf (the run's model in this process) | openai (a served model) | vllm (vLLM's offline LLM)
+    base_url: Optional[str] = None  # openai: e.g. http://127.0.0.1:8000/v1
+    model: Optional[str] = None  # openai: the served name; null = the run's hf_model path; may hold {run_name}
+    concurrency: int = 16  # openai: requests in flight
+    timeout_s: float = 600.0  # openai: per request
+    max_retries: int = 6  # openai: on 408/409/429/5xx and lost connections, exponential backoff (0.5 s to 8 s)
+    api_key_env: str = "OPENAI_API_KEY"  # openai: the variable holding the key (read, never logged or written)
+    tensor_parallel_size: int = 1  # vllm
+    data_parallel_size: int = 1  # vllm (lm-eval's harness tasks)
+    gpu_memory_utilization: float = 0.9  # vllm
+    max_model_len: Optional[int] = None  # vllm (null: the model's)
 
 
 @dataclass
@@ -202,6 +224,7 @@ class EvaluateConfig:  # evaluate.py (conf/evaluate.yaml)
     seed: int = 42
     shard: int = 0
     num_shards: int = 1
+    engine: EngineConfig = field(default_factory=EngineConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # the eval= preset: an EvalSuiteConfig, kept a plain mapping so a section can be dropped (~eval.judges); its
     # types and keys are checked by validate_evaluate
@@ -260,10 +283,38 @@ def validate_evaluate(cfg: DictConfig) -> None:
                               f"(it has {sorted(suite.generations) or 'none'})")  # fmt: skip
         if judge.backend == "alpaca_eval" and not judge.annotators_config:
             raise ConfigError(f"{key}.backend=alpaca_eval needs {key}.annotators_config (e.g. guanaco_33b)")
+        if judge.backend == "openai":
+            _check_served(key, judge.base_url, judge.concurrency, judge.timeout_s, judge.max_retries)
+            if judge.mode != "generate":
+                raise ConfigError(f"{key}.backend=openai judges with mode=generate only (a served model's text), got "
+                                  f"mode={judge.mode}")  # fmt: skip
+            beams = (judge.decoding or {}).get("num_beams", 1) if judge.decoding is not None else (
+                4 if judge.style == "pandalm" else 1)  # fmt: skip
+            if beams != 1:
+                raise ConfigError(f"{key}.backend=openai decodes greedily: set {key}.decoding={{}} (PandaLM's default "
+                                  "is a 4-beam search, which OpenAI-compatible servers do not offer)")  # fmt: skip
+    engine = cfg.engine
+    if engine.name not in ENGINES:
+        raise ConfigError(f"engine.name must be one of {ENGINES}, got {engine.name!r}")
+    if engine.name == "openai":
+        _check_served("engine", engine.base_url, engine.concurrency, engine.timeout_s, engine.max_retries)
+    for key in ("tensor_parallel_size", "data_parallel_size"):
+        if engine[key] < 1:
+            raise ConfigError(f"engine.{key} must be >= 1, got {engine[key]}")
+
+
+def _check_served(key: str, base_url: str | None, concurrency: int, timeout_s: float, max_retries: int) -> None:
+    """The settings of a client of an OpenAI-compatible server (``key`` names the section in messages)."""
+    if not base_url or not str(base_url).startswith(("http://", "https://")):
+        raise ConfigError(f"{key}.base_url must be the server's http(s) URL, e.g. http://127.0.0.1:8000/v1, got "
+                          f"{base_url!r}")  # fmt: skip
+    if concurrency < 1 or timeout_s <= 0 or max_retries < 0:
+        raise ConfigError(f"{key}: concurrency must be >= 1, timeout_s > 0 and max_retries >= 0, got {concurrency}, "
+                          f"{timeout_s} and {max_retries}")  # fmt: skip
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig}  # typed ones
-SECTIONS_EVAL = {"wandb": WandbConfig, "eval": EvalSuiteConfig}  # (eval: a mapping, checked as this)
+SECTIONS_EVAL = {"engine": EngineConfig, "wandb": WandbConfig, "eval": EvalSuiteConfig}  # (eval: a mapping, checked as this)
 
 
 def visible_gpus() -> int:

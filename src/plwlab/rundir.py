@@ -138,6 +138,11 @@ class RunDir:
         """The verdicts of the judge ``name`` on the run's responses (preference, as shown, the judge's text)."""
         return self.eval_dir / "judgements" / f"{name}.json"
 
+    def journal_file(self, file: Path) -> Path:
+        """The journal of the completions behind an eval ``file`` (:meth:`generations_file`,
+        :meth:`judgements_file`) while they are computed: what an interrupted evaluation resumes from."""
+        return file.with_name(f"{file.stem}.journal.jsonl")
+
     # -- reading
     @property
     def is_exported(self) -> bool:

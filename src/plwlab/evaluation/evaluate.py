@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from plwlab.config import validate_evaluate
-from plwlab.evaluation.harness import prepare_task, run_lm_eval
+from plwlab.config import typed_suite, validate_evaluate
+from plwlab.evaluation.engines import OpenAIEngine, served_name
+from plwlab.evaluation.harness import harness_model, prepare_task, run_lm_eval
 from plwlab.evaluation.judges import PairwiseJudge, alpaca_eval_package
 from plwlab.evaluation.memorization import memorization_bleu, training_records
 from plwlab.evaluation.responses import read_instructions, reference_outputs, responses
@@ -62,23 +63,25 @@ def judge_rows(run: LoadedRun, run_dir: Path, name: str, spec: DictConfig, outpu
               "batch_size": cfg.batch_size, "seed": spec.get("order_seed", 0),
               "decoding": None if decoding is None else OmegaConf.to_container(decoding)}  # fmt: skip
     if spec.model == "self":  # the evaluated model judges itself: checks the pipeline, not a real judge
-        judge = PairwiseJudge(run.model, run.tokenizer, **kwargs)
+        judge = PairwiseJudge(run.model, run.tokenizer, engine=run.engine, **kwargs)
     else:
-        key = json.dumps([spec.model, kwargs], sort_keys=True)
-        if key not in judges:  # loaded once for all runs
-            dtype, device = spec.get("dtype") or cfg.dtype, spec.get("device") or cfg.device
-            judges[key] = PairwiseJudge.from_pretrained(spec.model, dtype, device, **kwargs)
+        key = json.dumps([spec.model, spec.backend, spec.get("base_url"), kwargs], sort_keys=True)
+        if key not in judges:  # loaded (or connected to) once for all runs
+            judges[key] = make_judge(spec, cfg, kwargs)
         judge = judges[key]
+    judgements = RunDir(run_dir).judgements_file(name)
+    journal = RunDir(run_dir).journal_file(judgements)
     verdicts = judge.compare([o["instruction"] for o in outputs], [o["input"] for o in outputs], reference,
-                             [o["output"] for o in outputs], spec.randomize_order)  # fmt: skip
+                             [o["output"] for o in outputs], spec.randomize_order, journal)  # fmt: skip
     score, stderr, n = win_rate([v.preference for v in verdicts])
     invalid = len(verdicts) - n
     if invalid:
         log.warning("%s %s: %d of %d judge verdicts could not be parsed, e.g. %r", run.run_id, name, invalid,
                     len(verdicts), next(v.raw for v in verdicts if v.preference is None)[:200])  # fmt: skip
-    with atomic_write(RunDir(run_dir).judgements_file(name)) as tmp:
+    with atomic_write(judgements) as tmp:
         tmp.write_text(json.dumps([{"instruction": o["instruction"], "input": o["input"], "preference": v.preference,
                                     "shown": v.shown, "raw": v.raw} for o, v in zip(outputs, verdicts)], indent=1))
+    journal.unlink(missing_ok=True)
     first, decisive = first_position_rate(verdicts)
     rows = [result_row(run, name, "win_rate", score, stderr, n),
             result_row(run, name, "unparsed_verdicts", float(invalid), None, len(verdicts)),
@@ -89,14 +92,24 @@ def judge_rows(run: LoadedRun, run_dir: Path, name: str, spec: DictConfig, outpu
     return rows
 
 
+def make_judge(spec: DictConfig, cfg: DictConfig, kwargs: dict[str, Any]) -> PairwiseJudge:
+    """The judge of ``spec`` (an ``eval.judges`` entry): its model loaded here (``backend=local``) or the server
+    that serves it (``backend=openai``, checked to answer and to serve it)."""
+    if spec.backend == "openai":
+        return PairwiseJudge.served(spec.model, spec.base_url, spec.get("served_model"), spec.concurrency,
+                                    spec.timeout_s, spec.max_retries, spec.api_key_env, **kwargs)  # fmt: skip
+    dtype, device = spec.get("dtype") or cfg.dtype, spec.get("device") or cfg.device
+    return PairwiseJudge.from_pretrained(spec.model, dtype, device, **kwargs)
+
+
 def evaluate_run(
     cfg: DictConfig, run_dir: Path, judges: dict[str, PairwiseJudge], results: Path
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The evaluations of ``cfg.eval`` for one run. Each benchmark's rows go into ``results`` as soon as they are
     done; a benchmark that fails is logged and recorded in ``<run_dir>/eval/status.json`` and the others go on.
     Returns the rows and the failures ("benchmark: error")."""
-    run = load_run(run_dir, cfg.dtype, cfg.device)
-    ev = cfg.eval
+    run = load_run(run_dir, cfg.dtype, cfg.device, cfg.engine, cfg.batch_size)
+    ev = typed_suite(cfg.eval)  # every key, defaults included
     rows: list[dict[str, Any]] = []
     status: dict[str, str] = {}
     generated: dict[str, list[dict[str, Any]]] = {}
@@ -117,7 +130,9 @@ def evaluate_run(
         def memorization() -> list[dict[str, Any]]:
             mem = ev.memorization
             records = training_records(run_dir, run.tokenizer)
-            score, signature, n = memorization_bleu(run, records, mem.n, cfg.seed, mem.max_new_tokens, cfg.batch_size)
+            journal = RunDir(run_dir).journal_file(RunDir(run_dir).generations_file("memorization"))
+            score, signature, n = memorization_bleu(run, records, mem.n, cfg.seed, mem.max_new_tokens, journal)
+            journal.unlink(missing_ok=True)
             log.info("%s memorization BLEU %.2f over %d prompts [%s]", run.run_id, score, n, signature)
             return [result_row(run, "memorization", "bleu", score, None, n)]
 
@@ -125,8 +140,7 @@ def evaluate_run(
     for name, spec in (ev.get("generations") or {}).items():
 
         def generation(name: str = name, spec: DictConfig = spec) -> list[dict[str, Any]]:
-            outputs = responses(run, run_dir, name, read_instructions(spec.instructions, spec.limit),
-                                spec.max_new_tokens, cfg.batch_size)  # fmt: skip
+            outputs = responses(run, run_dir, name, read_instructions(spec.instructions, spec.limit), spec.max_new_tokens)
             lengths = torch.tensor([o["length"] for o in outputs], dtype=torch.float64)
             stderr = float(lengths.std() / len(lengths) ** 0.5) if len(lengths) > 1 else None
             generated[name] = outputs
@@ -137,15 +151,18 @@ def evaluate_run(
     if ev.get("lm_eval") and ev.lm_eval.tasks:
         harness = {"lm_eval_version": version("lm_eval"), "add_bos_token": ev.lm_eval.get("add_bos_token")}
         task_dir = RunDir(run_dir).eval_dir / "lm_eval_tasks"
+        models: dict[str, Any] = {}
         for benchmark, t in ev.lm_eval.tasks.items():
 
             def lm_eval(benchmark: str = benchmark, t: DictConfig = t) -> list[dict[str, Any]]:
                 task = prepare_task(benchmark, task_dir, t.num_fewshot, t.get("data"), t.get("fewshot_data"),
                                     ev.lm_eval.max_gen_toks)  # fmt: skip
-                limit = t.get("limit", ev.lm_eval.limit)  # a task's own subset, else the preset's
+                limit = ev.lm_eval.limit if t.limit is None else t.limit  # a task's own subset, else the preset's
+                if "lm" not in models:  # one lm-eval model for all of the run's tasks
+                    models["lm"] = harness_model(run, cfg.engine, cfg.batch_size, cfg.device, cfg.dtype,
+                                                 ev.lm_eval.get("add_bos_token"))  # fmt: skip
                 return [result_row(run, b, m, score, stderr, n) for b, m, score, stderr, n in
-                        run_lm_eval(run.model, run.tokenizer, [task], task_dir, limit, cfg.batch_size, cfg.device,
-                                    ev.lm_eval.get("add_bos_token"))]  # fmt: skip
+                        run_lm_eval(models["lm"], [task], task_dir, limit)]  # fmt: skip
 
             step(benchmark, lm_eval)
     for name, spec in (ev.get("judges") or {}).items():
@@ -184,6 +201,26 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, rows: Sequence[dict[str, Any]])
         w.log({"results": wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows])})
 
 
+def check_servers(cfg: DictConfig, runs: Sequence[Path]) -> None:
+    """Before any work: every server the config names answers and serves what it is asked for (each run's model
+    with ``engine=openai``, each ``backend=openai`` judge); a fixed ``engine.model`` is refused for several runs
+    (they would all be answered by one model)."""
+    if cfg.engine.name == "openai":
+        model = cfg.engine.model
+        if model is not None and "{run_name}" not in model and len(runs) > 1:
+            raise ValueError(f"engine.model={model} would answer for all {len(runs)} runs; leave it null (each run's "
+                             "hf_model path, the name `vllm serve <run>/hf_model` gives it) or put {run_name} in it")  # fmt: skip
+        served = OpenAIEngine(None, cfg.engine.base_url, "", max_retries=1).served_models()
+        names = [served_name(model, RunDir(r).hf_model) for r in runs]
+        missing = [n for n in names if n not in served]
+        if missing:
+            raise ValueError(f"the server at {cfg.engine.base_url} does not serve {missing[0]!r} ({len(missing)} of "
+                             f"{len(runs)} runs' models missing); it serves {served}")  # fmt: skip
+    for spec in typed_suite(cfg.eval).judges.values():
+        if spec.backend == "openai" and spec.reference is not None and spec.model != "self":
+            OpenAIEngine(None, spec.base_url, spec.get("served_model") or spec.model, max_retries=1).check()
+
+
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate every run matching ``cfg.run_dir`` (a run directory or a glob over a sweep, or a list of them; with
     ``num_shards`` > 1 only every ``num_shards``-th run from ``shard``) and append the rows to the results table (``cfg.results``,
@@ -204,6 +241,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
                          "once train.py has finished it")  # fmt: skip
     results = check_results_path(cfg.results or default_path(runs))  # before any work: nothing computed is lost
     runs = runs[cfg.shard :: cfg.num_shards]
+    check_servers(cfg, runs)
     judges: dict[str, PairwiseJudge] = {}
     rows: list[dict[str, Any]] = []
     failed = list(not_done)

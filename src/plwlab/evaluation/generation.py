@@ -9,7 +9,9 @@ import torch
 from rich.progress import Progress
 
 
-def _encode(tokenizer: Any, texts: Sequence[str], add_bos: bool) -> list[list[int]]:
+def encode(tokenizer: Any, texts: Sequence[str], add_bos: bool) -> list[list[int]]:
+    """Each text's token ids as training tokenized it: ``[bos] + tok(text)`` (no BOS with ``add_bos=False``, for
+    texts that hold it already, e.g. from a chat template)."""
     bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
     return [bos + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
@@ -20,19 +22,18 @@ def _pad_id(tokenizer: Any) -> int:
 
 @torch.no_grad()
 def generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
-    progress: bool = True, add_bos: bool = True, description: str = "generating", stop_ids: Sequence[int] | None = None,
-    **decoding: Any,
+    model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[list[int]], max_new_tokens: int = 256,
+    batch_size: int = 8, progress: bool = True, add_bos: bool = True, description: str = "generating",
+    stop_ids: Sequence[int] | None = None, **decoding: Any,
 ) -> list[list[int]]:  # fmt: skip
     """Greedy completions (token ids, without the prompt, cut at EOS or at any of ``stop_ids``, e.g. a chat
     template's end-of-turn token) for ``prompts``, in their order; ``decoding`` goes to ``model.generate`` (e.g.
     PandaLM's ``num_beams=4, repetition_penalty=1.2``).
 
-    Prompts are tokenized as in training (``[bos] + tok(prompt)``; ``add_bos=False`` for prompts that already
-    hold it, e.g. from a chat template), sorted by length so each batch pads little, and left-padded so every
-    row ends at its prompt's last token.
+    Prompts (texts, or token ids already encoded) are tokenized by :func:`encode`, sorted by length so each batch
+    pads little, and left-padded so every row ends at its prompt's last token.
     """
-    encoded = _encode(tokenizer, prompts, add_bos)
+    encoded = [list(p) for p in prompts] if prompts and not isinstance(prompts[0], str) else encode(tokenizer, prompts, add_bos)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     pad = _pad_id(tokenizer)
     stops = list(stop_ids or [tokenizer.eos_token_id])
@@ -57,7 +58,7 @@ def generate(
 @torch.no_grad()
 def continuation_logprobs(model: Any, tokenizer: Any, prompt: str, continuations: Sequence[str], add_bos: bool = True) -> list[float]:
     """Total log-probability of each of ``continuations`` right after ``prompt`` (one right-padded batch)."""
-    context = _encode(tokenizer, [prompt], add_bos)[0]
+    context = encode(tokenizer, [prompt], add_bos)[0]
     tails = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
     rows = [context + t for t in tails]
     width = max(map(len, rows))

@@ -200,25 +200,50 @@ class _InMemoryModelNotice(logging.Filter):
         return not message.startswith(("`pretrained` model kwarg is not of type", "Passed an already-initialized model"))
 
 
-def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], task_dir: str | Path, limit: int | None = None,
-                batch_size: int = 8, device: str = "cpu", add_bos_token: bool | None = None,
-                ) -> list[tuple[str, str, float, float | None, int]]:  # fmt: skip
-    """lm-eval-harness on the in-memory model for the prepared ``tasks`` (YAMLs in ``task_dir``). Returns
-    (benchmark, metric, score, stderr, n) per metric.
+def harness_model(run: Any, engine: Any = None, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
+                  add_bos_token: bool | None = None) -> Any:  # fmt: skip
+    """The lm-eval model that scores ``run`` (a :class:`plwlab.evaluation.runs.LoadedRun`) on the engine of
+    ``engine`` (:class:`plwlab.config.EngineConfig`; None: ``hf``): ``hf``: lm-eval's ``HFLM`` on the in-memory model;
+    ``openai``: lm-eval's ``local-completions`` on the same server and served name as the run's generations (token
+    ids sent, the run's own tokenizer; loglikelihood needs prompt logprobs with ``echo``, as vLLM's server gives);
+    ``vllm``: lm-eval's ``vllm`` model on the run's export.
 
     ``add_bos_token``: whether every context starts with BOS. ``None`` is the installed lm-eval's default: from
     v0.4.9.2 on it lets the tokenizer add BOS; the versions the paper ran (commits b281b09, b93c3bc) encoded
     contexts without special tokens, which ``False`` reproduces.
     """
-    from lm_eval import simple_evaluate  # lm-eval takes seconds to import: only when a task runs
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    name = engine.name if engine is not None else "hf"
+    if name == "openai":
+        from lm_eval.models.openai_completions import LocalCompletionsAPI  # lm-eval: only when a task runs
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown what a user needs
+        return LocalCompletionsAPI(base_url=f"{run.engine.base_url}/completions", model=run.engine.model,
+                                   tokenizer=str(run.hf_model), tokenizer_backend="huggingface",
+                                   tokenized_requests=True, num_concurrent=engine.concurrency,
+                                   max_retries=max(engine.max_retries, 1), timeout=int(engine.timeout_s),
+                                   add_bos_token=bool(add_bos_token), batch_size=1)  # fmt: skip
+    if name == "vllm":
+        from lm_eval.models.vllm_causallms import VLLM
+
+        return VLLM(pretrained=str(run.hf_model), dtype=dtype, tensor_parallel_size=engine.tensor_parallel_size,
+                    data_parallel_size=engine.data_parallel_size, gpu_memory_utilization=engine.gpu_memory_utilization,
+                    max_model_len=engine.max_model_len, batch_size="auto", add_bos_token=add_bos_token)  # fmt: skip
+    from lm_eval.models.huggingface import HFLM
+
     hf_logger = logging.getLogger("lm_eval.models.huggingface")
     if not any(isinstance(f, _InMemoryModelNotice) for f in hf_logger.filters):
         hf_logger.addFilter(_InMemoryModelNotice())
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, add_bos_token=add_bos_token)
+    return HFLM(pretrained=run.model, tokenizer=run.tokenizer, batch_size=batch_size, device=device,
+                add_bos_token=add_bos_token)
+
+
+def run_lm_eval(lm: Any, tasks: Sequence[str], task_dir: str | Path, limit: int | None = None,
+                ) -> list[tuple[str, str, float, float | None, int]]:  # fmt: skip
+    """lm-eval-harness with the lm-eval model ``lm`` (:func:`harness_model`) on the prepared ``tasks`` (YAMLs in
+    ``task_dir``). Returns (benchmark, metric, score, stderr, n) per metric."""
+    from lm_eval import simple_evaluate  # lm-eval takes seconds to import: only when a task runs
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown what a user needs
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, bootstrap_iters=1000,
                           random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=1234)  # fmt: skip

@@ -1,7 +1,11 @@
 """Pairwise LLM judges: AlpacaEval-1 win rate against reference outputs and PandaLM, as the paper ran them.
 
-A judge is any local HF causal LM (hub id or path; the paper used Mixtral 8x7B for AlpacaEval and PandaLM-7B for
-PandaLM). Styles (the prompt and its parser, both in :mod:`plwlab.evaluation.judge_prompts`):
+A judge is any HF causal LM (hub id or path; the paper used Mixtral 8x7B for AlpacaEval and PandaLM-7B for
+PandaLM), loaded in this process (``backend=local``) or served once for a whole sweep by an OpenAI-compatible server
+(``backend=openai``, :meth:`PairwiseJudge.served`: ``vllm serve mistralai/Mixtral-8x7B-Instruct-v0.1``). Both
+build the same prompt with the judge's own tokenizer and chat template and parse the verdict with the same parser;
+the served judge has ``concurrency`` requests in flight. With a journal every verdict's text is kept as it arrives,
+so an interrupted judging resumes where it stopped. Styles (the prompt and its parser, both in :mod:`plwlab.evaluation.judge_prompts`):
 
 - ``alpaca_eval_guanaco`` (the paper's AlpacaEval judge): alpaca_eval's ``guanaco_33b`` annotator, "Output (a)" or
   "Output (b)" with its worked example, parsed with the package's regex parser; the paper put it in Mixtral's
@@ -31,7 +35,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from plwlab.evaluation.generation import continuation_logprobs, generate
+from plwlab.evaluation.engines import Engine, HFEngine, OpenAIEngine
+from plwlab.evaluation.generation import continuation_logprobs
 from plwlab.evaluation.judge_prompts import (
     GUANACO_SYSTEM, LOGPROB_VERDICTS, PANDALM_DECODING, PANDALM_SPECIAL, PARSERS, alpaca_eval_messages, guanaco_prompt,
     instruction_text, is_switched, pandalm_prompt,
@@ -40,7 +45,9 @@ from plwlab.evaluation.verdicts import Verdict
 
 
 class PairwiseJudge:
-    """A local causal LM that judges pairs of responses in one of :data:`plwlab.config.JUDGE_STYLES`.
+    """A causal LM that judges pairs of responses in one of :data:`plwlab.config.JUDGE_STYLES`: ``model`` in this
+    process, or the ``engine`` that serves it (then ``model`` may be None; ``tokenizer`` is the judge's, for its
+    prompts).
 
     ``decoding`` goes to ``generate`` (default: greedy; ``pandalm`` style: PandaLM's beam search,
     :data:`PANDALM_DECODING`; pass ``{}`` for greedy).
@@ -48,7 +55,7 @@ class PairwiseJudge:
 
     def __init__(self, model: Any, tokenizer: Any, style: str = "alpaca_eval_guanaco", mode: str = "generate",
                  max_new_tokens: int | None = None, batch_size: int = 4, seed: int = 0, progress: bool = True,
-                 decoding: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 decoding: dict[str, Any] | None = None, engine: Engine | None = None) -> None:  # fmt: skip
         if style not in PARSERS:
             raise ValueError(f"judge style must be one of {list(PARSERS)}, got {style!r}")
         if mode not in ("generate", "logprob"):
@@ -58,6 +65,11 @@ class PairwiseJudge:
         self.max_new_tokens = max_new_tokens or default_tokens
         self.decoding = dict(PANDALM_DECODING if style == "pandalm" else {}) if decoding is None else dict(decoding)
         self.batch_size, self.seed, self.progress = batch_size, seed, progress
+        name = getattr(getattr(model, "config", None), "_name_or_path", "")
+        self.engine = engine or HFEngine(model, tokenizer, batch_size, identity=f"hf judge {name}")
+        if mode == "logprob" and model is None:
+            raise ValueError("a judge in mode=logprob scores verdict strings with its model in this process "
+                             "(backend=local, engine=hf)")  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, name: str, dtype: str = "bfloat16", device: str = "cpu", **kwargs: Any) -> PairwiseJudge:
@@ -71,6 +83,17 @@ class PairwiseJudge:
         tokenizer = AutoTokenizer.from_pretrained(name)
         tokenizer.padding_side = "left"
         return cls(model, tokenizer, **kwargs)
+
+    @classmethod
+    def served(cls, name: str, base_url: str, served_model: str | None = None, concurrency: int = 16,
+               timeout_s: float = 600.0, max_retries: int = 6, api_key_env: str = "OPENAI_API_KEY",
+               **kwargs: Any) -> PairwiseJudge:  # fmt: skip
+        """The judge ``name`` (HF id or path: its tokenizer builds the prompts here) served at ``base_url`` under
+        ``served_model`` (default ``name``); checked to answer and to serve it before any pair is judged."""
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        engine = OpenAIEngine(tokenizer, base_url, served_model or name, concurrency, timeout_s, max_retries, api_key_env)
+        engine.check()
+        return cls(None, tokenizer, engine=engine, **kwargs)
 
     def _chat(self, system: str, user: str) -> tuple[str, bool] | None:
         """``system`` + ``user`` in the judge's chat template (a template without a system role, like Mixtral's,
@@ -97,17 +120,18 @@ class PairwiseJudge:
         return self._chat(system, user) or (chatml, True)
 
     def compare(self, instructions: Sequence[str], inputs: Sequence[str], first: Sequence[str],
-                second: Sequence[str], randomize_order: bool = True) -> list[Verdict]:  # fmt: skip
+                second: Sequence[str], randomize_order: bool = True, journal: Path | None = None) -> list[Verdict]:  # fmt: skip
         """Verdicts on ``first[i]`` vs ``second[i]`` (preference 2 = ``second`` better). With ``randomize_order``
         each pair is shown swapped or not by :func:`is_switched` on its instruction and mapped back; identical
-        outputs score 1.5 unasked (AlpacaEval's rules; PandaLM asks its judge about every pair)."""
+        outputs score 1.5 unasked (AlpacaEval's rules; PandaLM asks its judge about every pair). ``journal``: the
+        file each verdict's text is appended to as it arrives, and reused from on a rerun."""
         if not len(instructions) == len(inputs) == len(first) == len(second):
             raise ValueError("instructions, inputs and both output lists must have the same length")
         alpaca = self.style != "pandalm"
         swapped = [randomize_order and is_switched(instruction_text(i, x), self.seed) for i, x in zip(instructions, inputs)]
         ask = [i for i in range(len(first)) if not (alpaca and first[i] == second[i])]
         pairs = {i: (second[i], first[i]) if swapped[i] else (first[i], second[i]) for i in ask}
-        judged = self._judge([self.prompt(instructions[i], inputs[i], *pairs[i]) for i in ask])
+        judged = self._judge([self.prompt(instructions[i], inputs[i], *pairs[i]) for i in ask], journal)
         verdicts = [Verdict(1.5, "identical outputs") for _ in first]
         for i, v in zip(ask, judged):
             v.shown = v.preference
@@ -116,7 +140,7 @@ class PairwiseJudge:
             verdicts[i] = v
         return verdicts
 
-    def _judge(self, prompts: Sequence[tuple[str, bool]]) -> list[Verdict]:
+    def _judge(self, prompts: Sequence[tuple[str, bool]], journal: Path | None = None) -> list[Verdict]:
         if self.mode == "logprob":
             choices = LOGPROB_VERDICTS[self.style]
             out = []
@@ -125,22 +149,22 @@ class PairwiseJudge:
                 best = max(range(len(scores)), key=scores.__getitem__)
                 out.append(Verdict(list(choices.values())[best], list(choices)[best]))
             return out
-        raw = self.complete(prompts)
+        raw = self.complete(prompts, journal)
         if self.style == "pandalm":  # PandaLM strips special tokens from the decoded text before its rule
             raw = [PANDALM_SPECIAL.sub("", r.strip()).strip() for r in raw]
         return [Verdict(PARSERS[self.style](r), r) for r in raw]
 
-    def complete(self, prompts: Sequence[tuple[str, bool]]) -> list[str]:
+    def complete(self, prompts: Sequence[tuple[str, bool]], journal: Path | None = None) -> list[str]:
         """The judge's text after each prompt (``(text, add_bos)``), decoded without special tokens."""
         out = [""] * len(prompts)
         for add_bos in (True, False):  # chat-templated prompts already hold their BOS
             idx = [i for i, (_, b) in enumerate(prompts) if b == add_bos]
             if not idx:
                 continue
-            ids = generate(self.model, self.tokenizer, [prompts[i][0] for i in idx], self.max_new_tokens,
-                           self.batch_size, self.progress, add_bos=add_bos, description="judging", **self.decoding)  # fmt: skip
-            for i, tokens in zip(idx, ids):
-                out[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            done = self.engine.complete([prompts[i][0] for i in idx], self.max_new_tokens, add_bos=add_bos,
+                                        description="judging", progress=self.progress, journal=journal, **self.decoding)  # fmt: skip
+            for i, completion in zip(idx, done):
+                out[i] = completion.text
         return out
 
 

@@ -23,7 +23,7 @@ from plwlab.evaluation.evaluate import evaluate
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad paths or values, failed runs: one line
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad paths or values, servers, failed runs: one line
         raise SystemExit(f"error: {e}") from None
 
 

@@ -12,21 +12,21 @@ import sacrebleu
 from omegaconf import OmegaConf
 
 from plwlab.data.datamodule import InstructionDataModule
-from plwlab.evaluation.runs import LoadedRun, example_prompt, run_generate
+from plwlab.evaluation.runs import LoadedRun, example_prompt, run_complete
 from plwlab.rundir import RunDir
 
 
 def memorization_bleu(
     run: LoadedRun, examples: Sequence[Any], n: int = 10_000, seed: int = 42, max_new_tokens: int = 256,
-    batch_size: int = 8,
+    journal: Path | None = None,
 ) -> tuple[float, str, int]:  # fmt: skip
-    """Corpus BLEU of greedy generations for ``n`` prompts sampled from the training ``examples`` against their
-    training completions (sacreBLEU, 13a tokenization, exponential smoothing; a conversation: its last assistant
-    turn from the turns before it). Returns (score, signature, n used)."""
+    """Corpus BLEU of the run engine's greedy generations for ``n`` prompts sampled from the training ``examples``
+    against their training completions (sacreBLEU, 13a tokenization, exponential smoothing; a conversation: its last
+    assistant turn from the turns before it). Returns (score, signature, n used). ``journal``: where the
+    generations are kept as they arrive (an interrupted evaluation resumes from it)."""
     sample = random.Random(seed).sample(list(examples), min(n, len(examples)))
     prompts, references = zip(*(example_prompt(run, e) for e in sample))
-    ids = run_generate(run, prompts, max_new_tokens, batch_size, "memorization")
-    hypotheses = run.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    hypotheses = [c.text for c in run_complete(run, prompts, max_new_tokens, "memorization", journal)]
     bleu = sacrebleu.metrics.BLEU(tokenize="13a", smooth_method="exp")
     score = bleu.corpus_score(hypotheses, [list(references)])
     return score.score, str(bleu.get_signature()), len(sample)

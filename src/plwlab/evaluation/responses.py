@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from plwlab.evaluation.runs import LoadedRun, instruction_prompt, load_run, run_generate
+from plwlab.evaluation.runs import LoadedRun, instruction_prompt, load_run, run_complete
 from plwlab.files import atomic_write
 from plwlab.rundir import RunDir
 
@@ -28,30 +28,33 @@ def read_instructions(path: str | Path, limit: int | None = None) -> list[dict[s
     return [{"instruction": r["instruction"], "input": r.get("input") or ""} for r in records][:limit]
 
 
-def responses(run: LoadedRun, run_dir: Path, name: str, records: Sequence[dict[str, str]], max_new_tokens: int,
-              batch_size: int) -> list[dict[str, Any]]:  # fmt: skip
+def responses(run: LoadedRun, run_dir: Path, name: str, records: Sequence[dict[str, str]],
+              max_new_tokens: int) -> list[dict[str, Any]]:  # fmt: skip
     """The run's greedy responses to ``records`` (prompted as it was trained:
-    :func:`plwlab.evaluation.runs.instruction_prompt`), as AlpacaEval-style records (instruction, input, output,
-    generator, length in tokens). Cached in ``<run_dir>/eval/generations/<name>.json`` and reused while what
-    determines them is the same: the instructions, ``max_new_tokens``, the dtype the model ran in and its weight
-    files."""
-    cache = RunDir(run_dir).generations_file(name)
-    dtype = str(next(run.model.parameters()).dtype).removeprefix("torch.")
+    :func:`plwlab.evaluation.runs.instruction_prompt`) by its engine, as AlpacaEval-style records (instruction,
+    input, output, generator, length in tokens). Cached in ``<run_dir>/eval/generations/<name>.json`` and reused
+    while what determines them is the same: the instructions, ``max_new_tokens``, the engine (for ``hf``: the dtype
+    the model ran in and its weight files; for a server: its URL and the served name). While they are generated,
+    each arrives in a journal beside the cache, which a rerun resumes from."""
+    run_files = RunDir(run_dir)
+    cache = run_files.generations_file(name)
+    engine = run.engine.identity
     if cache.exists():
         cached = json.loads(cache.read_text())
-        key = ("instruction", "input", "max_new_tokens", "dtype", "weights")
+        key = ("instruction", "input", "max_new_tokens", "engine")
         same = [tuple(r.get(k) for k in key) for r in cached]
-        if same == [(r["instruction"], r["input"], max_new_tokens, dtype, run.weights) for r in records]:
+        if same == [(r["instruction"], r["input"], max_new_tokens, engine) for r in records]:
             log.info("%s: reusing %d %s responses from %s", run.run_id, len(cached), name, cache)
             return cached
-    ids = run_generate(run, [instruction_prompt(run, r["instruction"], r["input"]) for r in records], max_new_tokens,
-                       batch_size, f"{name} responses")  # fmt: skip
-    texts = run.tokenizer.batch_decode(ids, skip_special_tokens=True)
-    out = [{"instruction": r["instruction"], "input": r["input"], "output": t.strip(), "generator": run.run_id,
-            "length": len(i), "max_new_tokens": max_new_tokens, "dtype": dtype, "weights": run.weights}
-           for r, t, i in zip(records, texts, ids)]  # fmt: skip
+    journal = run_files.journal_file(cache)
+    done = run_complete(run, [instruction_prompt(run, r["instruction"], r["input"]) for r in records], max_new_tokens,
+                        f"{name} responses", journal)  # fmt: skip
+    out = [{"instruction": r["instruction"], "input": r["input"], "output": c.text.strip(), "generator": run.run_id,
+            "length": c.tokens, "max_new_tokens": max_new_tokens, "engine": engine, "weights": run.weights}
+           for r, c in zip(records, done)]  # fmt: skip
     with atomic_write(cache) as tmp:
         tmp.write_text(json.dumps(out, indent=1, ensure_ascii=False))
+    journal.unlink(missing_ok=True)
     return out
 
 
@@ -65,7 +68,8 @@ def reference_outputs(reference: str, records: Sequence[dict[str, Any]], generat
         cache = RunDir(path).generations_file(generations)
         if not cache.exists():
             log.info("generating the reference responses of %s", path)
-            responses(load_run(path, cfg.dtype, cfg.device), path, generations, records, max_new_tokens, cfg.batch_size)
+            other = load_run(path, cfg.dtype, cfg.device, cfg.get("engine"), cfg.batch_size)
+            responses(other, path, generations, records, max_new_tokens)
         path = cache
     if not path.exists():
         raise FileNotFoundError(f"reference responses {path} not found")

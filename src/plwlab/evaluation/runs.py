@@ -1,6 +1,6 @@
-"""A trained run loaded for evaluation: its exported model and tokenizer, the labels its result rows carry, and how
-it is prompted: as it was trained (the Alpaca template, the bare prompt of prompt/completion data, or its chat
-template)."""
+"""A trained run loaded for evaluation: its exported model and tokenizer, the engine that generates for it
+(:mod:`plwlab.evaluation.engines`), the labels its result rows carry, and how it is prompted: as it was trained (the
+Alpaca template, the bare prompt of prompt/completion data, or its chat template)."""
 
 from __future__ import annotations
 
@@ -18,20 +18,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from plwlab.data.alpaca import prompt_text, user_text
 from plwlab.data.chat import end_of_turn_ids, render_chat
 from plwlab.data.sources import CHAT_FORMATS
-from plwlab.evaluation.generation import generate
+from plwlab.evaluation.engines import Completion, Engine, HFEngine, make_engine
 from plwlab.rundir import RunDir
 from plwlab.training.model import ModelLoadError
 
 
 @dataclass
 class LoadedRun:
-    model: Any
+    model: Any  # None when a served or vLLM engine generates for it
     tokenizer: Any
     meta: dict[str, Any]  # plwlab.json: plw, model, dataset, rg, ...
     run_id: str  # plwlab.rundir.RunDir.run_id
     config_digest: str | None = None  # status.json: the training config's identity
     train_steps: int | None = None  # metrics.json: optimizer steps trained
     weights: str = ""  # fingerprint of the exported weight files: cached responses are only reused for the same
+    engine: Engine | None = None  # what generates its completions (default: HF generate on ``model``)
+    hf_model: Path | None = None  # the export's folder
 
 
 def weights_fingerprint(export: Path) -> str:
@@ -42,9 +44,12 @@ def weights_fingerprint(export: Path) -> str:
     return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
 
 
-def load_run(run_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> LoadedRun:
+def load_run(run_dir: str | Path, dtype: str = "float32", device: str = "cpu", engine: Any = None,
+             batch_size: int = 8) -> LoadedRun:  # fmt: skip
     """The HF export of a training run (``<run_dir>/hf_model``; that folder itself may be given); a LoRA adapter is
-    loaded onto its base model with peft."""
+    loaded onto its base model with peft. ``engine`` (:class:`plwlab.config.EngineConfig`, default ``hf``): what
+    generates for it; with ``openai`` or ``vllm`` only its tokenizer is loaded here (the served name is checked
+    first)."""
     run = RunDir(run_dir)
     if not run.is_exported and RunDir(run.path.parent).hf_model == run.path:  # the hf_model folder itself
         run = RunDir(run.path.parent)
@@ -53,8 +58,11 @@ def load_run(run_dir: str | Path, dtype: str = "float32", device: str = "cpu") -
                                 "dir from train.py")  # fmt: skip
     export = run.hf_model
     kwargs = {"dtype": getattr(torch, dtype)}
+    local = engine is None or engine.name == "hf"
     try:
-        if (export / "adapter_config.json").exists():
+        if not local:
+            model = None
+        elif (export / "adapter_config.json").exists():
             from peft import AutoPeftModelForCausalLM  # only LoRA runs pay for importing peft
 
             model = AutoPeftModelForCausalLM.from_pretrained(export, **kwargs)
@@ -66,10 +74,15 @@ def load_run(run_dir: str | Path, dtype: str = "float32", device: str = "cpu") -
         raise ModelLoadError(f"cannot load the exported model {export}: {first}; retrain the run (resume=false) or "
                              "restore its hf_model/") from None  # fmt: skip
     tokenizer.padding_side = "left"
-    return LoadedRun(
-        model.to(device).eval(), tokenizer, run.export_meta(), run.run_id, config_digest=run.status().get("config_digest"),
-        train_steps=run.metrics().get("global_steps"), weights=weights_fingerprint(export),
-    )  # fmt: skip
+    weights = weights_fingerprint(export)
+    if model is not None:
+        model = model.to(device).eval()
+    identity = f"hf {dtype} {weights}"
+    generator = HFEngine(model, tokenizer, batch_size, identity) if local else make_engine(
+        engine, model, tokenizer, export, batch_size, dtype, identity)  # fmt: skip
+    return LoadedRun(model, tokenizer, run.export_meta(), run.run_id, config_digest=run.status().get("config_digest"),
+                     train_steps=run.metrics().get("global_steps"), weights=weights, engine=generator,
+                     hf_model=export)  # fmt: skip
 
 
 def is_chat_run(run: LoadedRun) -> bool:
@@ -77,12 +90,14 @@ def is_chat_run(run: LoadedRun) -> bool:
     return run.meta.get("data_format", "alpaca") in CHAT_FORMATS
 
 
-def run_generate(run: LoadedRun, prompts: Sequence[str], max_new_tokens: int, batch_size: int, description: str) -> list[list[int]]:
-    """:func:`plwlab.evaluation.generation.generate` as the run was trained: a chat run's prompts hold the template's own BOS
-    and generation stops at the template's end of turn."""
+def run_complete(run: LoadedRun, prompts: Sequence[str], max_new_tokens: int, description: str,
+                 journal: Path | None = None) -> list[Completion]:  # fmt: skip
+    """The run's engine's greedy completions of ``prompts`` as the run was trained: a chat run's prompts hold the
+    template's own BOS and generation stops at the template's end of turn (``journal``: see
+    :meth:`plwlab.evaluation.engines.Engine.complete`)."""
     chat = is_chat_run(run)
-    return generate(run.model, run.tokenizer, prompts, max_new_tokens, batch_size, add_bos=not chat,
-                    description=description, stop_ids=end_of_turn_ids(run.tokenizer) if chat else None)  # fmt: skip
+    return run.engine.complete(prompts, max_new_tokens, add_bos=not chat, description=description, journal=journal,
+                               stop_ids=end_of_turn_ids(run.tokenizer) if chat else None)  # fmt: skip
 
 
 def instruction_prompt(run: LoadedRun, instruction: str, input: str = "") -> str:  # noqa: A002
