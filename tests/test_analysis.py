@@ -425,3 +425,17 @@ def test_cli_study_and_notebook_fit_the_same_rows(tmp_path):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "nb" / name), pd.read_csv(tmp_path / "cli" / name))
     assert len(pd.read_csv(tmp_path / "nb" / "relative_scores.csv")) == len(scores)
     assert "run_metrics" in summary["figures"]  # memorization BLEU and generation length from the table
+
+
+def test_a_judges_first_position_rate_is_on_its_percent_scale():
+    """evaluate.py writes first_position_rate in % (plwlab.evaluation.verdicts); the table check took it for a
+    fraction and refused evaluate.py's own table (the cluster rehearsal of docs/evaluation.md found it)."""
+    from plwlab.analysis.scores import check_scores
+
+    table = _study(plws=(0.0, 0.01, 0.1, 1.0))
+    judge = table[table["benchmark"] == table["benchmark"].iloc[0]].copy()
+    judge["benchmark"], judge["metric"], judge["score"] = "alpaca_eval", "first_position_rate", 100.0
+    check_scores(pd.concat([table, judge], ignore_index=True))  # accepted
+    judge["score"] = 140.0
+    with pytest.raises(ValueError, match=r"first_position_rate scores lie in \[0, 100\], got 140"):
+        check_scores(pd.concat([table, judge], ignore_index=True))

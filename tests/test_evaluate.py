@@ -414,3 +414,14 @@ def test_rows_that_cannot_be_added_are_kept_beside_the_table(tmp_path):
     (pending,) = tmp_path.glob("r.pending-*.csv")
     assert [(r["run_id"], r["score"]) for r in csv.DictReader(pending.open())] == [("s/r", "0.5")]
     assert table.read_text() == "not,a,results,table\n"
+
+
+def test_hydra_group_overrides_with_a_slash_are_not_run_folders():
+    """``hydra/launcher=slurm`` (the docs' SLURM evaluation) has a '/' before its '=' like a sweep's run folder: it
+    was taken for a run folder ("no finished training run matches hydra/launcher=slurm")."""
+    from plwlab.evaluation.main import arguments
+
+    assert arguments(["-m", "run_dir='out/*'", "hydra/launcher=slurm", "hydra/sweeper=basic", "shard=0,1"]) == [
+        "-m", "run_dir='out/*'", "hydra/launcher=slurm", "hydra/sweeper=basic", "shard=0,1"]  # fmt: skip
+    assert arguments(["outputs/plwlab/data.limit=48,plw=0.1", "eval=quick"]) == [
+        "eval=quick", "run_dir='outputs/plwlab/data.limit=48,plw=0.1'"]  # fmt: skip

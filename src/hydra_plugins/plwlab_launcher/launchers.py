@@ -105,7 +105,9 @@ class SlurmLauncher(SubmititSlurmLauncher):
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info("#%d : %s", idx, " ".join(filter_overrides(overrides)))
             config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            request = slurm_resources(OmegaConf.to_container(config.trainer, resolve=True), params)
+            # evaluate.py's jobs have no trainer: one task, GPUs as hydra.launcher.gpus_per_node asks
+            trainer = OmegaConf.to_container(config.trainer, resolve=True) if "trainer" in config else {}
+            request = slurm_resources(trainer, params)
             run_dir = sweep_dir / override_dirname(list(overrides), self.config)
             groups.setdefault(json.dumps(request, sort_keys=True), []).append((idx, list(overrides), run_dir))
         base = set(OmegaConf.structured(BaseQueueConf).keys())

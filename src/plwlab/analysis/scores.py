@@ -47,9 +47,9 @@ PERCENT_METRICS = ("win_rate", "bleu", "chrf", "ter")  # reported on 0-100; accu
 # The values a metric can take; a score outside is a wrong table (another scale, a bad join), not data. Metrics
 # not named here (counts, lengths, TruthfulQA-gen's bleu_max and differences) are not range-checked.
 METRIC_RANGES = {
-    **dict.fromkeys(("acc", "acc_norm", "first_position_rate", "bleu_acc", "rouge1_acc", "rouge2_acc", "rougeL_acc"),
-                    (0.0, 1.0)),
-    **dict.fromkeys(("win_rate", "bleu", "chrf"), (0.0, 100.0)),
+    **dict.fromkeys(("acc", "acc_norm", "bleu_acc", "rouge1_acc", "rouge2_acc", "rougeL_acc"), (0.0, 1.0)),
+    # first_position_rate: a judge's share (%) of decisive verdicts for the output shown first (evaluation.verdicts)
+    **dict.fromkeys(("win_rate", "bleu", "chrf", "first_position_rate"), (0.0, 100.0)),
     "ter": (0.0, float("inf")),
 }  # fmt: skip
 

@@ -29,11 +29,14 @@ def main(cfg: DictConfig) -> None:
 
 def is_run_path(arg: str) -> bool:
     """Whether a command-line argument names run folders rather than being an override (``key=value``,
-    ``~key``, ``+key=value``) or a flag: no ``=``, or a ``/`` before the first ``=`` (an override's key has none), or
-    an existing path or a glob that matches one."""
+    ``~key``, ``+key=value``, a config group's ``hydra/launcher=slurm``) or a flag: no ``=``, or a ``/`` before the
+    first ``=`` (an override's key has none, but for a config group's path), or an existing path or a glob that
+    matches one."""
     if arg.startswith(("-", "~", "+")):
         return False
     key = arg.split("=", 1)[0]
+    if key.startswith("hydra/") or (CONF_DIR / key).is_dir():  # a config group with a '/': hydra/launcher=slurm
+        return os.path.exists(arg)
     return "=" not in arg or "/" in key or os.path.exists(arg) or bool(glob.glob(arg))
 
 
