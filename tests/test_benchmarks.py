@@ -166,8 +166,12 @@ def test_run_lm_eval_bos_choice_reaches_the_model(lm_eval_samples, add_bos_token
     the installed lm-eval's default, which with a tokenizer that adds BOS (LLaMA's) also prepends it."""
     tiny, task_dir, _ = lm_eval_samples
     firsts = []
-    hook = tiny.model.register_forward_pre_hook(lambda m, args, kwargs: firsts.extend(
-        (args[0] if args else kwargs["input_ids"])[:, 0].tolist()), with_kwargs=True)  # fmt: skip
+
+    def first_tokens(module, args, kwargs):  # a shared context's continuations run on its cache: not a first token
+        if kwargs.get("past_key_values") is None:
+            firsts.extend((args[0] if args else kwargs["input_ids"])[:, 0].tolist())
+
+    hook = tiny.model.register_forward_pre_hook(first_tokens, with_kwargs=True)
     try:
         run_lm_eval(harness_model(tiny, batch_size=4, add_bos_token=add_bos_token), ["piqa"], task_dir, limit=3)
     finally:
@@ -176,3 +180,76 @@ def test_run_lm_eval_bos_choice_reaches_the_model(lm_eval_samples, add_bos_token
     assert firsts and tiny.tokenizer("x")["input_ids"][0] == bos
     assert all(f == bos for f in firsts) if add_bos_token in (True, None) else not any(f == bos for f in firsts)
 
+
+def truthfulqa_docs() -> list[dict]:
+    """TruthfulQA-gen docs as lm-eval's process_docs_gen makes them: the real 817 where present, else the sample."""
+    import datasets
+    from lm_eval.tasks.truthfulqa.utils import process_docs_gen
+
+    real = SHARED_DATA / "truthfulqa" / "TruthfulQA_2021-10.csv"
+    records = read_truthfulqa_gen(real if real.exists() else SAMPLE / "truthfulqa" / "TruthfulQA.csv")
+    return list(process_docs_gen(datasets.Dataset.from_list(records[:120])))
+
+
+def test_truthfulqa_gen_scores_equal_lm_evals_without_the_bootstrap():
+    """plwlab's TruthfulQA-gen scoring (lm-eval's, ROUGE without its 1,000-resample bootstrap of a single score)
+    against lm-eval's own process_results_gen on the same docs and completions: every metric equal."""
+    from lm_eval.tasks.truthfulqa.utils import process_results_gen as lm_eval_scores
+
+    from plwlab.evaluation.truthfulqa import process_results_gen
+
+    docs = truthfulqa_docs()
+    completions = [d["correct_answers"][0] for d in docs[::3]] + [d["incorrect_answers"][-1] for d in docs[1::3]] + [
+        "I have no comment.", "", "The . answer . is . no", "Yes"] * (len(docs) // 12)  # fmt: skip
+    for doc, completion in zip(docs, completions):
+        assert process_results_gen(doc, [completion]) == lm_eval_scores(doc, [completion])
+
+
+def test_the_truthfulqa_gen_task_scores_through_plwlab_and_equals_lm_evals_task(lm_eval_samples, tmp_path):
+    tiny, task_dir, _ = lm_eval_samples
+    assert "plwlab_truthfulqa.process_results_gen" in (task_dir / "truthfulqa_gen.yaml").read_text()
+    original = tmp_path / "original"
+    original.mkdir()
+    for f in ("truthfulqa_gen.yaml", "truthfulqa_gen.jsonl"):
+        text = (task_dir / f).read_text()
+        (original / f).write_text("\n".join(line for line in text.splitlines() if "plwlab_truthfulqa" not in line)
+                                  .replace(str(task_dir), str(original)) + "\n")  # fmt: skip
+    lm = harness_model(tiny, batch_size=4)
+    ours = run_lm_eval(lm, ["truthfulqa_gen"], task_dir, limit=3)
+    theirs = run_lm_eval(lm, ["truthfulqa_gen"], original, limit=3)
+    assert ours == theirs and len(ours) == 12
+
+
+def test_shared_contexts_are_computed_once_with_lm_evals_scores(lm_eval_samples):
+    """SharedPrefixHFLM against lm-eval's own HFLM on every loglikelihood request of the multiple-choice samples
+    (ARC 2-shot, PIQA, TruthfulQA-MC2, WinoGrande): the same log-probabilities to float rounding, the same greedy
+    flags and metrics, and the model run on each shared context once."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from plwlab.evaluation.shared_prefix import SharedPrefixHFLM
+
+    tiny, task_dir, _ = lm_eval_samples
+    tasks = ["arc_challenge", "piqa", "truthfulqa_mc2", "winogrande"]
+    outs, tokens = {}, {}
+    for name, cls in (("lm_eval", HFLM), ("shared", SharedPrefixHFLM)):
+        seen = []
+        hook = tiny.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+            (args[0] if args else kwargs["input_ids"]).numel()), with_kwargs=True)  # fmt: skip
+        try:
+            lm = cls(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=4, device="cpu", add_bos_token=False)
+            outs[name] = simple_evaluate(model=lm, tasks=tasks, limit=3, fewshot_random_seed=1234, log_samples=True,
+                                         task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))  # fmt: skip
+        finally:
+            hook.remove()
+        tokens[name] = sum(seen)
+    for task in tasks:
+        theirs, ours = outs["lm_eval"]["samples"][task], outs["shared"]["samples"][task]
+        for a, b in zip(theirs, ours):
+            for ra, rb in zip(a["resps"], b["resps"]):  # one [log-probability, is greedy] per request
+                (lp_a, greedy_a), (lp_b, greedy_b) = ra[0], rb[0]
+                assert float(lp_b) == pytest.approx(float(lp_a), abs=1e-4) and str(greedy_a) == str(greedy_b)
+        metrics = {k: v for k, v in outs["lm_eval"]["results"][task].items() if "stderr" not in k and k != "alias"}
+        assert {k: outs["shared"]["results"][task][k] for k in metrics} == pytest.approx(metrics, abs=1e-6)
+    assert tokens["shared"] < 0.7 * tokens["lm_eval"]  # the shared contexts were not sent again with every answer

@@ -188,7 +188,11 @@ def prepare_task(benchmark: str, task_dir: str | Path, num_fewshot: int = 0, dat
                     "fewshot_split": "fewshot" if fewshot_data else "eval"}  # of its own shots only when fewshot = test split
     else:
         raise ValueError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
-    (task_dir / f"{benchmark}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
+    if benchmark == "truthfulqa_gen":  # lm-eval's scoring without its per-pair bootstrap (plwlab.evaluation.truthfulqa)
+        (task_dir / "plwlab_truthfulqa.py").write_text("from plwlab.evaluation.truthfulqa import process_results_gen  # noqa: F401\n")
+        text += "process_results: !function plwlab_truthfulqa.process_results_gen\n"
+    (task_dir / f"{benchmark}.yaml").write_text(text)
     return benchmark
 
 
@@ -200,10 +204,11 @@ class _InMemoryModelNotice(logging.Filter):
         return not message.startswith(("`pretrained` model kwarg is not of type", "Passed an already-initialized model"))
 
 
-def harness_model(run: Any, engine: Any = None, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
+def harness_model(run: Any, engine: Any = None, batch_size: int | str = 8, device: str = "cpu", dtype: str = "float32",
                   add_bos_token: bool | None = None) -> Any:  # fmt: skip
     """The lm-eval model that scores ``run`` (a :class:`plwlab.evaluation.runs.LoadedRun`) on the engine of
-    ``engine`` (:class:`plwlab.config.EngineConfig`; None: ``hf``): ``hf``: lm-eval's ``HFLM`` on the in-memory model;
+    ``engine`` (:class:`plwlab.config.EngineConfig`; None: ``hf``): ``hf``: lm-eval's ``HFLM`` on the in-memory model,
+    each shared context computed once (:class:`plwlab.evaluation.shared_prefix.SharedPrefixHFLM`);
     ``openai``: lm-eval's ``local-completions`` on the same server and served name as the run's generations (token
     ids sent, the run's own tokenizer; loglikelihood needs prompt logprobs with ``echo``, as vLLM's server gives);
     ``vllm``: lm-eval's ``vllm`` model on the run's export.
@@ -227,13 +232,15 @@ def harness_model(run: Any, engine: Any = None, batch_size: int = 8, device: str
         return VLLM(pretrained=str(run.hf_model), dtype=dtype, tensor_parallel_size=engine.tensor_parallel_size,
                     data_parallel_size=engine.data_parallel_size, gpu_memory_utilization=engine.gpu_memory_utilization,
                     max_model_len=engine.max_model_len, batch_size="auto", add_bos_token=add_bos_token)  # fmt: skip
-    from lm_eval.models.huggingface import HFLM
+    from plwlab.evaluation.shared_prefix import SharedPrefixHFLM  # imports lm-eval: only when a task runs
 
     hf_logger = logging.getLogger("lm_eval.models.huggingface")
     if not any(isinstance(f, _InMemoryModelNotice) for f in hf_logger.filters):
         hf_logger.addFilter(_InMemoryModelNotice())
-    return HFLM(pretrained=run.model, tokenizer=run.tokenizer, batch_size=batch_size, device=device,
-                add_bos_token=add_bos_token)
+    if batch_size == "auto":  # lm-eval's own search on a GPU; on a CPU its probe (64 sequences of the longest
+        batch_size = "auto" if device.startswith("cuda") else 8  # request) takes minutes: lm-eval's usual 8 there
+    return SharedPrefixHFLM(pretrained=run.model, tokenizer=run.tokenizer, batch_size=batch_size, device=device,
+                            add_bos_token=add_bos_token)
 
 
 def run_lm_eval(lm: Any, tasks: Sequence[str], task_dir: str | Path, limit: int | None = None,
