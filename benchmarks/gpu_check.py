@@ -456,6 +456,39 @@ def check_smollm2(out: Path, size: dict, smoke: bool) -> dict[str, Any]:
             "generation": f"{len(prompts)} prompts x {n} new tokens, batch 16, bf16, greedy", "pass": None}  # fmt: skip
 
 
+def check_vllm(out: Path, size: dict, smoke: bool) -> dict[str, Any]:
+    """engine=vllm against engine=hf on the same prompts (token ids), greedy, bf16: agreement and tokens/s."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from plwlab.evaluation.engines import HFEngine, VLLMEngine
+
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vllm is not installed here (pip install vllm; too large for the wheelhouse)", "pass": None}
+    hf = out / "smollm2" / "hf_model"
+    if not hf.exists():
+        return {"skipped": "needs check 5's SmolLM2 run (--only 5,7)", "pass": None}
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    prompts = [f"Write a story about item {i}." for i in range(size["gen_prompts"])]
+    n = size["gen_tokens"]
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).to("cpu" if smoke else "cuda").eval()
+    results = {}
+    for name, engine in (("hf", lambda: HFEngine(model, tokenizer)), ("vllm", lambda: VLLMEngine(str(hf), tokenizer, "bfloat16"))):
+        e = engine()
+        e.complete(prompts[:2], 4, progress=False)  # warm-up
+        begin = _now(torch.device("cpu" if smoke else "cuda"))
+        done = e.complete(prompts, n, progress=False)
+        seconds = _now(torch.device("cpu" if smoke else "cuda")) - begin
+        results[name] = (done, sum(c.tokens for c in done) / seconds)
+        if name == "hf":
+            del model
+            torch.cuda.empty_cache()
+    same = sum(a.text == b.text for a, b in zip(results["hf"][0], results["vllm"][0]))
+    return {"prompts": len(prompts), "identical_responses": same, "hf_tokens_per_s": results["hf"][1],
+            "vllm_tokens_per_s": results["vllm"][1], "pass": same >= 0.75 * len(prompts)}  # fmt: skip
+
+
 def _has_smollm2_wheel() -> bool:
     from plwlab.training.smollm2 import bundled_gguf
 
@@ -537,7 +570,7 @@ def check_layer(size: dict, smoke: bool) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu_check")
-    parser.add_argument("--only", default="1,1c,2,3,4,5,6", help="checks to run, comma-separated (1c: compiled)")
+    parser.add_argument("--only", default="1,1c,2,3,4,5,6,7", help="checks to run, comma-separated (1c: compiled)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: exercises every check")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
     args = parser.parse_args()
@@ -563,6 +596,8 @@ def main() -> None:
         report.record("5", "SmolLM2-135M preset: fine-tune, generate", lambda: check_smollm2(args.out, size, args.smoke))
     if "6" in only:
         report.record("6", "LLaMA-7B layer activation memory", lambda: check_layer(size, args.smoke))
+    if "7" in only:
+        report.record("7", "engine=vllm against engine=hf, same prompts", lambda: check_vllm(args.out, size, args.smoke))
     failed = [k for k, r in report.results.items() if r.get("pass") is False]
     print(f"gpu_check: {args.out / 'gpu_check.md'}; " + (f"FAILED: {', '.join(failed)}" if failed else "no check failed"))
     sys.exit(1 if failed else 0)

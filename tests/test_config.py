@@ -49,7 +49,10 @@ def test_the_judge_styles_are_the_parsers():
         ("eval.judges.alpaca_eval.backend=openai", "eval.judges.alpaca_eval.base_url must be the server's http(s) URL"),
         ("engine=openai", "engine.base_url must be the server's http(s) URL, e.g. http://127.0.0.1:8000/v1, got None"),
         ("engine.name=tgi", "engine.name must be one of ('hf', 'openai', 'vllm'), got 'tgi'"),
+        ("engine=vllm", "eval.judges.alpaca_eval: model=self mode=logprob scores with the run's model in this process"),
         ("shard=4", "shard must be in [0, num_shards=1), got 4"),
+        ("batch_size=abc", "batch_size must be auto or an integer >= 1, got 'abc'"),
+        ("batch_size=0", "batch_size must be auto or an integer >= 1, got 0"),
         ("dtype=bf16", "dtype must be one of ('float32', 'bfloat16', 'float16'), got 'bf16'"),
         ("eval.generations.pandalm.max_new_tokens=0", "eval.generations.pandalm.max_new_tokens must be >= 1, got 0"),
     ],
@@ -64,8 +67,8 @@ def test_the_evaluation_config_is_checked_before_any_run_is_read(tmp_path, overr
 
 def test_the_evaluation_config_is_typed():
     """Values arrive typed, and a wrong type is refused at composition (it used to arrive as a string)."""
-    with pytest.raises(ConfigCompositionException, match="batch_size=abc"):
-        compose_eval(["run_dir=x", "batch_size=abc"])
+    with pytest.raises(ConfigCompositionException, match="num_shards=abc"):
+        compose_eval(["run_dir=x", "num_shards=abc"])
     cases = {"eval.generations.pandalm.max_new_tokens=many": "eval.generations.pandalm.max_new_tokens: Value 'many' of "
                                                              "type 'str' could not be converted to Integer",
              "+eval.judges.pandalm.stlye=x": "eval.judges.pandalm.stlye: Key 'stlye' not in 'JudgeConfig' (did you mean "

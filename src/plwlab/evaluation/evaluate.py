@@ -3,7 +3,9 @@
 Per run, as ``cfg.eval`` asks: memorization BLEU on training prompts (:mod:`plwlab.evaluation.memorization`);
 greedy responses on the AlpacaEval and PandaLM instruction sets (:mod:`plwlab.evaluation.responses`) and their
 lengths; lm-eval-harness benchmarks (:mod:`plwlab.evaluation.harness`); pairwise judges against reference
-responses (:mod:`plwlab.evaluation.judges`).
+responses (:mod:`plwlab.evaluation.judges`). Completions come from the engine of ``cfg.engine`` (the run's model in
+this process, a served model or vLLM: :mod:`plwlab.evaluation.engines`); every server named is checked before any
+work (:func:`check_servers`).
 
 Rows (:mod:`plwlab.results`) are written as each benchmark finishes; a failing benchmark is logged, recorded in
 ``<run>/eval/status.json`` and makes the exit code non-zero, and the other benchmarks' rows stay.
@@ -56,7 +58,8 @@ def judge_rows(run: LoadedRun, run_dir: Path, name: str, spec: DictConfig, outpu
     if spec.backend == "alpaca_eval":
         refs = [{**o, "output": ref, "generator": "reference"} for o, ref in zip(outputs, reference)]
         score, stderr, n = alpaca_eval_package(outputs, refs, spec.annotators_config,
-                                               str(results.parent / "alpaca_eval" / run.run_id))  # fmt: skip
+                                               str(results.parent / "alpaca_eval" / run.run_id), spec.base_url,
+                                               spec.served_model or spec.model, spec.concurrency)  # fmt: skip
         return [result_row(run, name, "win_rate", score, stderr, n)]
     decoding = spec.get("decoding")
     kwargs = {"style": spec.style, "mode": spec.mode, "max_new_tokens": spec.get("max_new_tokens"),

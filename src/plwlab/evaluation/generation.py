@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +54,27 @@ def generate(
                 out[i] = tokens[: next((k for k, t in enumerate(tokens) if t in stops), len(tokens))]
             bar.advance(task, len(idx))
     return out
+
+
+MAX_AUTO_BATCH = 256  # on 2 CPU cores, batch 128 still beat 64 (docs/benchmarks.md); memory decides below this
+
+
+def auto_batch_size(model: Any, lengths: Sequence[int], max_new_tokens: int) -> int:
+    """The generation batch chosen from the prompts and the memory: as many sequences as the KV cache of the
+    longest prompt plus ``max_new_tokens`` (and a row of logits each) fits in a quarter of the free memory of the
+    model's device, at most :data:`MAX_AUTO_BATCH` and at most the number of prompts."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    param = next(model.parameters())
+    per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * param.element_size()
+    per_sequence = per_token * (max(lengths, default=1) + max_new_tokens) + 2 * cfg.vocab_size * 4
+    if param.device.type == "cuda":
+        free = torch.cuda.mem_get_info(param.device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(len(lengths), MAX_AUTO_BATCH, int(free // 4 // per_sequence)))
 
 
 @torch.no_grad()

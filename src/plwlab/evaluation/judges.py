@@ -54,7 +54,7 @@ class PairwiseJudge:
     """
 
     def __init__(self, model: Any, tokenizer: Any, style: str = "alpaca_eval_guanaco", mode: str = "generate",
-                 max_new_tokens: int | None = None, batch_size: int = 4, seed: int = 0, progress: bool = True,
+                 max_new_tokens: int | None = None, batch_size: int | str = "auto", seed: int = 0, progress: bool = True,
                  decoding: dict[str, Any] | None = None, engine: Engine | None = None) -> None:  # fmt: skip
         if style not in PARSERS:
             raise ValueError(f"judge style must be one of {list(PARSERS)}, got {style!r}")
@@ -66,7 +66,8 @@ class PairwiseJudge:
         self.decoding = dict(PANDALM_DECODING if style == "pandalm" else {}) if decoding is None else dict(decoding)
         self.batch_size, self.seed, self.progress = batch_size, seed, progress
         name = getattr(getattr(model, "config", None), "_name_or_path", "")
-        self.engine = engine or HFEngine(model, tokenizer, batch_size, identity=f"hf judge {name}")
+        dtype = next(model.parameters()).dtype if model is not None else None
+        self.engine = engine or HFEngine(model, tokenizer, batch_size, identity=f"hf judge {name} {dtype}")
         if mode == "logprob" and model is None:
             raise ValueError("a judge in mode=logprob scores verdict strings with its model in this process "
                              "(backend=local, engine=hf)")  # fmt: skip
@@ -196,18 +197,66 @@ def human_agreement(judge: PairwiseJudge, items: Sequence[dict[str, Any]], rando
             "f1": float(f1), "unparsed": sum(v.preference is None for v in verdicts)}  # fmt: skip
 
 
-def alpaca_eval_package(model_outputs: list[dict[str, str]], reference_outputs: list[dict[str, str]],
-                        annotators_config: str = "alpaca_eval_gpt4", output_path: str | None = None) -> tuple[float, float, int]:  # fmt: skip
-    """AlpacaEval-1 win rate computed by the ``alpaca_eval`` package (``pip install alpaca-eval``; its API judges
-    need their keys, e.g. OPENAI_API_KEY). Returns (win rate, standard error, n)."""
+def _import_alpaca_eval() -> Any:
     try:
-        from alpaca_eval import evaluate  # the optional alpaca-eval extra
+        import alpaca_eval  # the optional alpaca-eval extra
     except ModuleNotFoundError as e:
         hint = {"alpaca_eval": "pip install alpaca-eval", "pkg_resources": "alpaca_eval imports pkg_resources: "
                 "pip install 'setuptools<81'"}.get(e.name)  # fmt: skip
         if hint is None:
             raise
         raise ImportError(f"backend=alpaca_eval: {hint} (or pip install -e '.[alpaca-eval]')") from e
+    return alpaca_eval
+
+
+def served_annotator_config(annotators_config: str, base_url: str, model: str, folder: str | Path,
+                            concurrency: int = 16) -> str:  # fmt: skip
+    """An alpaca_eval annotator config (written into ``folder``) that is ``annotators_config`` (a package annotator
+    name or a ``configs.yaml``) with its completions sent to ``model`` on the OpenAI-compatible server at
+    ``base_url``: the same prompt template, parser and token limit, greedy, through the package's
+    ``openai_completions`` and a generated client config for ``base_url`` (the chat API when the template is
+    ChatML, else completions). The API key stays in the environment (``OPENAI_API_KEY``; a local server gets a
+    placeholder): it is never written."""
+    import os
+
+    import yaml
+    from alpaca_eval import constants
+
+    source = Path(annotators_config)
+    if not source.is_file():
+        source = Path(constants.EVALUATORS_CONFIG_DIR) / annotators_config / "configs.yaml"
+    ((name, cfg),) = yaml.safe_load(source.read_text()).items()
+    template = Path(cfg["prompt_template"])
+    if not template.is_absolute():
+        template = (Path(constants.EVALUATORS_CONFIG_DIR) if not (source.parent / template).exists() else source.parent) / template
+    kwargs = cfg.get("completions_kwargs") or {}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    client = folder / "client_configs.yaml"
+    client.write_text(yaml.safe_dump({"default": [{"base_url": base_url, **({} if os.environ.get("OPENAI_API_KEY")
+                                                                            else {"api_key": "EMPTY"})}]}))  # fmt: skip
+    cfg = {**cfg, "prompt_template": str(template), "fn_completions": "openai_completions",
+           "completions_kwargs": {"model_name": model, "max_tokens": kwargs.get("max_tokens") or kwargs.get("max_new_tokens") or 100,
+                                  "temperature": 0, "client_config_path": str(client), "num_procs": concurrency,
+                                  "requires_chatml": "<|im_start|>" in template.read_text()}}  # fmt: skip
+    path = folder / "configs.yaml"
+    path.write_text(yaml.safe_dump({f"{name}_served": cfg}, sort_keys=False))
+    return str(path)
+
+
+def alpaca_eval_package(model_outputs: list[dict[str, str]], reference_outputs: list[dict[str, str]],
+                        annotators_config: str = "alpaca_eval_gpt4", output_path: str | None = None,
+                        base_url: str | None = None, served_model: str | None = None,
+                        concurrency: int = 16) -> tuple[float, float, int]:  # fmt: skip
+    """AlpacaEval-1 win rate computed by the ``alpaca_eval`` package (``pip install alpaca-eval``; its API judges
+    need their keys, e.g. OPENAI_API_KEY). With ``base_url`` the annotator's completions go to ``served_model`` on
+    that OpenAI-compatible server (:func:`served_annotator_config`). Returns (win rate, standard error, n)."""
+    _import_alpaca_eval()
+    from alpaca_eval import evaluate
+
+    if base_url:
+        folder = Path(output_path or ".") / "served_annotator"
+        annotators_config = served_annotator_config(annotators_config, base_url, served_model, folder, concurrency)
     name = model_outputs[0]["generator"]
     leaderboard, _ = evaluate(model_outputs=model_outputs, reference_outputs=reference_outputs, name=name,
                               annotators_config=annotators_config, output_path=output_path, fn_metric="get_winrate",

@@ -45,7 +45,7 @@ def weights_fingerprint(export: Path) -> str:
 
 
 def load_run(run_dir: str | Path, dtype: str = "float32", device: str = "cpu", engine: Any = None,
-             batch_size: int = 8) -> LoadedRun:  # fmt: skip
+             batch_size: int | str = "auto") -> LoadedRun:  # fmt: skip
     """The HF export of a training run (``<run_dir>/hf_model``; that folder itself may be given); a LoRA adapter is
     loaded onto its base model with peft. ``engine`` (:class:`plwlab.config.EngineConfig`, default ``hf``): what
     generates for it; with ``openai`` or ``vllm`` only its tokenizer is loaded here (the served name is checked
