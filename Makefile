@@ -41,7 +41,7 @@ test-all: setup
 
 bench: setup  ## CPU benchmarks (preprocessing and batching use ../shared/data when present); each prints RATIO lines
 	mkdir -p outputs/benchmarks
-	for b in preprocess batching loss_memory train startup gpu; do \
+	for b in preprocess batching loss_memory train startup gpu eval; do \
 		echo "== $$b"; TOKENIZERS_PARALLELISM=true $(PY) benchmarks/bench_$$b.py | tee outputs/benchmarks/$$b.txt; \
 	done
 
