@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import resource
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from plwlab.training.checkpointing import CheckpointError, Preempted, RunCheckpo
 from plwlab.training.memory import RunPlan, preflight, strategy_shards
 from plwlab.training.model import load_model
 from plwlab.training.module import PLWModule
+from plwlab.training.trackers import finish_wandb, log_run_config, log_summary, make_loggers, remember_run_ids, run_config
 
 log = logging.getLogger(__name__)
 
@@ -54,29 +54,6 @@ def peak_host_rss_gb(trainer: L.Trainer) -> list[float]:
     rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6], dtype=torch.float64)
     gathered = trainer.strategy.all_gather(rss.to(trainer.strategy.root_device))
     return [round(float(x), 3) for x in gathered.flatten().cpu()]
-
-
-def make_loggers(cfg: DictConfig, status: dict[str, Any]) -> list[Any]:
-    """The configured loggers. A W&B run keeps one id per run directory (in ``status.json``): a resumed attempt
-    continues the same W&B run."""
-    loggers = []
-    for c in cfg.logger.values():
-        if c is None:
-            continue
-        if c._target_.endswith("WandbLogger"):
-            status.setdefault("wandb_id", secrets.token_hex(4))
-            loggers.append(instantiate(c, id=status["wandb_id"], resume="allow"))
-        else:
-            loggers.append(instantiate(c))
-    return loggers
-
-
-def finish_wandb(loggers: list[Any], failed: bool) -> None:
-    """End this run's W&B run, so that the next run of a sweep in this process opens its own."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb  # imported only by runs that log to W&B
-
-        wandb.finish(exit_code=1 if failed else 0)
 
 
 INPUTS = {"data_sha256": "the data file", "tokenizer_sha256": "the tokenizer",
@@ -176,6 +153,10 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, plan: RunPlan,
         )
         if is_zero:
             run.config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            log_run_config(loggers, run_config(cfg, geometry, datamodule.stats, run.run_id, module.total_steps,
+                                               module.segment_weight_dict()))  # fmt: skip
+            remember_run_ids(loggers, status)
+            run.write_status(status)
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         exporter = next((cb for cb in callbacks if isinstance(cb, HFExport)), None)
@@ -207,10 +188,11 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, plan: RunPlan,
 
     failed = exporter is not None and exporter.failed is not None
     if export_only:  # the metrics of the attempt that trained (nothing was computed again)
+        metrics = {**run.metrics(), "input_history": status["input_history"]}
         if trainer.is_global_zero:
+            log_summary(loggers, metrics, trainer.global_step)
             finish_wandb(loggers, failed=failed)
-        return _finish(run, {**run.metrics(), "input_history": status["input_history"]}, status, callbacks, exporter,
-                       datamodule, trainer.is_global_zero)  # fmt: skip
+        return _finish(run, metrics, status, callbacks, exporter, datamodule, trainer.is_global_zero)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update(
         plw=cfg.plw,
@@ -247,6 +229,7 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, plan: RunPlan,
         if isinstance(cb, ParamDistance):
             metrics["param_distance"] = cb.last.get("total")
     if trainer.is_global_zero:
+        log_summary(loggers, metrics, trainer.global_step)
         finish_wandb(loggers, failed=failed)
     return _finish(run, metrics, status, callbacks, exporter, datamodule, trainer.is_global_zero)
 
