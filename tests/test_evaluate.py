@@ -20,6 +20,7 @@ from plwlab.evaluation.memorization import memorization_bleu, training_records
 from plwlab.evaluation.responses import reference_outputs, responses
 from plwlab.evaluation.runs import load_run
 from plwlab.results import append_results
+from plwlab.rundir import RunDir
 from plwlab.training.train import train
 
 MEMORIZATION_ONLY = ["eval=mechanisms", "eval.memorization.n=2", "eval.memorization.max_new_tokens=4", "~eval.generations"]
@@ -243,6 +244,37 @@ def test_wandb_eval_run_offline(tmp_path, run_dir, monkeypatch):
     runs = sorted((run_dir / "eval" / "wandb").glob("offline-run-*"))
     tables = [json.loads(p.read_text()) for p in runs[-1].glob("files/media/table/results_*.table.json")]
     assert tables and tables[0]["data"][0][5:7] == ["memorization", "bleu"]  # the rows, as a W&B table
+
+
+def test_wandb_eval_run_holds_the_run_config_scores_and_generations(tmp_path, run_dir, monkeypatch):
+    """Read back from the offline run's records: the training run's config (run id, dataset, Rg, PLW), each
+    score as a metric and in the summary, and the responses as a table (instruction, response, length, PLW)."""
+    from wandb_records import offline_runs
+
+    from plwlab.evaluation.evaluate import evaluate
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [f"run_dir={run_dir}", f"results={tmp_path / 'r.csv'}", "eval=quick", "eval.memorization.n=2",
+                 "eval.memorization.max_new_tokens=4", "eval.generations.alpaca_eval.limit=3",
+                 "eval.generations.alpaca_eval.max_new_tokens=4", "~eval.generations.pandalm", "~eval.judges", "~eval.lm_eval",
+                 "wandb.enabled=true",
+                 "wandb.offline=true"]  # fmt: skip
+    before = len(offline_runs(run_dir / "eval" / "wandb"))  # the run fixture is shared
+    rows = evaluate(compose_eval(overrides))
+    evaluate(compose_eval(overrides))  # evaluated again: the same W&B run continues
+    runs = offline_runs(run_dir / "eval" / "wandb")
+    assert len(runs) == before + 2 and all(r.path.name.endswith(RunDir(run_dir).wandb_eval_id) for r in runs)
+    run = runs[-1]
+    meta = RunDir(run_dir).export_meta()
+    assert run.job_type == "eval" and run.config["run_id"] == RunDir(run_dir).run_id
+    assert run.config["dataset"] == meta["dataset"] and run.config["rg"] == meta["rg"] and run.config["plw"] == 0.1
+    for r in rows:
+        assert run.summary[f"{r['benchmark']}/{r['metric']}"] == pytest.approx(r["score"])
+    table = run.table("generations/alpaca_eval")
+    assert table["columns"][:4] == ["instruction", "input", "response", "length"]
+    written = json.loads(RunDir(run_dir).generations_file("alpaca_eval").read_text())
+    assert [row[0] for row in table["data"]] == [o["instruction"] for o in written]
+    assert [row[3] for row in table["data"]] == [o["length"] for o in written] and {row[4] for row in table["data"]} == {0.1}
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")

@@ -70,12 +70,12 @@ class OfflineRun:
         return {_media(k) for k in self.summary if not k.startswith("_")}
 
     def table(self, key: str) -> dict[str, Any]:
-        """The last table logged under ``key`` (its JSON: columns, data)."""
-        (path,) = sorted((self.path / "files" / "media" / "table").glob(f"{key.replace('/', '_')}_*.table.json"))[-1:]
-        return json.loads(path.read_text())
+        """The last table logged under ``key`` (its JSON: columns, data), found by the summary's path."""
+        return json.loads((self.path / "files" / self.summary[f"{key}/path"]).read_text())
 
-    def images(self, key: str) -> list[Path]:
-        return sorted((self.path / "files" / "media" / "images").glob(f"{key.replace('/', '_')}_*.png"))
+    def image(self, key: str) -> Path:
+        """The file of the last image logged under ``key``."""
+        return self.path / "files" / self.summary[f"{key}/path"]
 
 
 def _media(key: str) -> str:

@@ -34,6 +34,12 @@ ANALYSIS_COLUMNS = ("model", "dataset", "rg", "plw", "benchmark", "score")  # wh
 FILE_NAME = "results.csv"
 
 
+def metric_key(benchmark: str, metric: str) -> str:
+    """The tracker key of a result (``<benchmark>/<metric>``, e.g. ``arc_challenge/acc_norm``): what an eval run
+    logs and a dashboard panel plots."""
+    return f"{benchmark}/{metric}"
+
+
 def default_path(run_dirs: Sequence[Path]) -> Path:
     """``results.csv`` in the sweep directory that holds the runs (one table per study, never a global one that
     pools unrelated studies)."""

@@ -194,6 +194,13 @@ class RunDir:
         """``<training name>/<run dir name>``: unique across sweeps that share overrides. Results rows carry it."""
         return f"{self.name}/{self.path.name}"
 
+    @property
+    def wandb_eval_id(self) -> str:
+        """The W&B run id of the run's evaluation: the training run's W&B id (``status.json``) + ``-eval``, else
+        a digest of :attr:`run_id` (a training run logged without W&B)."""
+        base = self.status().get("wandb_id") or hashlib.sha256(self.run_id.encode()).hexdigest()[:8]
+        return f"{base}-eval"
+
     # -- the transitions of RunState (rank 0 writes; each returns the status it wrote)
     def write_status(self, status: dict[str, Any]) -> None:
         write_json(self.status_file, status)

@@ -34,7 +34,7 @@ from plwlab.evaluation.responses import read_instructions, reference_outputs, re
 from plwlab.evaluation.runs import LoadedRun, load_run
 from plwlab.evaluation.verdicts import first_position_rate, win_rate, win_tie_lose
 from plwlab.files import atomic_write
-from plwlab.results import COLUMNS, append_results, check_results_path, default_path
+from plwlab.results import COLUMNS, append_results, check_results_path, default_path, metric_key
 from plwlab.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -186,22 +186,37 @@ def evaluate_run(
         tmp.write_text(json.dumps({"run_id": run.run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                    **({"harness": harness} if harness else {}), **status}, indent=2))
     if cfg.wandb.enabled and rows:
-        log_to_wandb(cfg, run_dir, rows)
+        log_to_wandb(cfg, run_dir, rows, generated)
     return rows, [f"{name}: {state[len('failed: '):]}" for name, state in status.items() if state != "ok"]
 
 
-def log_to_wandb(cfg: DictConfig, run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """One W&B run (job_type eval, in the training run's group unless ``wandb.group`` is set) per evaluated run:
-    its scores as metrics and the rows as a table."""
+GENERATION_COLUMNS = ("instruction", "input", "response", "length", "plw", "dataset")  # a generations table's
+
+
+def log_to_wandb(cfg: DictConfig, run_dir: Path, rows: Sequence[dict[str, Any]],
+                 generated: dict[str, list[dict[str, Any]]]) -> None:  # fmt: skip
+    """One W&B run (job_type eval, in the training run's group unless ``wandb.group`` is set; its id
+    :attr:`RunDir.wandb_eval_id`, so that evaluating again continues it) per evaluated run: the training run's
+    config (dataset, Rg, PLW, ... and run_id), its scores as metrics (``<benchmark>/<metric>``,
+    :func:`plwlab.results.metric_key`) and summary, the rows as the table ``results`` and each instruction set's
+    responses as the table ``generations/<name>``."""
     import wandb  # imported only when W&B logging is on
 
     run = RunDir(run_dir)
+    meta = run.export_meta()
     group = cfg.wandb.group or run.name  # default: the training runs' group (their sweep name)
+    config = {**meta, "run_id": run.run_id, "sweep": run.name, "eval": OmegaConf.to_container(cfg.eval)}
     with wandb.init(project=cfg.wandb.project, group=group, name=f"{run.run_id}-eval", job_type="eval",
-                    config={**run.export_meta(), "eval": OmegaConf.to_container(cfg.eval)}, dir=str(run.eval_dir),
+                    id=run.wandb_eval_id, resume="allow", config=config, dir=str(run.eval_dir),
                     mode="offline" if cfg.wandb.offline else None) as w:  # fmt: skip
-        w.log({f"{r['benchmark']}/{r['metric']}": r["score"] for r in rows})
+        scores = {metric_key(r["benchmark"], r["metric"]): r["score"] for r in rows}
+        w.log(scores)
+        w.summary.update(scores)
         w.log({"results": wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows])})
+        for name, outputs in generated.items():
+            data = [[o["instruction"], o["input"], o["output"], o["length"], meta.get("plw"), meta.get("dataset")]
+                    for o in outputs]  # fmt: skip
+            w.log({f"generations/{name}": wandb.Table(columns=list(GENERATION_COLUMNS), data=data)})
 
 
 def check_servers(cfg: DictConfig, runs: Sequence[Path]) -> None:
