@@ -365,15 +365,37 @@ def test_the_report_of_a_real_model_has_its_scores_and_no_tiny_model_caveat(tmp_
 
     from plwlab.analysis.report import write_report
 
-    table = pd.DataFrame({"run_id": ["a", "b"], "model": ["smollm2-135m-instruct"] * 2, "dataset": ["short"] * 2,
-                          "rg": [0.16] * 2, "plw": [0.0, 1.0], "benchmark": ["piqa"] * 2, "metric": ["acc"] * 2,
-                          "score": [0.6267, 0.6533], "n": [150, 150]})  # fmt: skip
+    table = pd.DataFrame({"run_id": ["a", "b", "a", "b", "a"], "model": ["smollm2-135m-instruct"] * 5,
+                          "dataset": ["short"] * 5, "rg": [0.16] * 5, "plw": [0.0, 1.0, 0.0, 1.0, 0.0],
+                          "benchmark": ["piqa", "piqa", "piqa", "piqa", "pandalm"],
+                          "metric": ["acc_norm", "acc_norm", "acc", "acc", "unparsed_verdicts"],
+                          "score": [0.6267, 0.6533, 0.61, 0.62, 3.0], "n": [150] * 5})  # fmt: skip
     (tmp_path / "analysis").mkdir()
     report = write_report(tmp_path, table, {}, {"train": 1.0}, []).read_text()
     assert "say nothing about PLW" not in report
-    row = next(line for line in report.splitlines() if line.startswith("| piqa"))
-    assert [c.strip() for c in row.strip("|").split("|")] == ["piqa", "acc", "0.6267", "0.6533", "150"]
-    assert "short PLW 0 " in report and "short PLW 1 " in report
+    header = next(line for line in report.splitlines() if line.startswith("| dataset") and "piqa" in line)
+    assert [c.strip() for c in header.strip("|").split("|")] == ["dataset", "rg", "plw", "piqa acc_norm"]
+    rows = [line for line in report.splitlines() if line.startswith("| short") and line.count("|") == 5]
+    assert [[c.strip() for c in r.strip("|").split("|")] for r in rows] == [["short", "0.16", "0", "0.627"],
+                                                                          ["short", "0.16", "1", "0.653"]]
+    assert "unparsed_verdicts" not in report  # one primary score per benchmark; diagnostics stay in results.csv
+
+
+def test_the_report_says_which_fits_are_not_clean_or_not_identified():
+    from plwlab.analysis.report import fit_notes
+
+    fit = {"b1": 0.4, "b2": -2.4, "se_b1": None, "se_b2": None, "critical_plw": 3e-4, "clean": False,
+           "message": "function evaluation limit reached without convergence (9)", "error": "", "boundary": "sd_model"}
+    summary = {"glmm": {"a": fit, "b": {**fit, "se_b1": 0.3, "se_b2": 0.5},
+                        "c": {**fit, "clean": True, "b2": 0.3, "critical_plw": None}},
+               "glmm_skipped": {"d": "needs 3 PLW values"},
+               "gam": {"optimal_plw": {"0.5": 0.0, "1": 0.0, "4": 0.0}, "rg_range": [0.15, 3.5], "extrapolated": ["4"]}}
+    notes = fit_notes(summary)
+    assert notes[0].startswith("a: NOT clean and not identified") and "sd_model" in notes[0]
+    assert notes[1].startswith("b: NOT clean (function evaluation limit") and "with caution" in notes[1]
+    assert notes[2].startswith("c: clean fit without an interior optimum")
+    assert notes[3] == "d: no GLMM (needs 3 PLW values)."
+    assert "optimal PLW is 0 at every Rg" in notes[4] and "1 of 3 Rg values" in notes[5]
 
 
 def test_analysis_refuses_a_table_it_would_misread_in_one_line(tmp_path):

@@ -55,13 +55,13 @@ def run_metrics(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.Dat
             parts.append(rows.set_index("run_id")["score"].rename(column))
     found = pd.concat(parts, axis=1) if parts and any(len(p) for p in parts) else None
     if found is not None:
-        keys = table.drop_duplicates("run_id").set_index("run_id")[["model", "dataset", "plw"]]
+        keys = table.drop_duplicates("run_id").set_index("run_id")[["model", "dataset", "plw", "rg"]]
         found = keys.join(found, how="inner").reset_index()
     if runs is None:
         return found
     if found is None or "run_id" not in runs.columns:
         return runs
-    return runs.merge(found.drop(columns=["model", "dataset", "plw"]), on="run_id", how="outer")
+    return runs.merge(found.drop(columns=["model", "dataset", "plw", "rg"]), on="run_id", how="outer")
 
 
 R_SCRIPT = Path(__file__).parent / "r" / "fit.R"
@@ -129,8 +129,8 @@ def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | Non
         glmm = pd.DataFrame([f.to_dict() for f in fits.values()])
         glmm.insert(1, "rg", [rel.loc[rel["dataset"] == d, "rg"].iloc[0] for d in glmm["dataset"]])
         glmm.sort_values("rg").map(spreadsheet_safe).to_csv(out / "glmm.csv", index=False)
-        columns = ["dataset", "rg", "intercept", "b1", "se_b1", "p_b1", "b2", "se_b2", "p_b2", "critical_plw", "loglik",
-                   "clean", "message", "warnings", "error", "boundary"]  # fmt: skip
+        # the headline columns (the messages and diagnostics are in glmm.csv, REPORT.md says what they mean)
+        columns = ["dataset", "rg", "b1", "se_b1", "p_b1", "b2", "se_b2", "p_b2", "critical_plw", "clean"]
         (out / "glmm.md").write_text(_markdown(glmm.sort_values("rg")[columns]))
 
     gams = {}
@@ -159,7 +159,7 @@ def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | Non
         optimal.to_csv(out / "optimal_plw.csv", index=False)
         (out / "optimal_plw.md").write_text(_markdown(optimal) + f"\nThe data span Rg {lo:.3g} to {hi:.3g}; rows marked "
                                             "extrapolated lie outside it.\n")  # fmt: skip
-        figures.plw_rg_contour(gams["identity"], out / "plw_rg_contour", rg_max=max(8.0, rel["rg"].max()))
+        figures.plw_rg_contour(gams["identity"], out / "plw_rg_contour")
         summary["figures"].append("plw_rg_contour")
     else:
         summary["gam_skipped"] = (f"the GAM te(PLW, Rg, k=3) needs at least 3 distinct Rg and 3 distinct PLW values, "
@@ -167,7 +167,7 @@ def analyze(results: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | Non
         log.warning("GAM skipped: %s", summary["gam_skipped"])
     figures.performance_by_wp(rel, fits, out / "performance_by_wp")
     if runs is not None:
-        figures.run_metric_boxplots(runs, out / "run_metrics")
+        figures.run_metric_panels(runs, out / "run_metrics")
         summary["figures"].append("run_metrics")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
