@@ -133,3 +133,29 @@ def test_two_process_fsdp_equals_one_process(tmp_path, model_dir):
     assert metrics(tmp_path / "fsdp")["world_size"] == 2
     assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-5)
     assert max_diff(weights(tmp_path / "single"), weights(tmp_path / "fsdp")) <= 1e-6
+
+
+def test_plwlab_generate_talks_to_a_trained_smollm2_run(tmp_path, model_dir):
+    """One step on the chat sample, then ``plwlab generate``: SmolLM2 answers through its own chat template and
+    stops at <|im_end|>, the same text as the evaluation's greedy engine; interactively it keeps the conversation."""
+    import subprocess
+    import sys
+
+    from test_train import cli_env
+
+    from plwlab.evaluation.runs import instruction_prompt, load_run, run_complete
+
+    run(["data=chat_sample", "trainer.max_steps=1", "callbacks.param_distance.every_n_steps=1"], tmp_path, model_dir)
+    question = "What is the capital of France?"
+    done = subprocess.run([sys.executable, "-m", "plwlab.cli", "generate", str(tmp_path), question, "--max-new-tokens",
+                           "40"], capture_output=True, text=True, env=cli_env(), timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = load_run(tmp_path)
+    (expected,) = run_complete(loaded, [instruction_prompt(loaded, question)], 40, "x")
+    assert "Paris" in done.stdout and done.stdout.strip() == expected.text.strip() and expected.tokens < 40
+    talk = subprocess.run([sys.executable, "-m", "plwlab.cli", "generate", str(tmp_path), "-i", "--max-new-tokens", "30"],
+                          input=f"{question}\nAnd of Germany?\n", capture_output=True, text=True, env=cli_env(),
+                          timeout=600)  # fmt: skip
+    assert talk.returncode == 0 and "a chat run: the conversation is kept" in talk.stdout
+    first, second = talk.stdout.split(">>> ")[1:3]
+    assert "Paris" in first and "Berlin" in second, talk.stdout  # "And of Germany?" is understood in context

@@ -9,6 +9,8 @@ whole study, and judge checks.
     plwlab recommend --rg 0.8 --model-file outputs/analysis/gam.json
     plwlab analyze results.csv --out outputs/analysis [--runs outputs/plwlab]      # --runs: a sweep dir
     plwlab study [--out outputs/study] [train.py overrides]     # train + evaluate + analyse a grid (make study)
+    plwlab dashboard outputs/study --dry-run                  # the study's W&B view + report as JSON (--entity E: saved)
+    plwlab generate outputs/study/runs/<run> "Name three colours." [--input ...] [-i]   # talk to a trained run
     plwlab judge-check ../shared/data/pandalm/testset-v1.json --model WeOpenML/PandaLM-7B-v1 --device cuda
 
 Overrides are Hydra overrides of ``conf/train.yaml``: the same ``data=`` and ``model=`` as train.py.
@@ -27,6 +29,8 @@ from rich.console import Console
 from rich.table import Table
 
 from plwlab import CONF_DIR
+
+WANDB_MODES = ("off", "offline", "online")  # as plwlab.analysis.tracking's (not imported: it imports pandas)
 
 OUTPUT_DIR = os.environ.get("PLWLAB_OUTPUT_DIR", "outputs")  # as paths.output_dir in conf/paths/default.yaml
 # Each command imports what it needs when it runs: ``plwlab recommend --rg`` must not pay for torch or Lightning.
@@ -199,13 +203,55 @@ def cmd_analyze(args: argparse.Namespace) -> None:
                       markup=False)  # fmt: skip
     else:
         console.print(f"GAM skipped: {summary['gam_skipped']}", markup=False)
+    if args.wandb != "off":
+        from plwlab.analysis.tracking import log_analysis_run
+        from plwlab.results import read_table, sweep_names
+
+        group = args.wandb_group or "+".join(sweep_names(read_table(args.results)))
+        run_id = log_analysis_run(out, group, args.wandb_project, args.wandb)
+        console.print(f"logged the analysis as W&B run {run_id} (group {group}, {args.wandb})", markup=False)
     console.print(f"wrote {args.out}")
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    from plwlab.analysis.dashboard import dashboard
+
+    entity = args.entity or os.environ.get("WANDB_ENTITY")
+    if entity is None and not args.dry_run:
+        raise ValueError("saving needs a W&B entity: --entity E (or WANDB_ENTITY), or --dry-run")
+    result = dashboard(args.path, entity or "ENTITY", args.project, args.out, args.dry_run, args.group)
+    console.print(f"view ({', '.join(result['sections'])}): {result['view']}\nreport: {result['report']}", markup=False)
+    if args.dry_run:
+        console.print("dry run: nothing saved to W&B" + ("" if entity else " (entity ENTITY: pass --entity to save)"))
+    else:
+        console.print(f"saved: {result['view_url']}\n       {result['report_url']}", markup=False)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from plwlab.evaluation.runs import load_run
+    from plwlab.evaluation.talk import answer, interactive, sampling_args
+
+    if args.instruction is None and not args.interactive:
+        raise ValueError("give an instruction, or -i for the interactive mode")
+    sampling = sampling_args(args.temperature, args.top_p, args.top_k)
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    run = load_run(args.run_dir, args.dtype, args.device)
+    if args.instruction is not None:
+        text = answer(run, args.instruction, args.input, args.max_new_tokens, sampling,
+                      None if args.no_stream else sys.stdout)  # fmt: skip
+        if args.no_stream:
+            print(text)
+    if args.interactive:
+        interactive(run, args.max_new_tokens, sampling)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
     from plwlab.study import run_study
 
-    run_study(args.out, args.overrides, args.eval_overrides, args.experiment)
+    run_study(args.out, args.overrides, args.eval_overrides, args.experiment, args.wandb, args.wandb_project)
 
 
 def cmd_judge_check(args: argparse.Namespace) -> None:
@@ -246,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     ana.add_argument("--runs", help="folder of training runs (metrics.json) for the run-metric box plots")
     ana.add_argument("--backend", choices=["python", "r"], default="python",
                      help="r: fit the same models with R's glmmTMB and mgcv via Rscript instead")  # fmt: skip
+    ana.add_argument("--wandb", choices=WANDB_MODES, default="off",
+                     help="log the analysis (tables, figures) as a W&B run (job_type analysis) offline or online")
+    ana.add_argument("--wandb-project", default="plwlab")
+    ana.add_argument("--wandb-group", help="W&B group (default: the sweep name of the table's runs)")
     ana.set_defaults(run=cmd_analyze, overrides=[])
     study = sub.add_parser("study", help="train a PLW x dataset grid, evaluate and analyse it into one directory")
     study.add_argument("--out", default=f"{OUTPUT_DIR}/study", help="study directory (runs, results, analysis, REPORT.md)")
@@ -253,7 +303,33 @@ def main(argv: list[str] | None = None) -> None:
                        help="the grid (conf/experiment/): study (tiny model, ~3 min) or study_real (SmolLM2, ~1 h on CPU)")  # fmt: skip
     study.add_argument("--eval", dest="eval_overrides", action="append", default=[],
                        help="an evaluate.py override (repeatable), e.g. --eval eval.memorization.n=4")  # fmt: skip
+    study.add_argument("--wandb", choices=WANDB_MODES, default="offline",
+                       help="log training, evaluation and analysis to W&B: offline (default; wandb sync later), online, off")  # fmt: skip
+    study.add_argument("--wandb-project", default="plwlab")
     study.set_defaults(run=cmd_study)
+    dash = sub.add_parser("dashboard", help="the study's W&B workspace view and report (the paper's figures), from code")
+    dash.add_argument("path", help="a study directory (plwlab study --out), a sweep directory or its results.csv")
+    dash.add_argument("--entity", help="W&B entity (default: WANDB_ENTITY)")
+    dash.add_argument("--project", default="plwlab", help="W&B project the runs were logged to")
+    dash.add_argument("--group", help="the sweep's W&B group (default: the training name of the table's runs)")
+    dash.add_argument("--out", help="where view.json and report.json go (default: <path>/dashboard)")
+    dash.add_argument("--dry-run", action="store_true", help="write the view and report as JSON; save nothing")
+    dash.set_defaults(run=cmd_dashboard, overrides=[])
+    gen = sub.add_parser("generate", help="talk to a trained run: its answer to an instruction, in its own template")
+
+    gen.add_argument("run_dir", metavar="run", help="a run directory (train.py's) or its hf_model folder")
+    gen.add_argument("instruction", nargs="?", help="the instruction (omit with -i)")
+    gen.add_argument("--input", default="", help="the Alpaca input field (context for the instruction)")
+    gen.add_argument("-i", "--interactive", action="store_true", help="read instructions until /quit or Ctrl-D")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, as evaluation decodes")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling (with --temperature > 0)")
+    gen.add_argument("--top-k", type=int, help="top-k sampling (with --temperature > 0)")
+    gen.add_argument("--seed", type=int, help="seed for sampling")
+    gen.add_argument("--no-stream", action="store_true", help="print the answer once it is complete")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.set_defaults(run=cmd_generate, overrides=[])
     judge = sub.add_parser("judge-check", help="agreement of a judge model with PandaLM's human-annotated pairs")
     judge.add_argument("testset", help="PandaLM testset-v1.json")
     judge.add_argument("--model", required=True, help="judge: HF hub id or local path")

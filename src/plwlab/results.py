@@ -34,6 +34,11 @@ ANALYSIS_COLUMNS = ("model", "dataset", "rg", "plw", "benchmark", "score")  # wh
 FILE_NAME = "results.csv"
 
 
+def sweep_names(table: pd.DataFrame) -> list[str]:
+    """The training names (sweeps, W&B groups) of a table's runs: the part of each ``run_id`` before ``/``."""
+    return sorted({str(r).split("/", 1)[0] for r in table["run_id"]})
+
+
 def metric_key(benchmark: str, metric: str) -> str:
     """The tracker key of a result (``<benchmark>/<metric>``, e.g. ``arc_challenge/acc_norm``): what an eval run
     logs and a dashboard panel plots."""
