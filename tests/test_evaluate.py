@@ -202,6 +202,13 @@ def test_sweep_run_folders_are_plain_arguments(tmp_path, run_dir):
     both = _evaluate_cli(tmp_path, *expanded, f"results={results}", *MEMORIZATION_ONLY)
     assert both.returncode == 0, both.stderr[-3000:]
     assert sorted({r["run_id"] for r in csv.DictReader(results.open())}) == [f"plwlab/{n}" for n in names]
+    # it ends with a table of the scores it wrote: a row per run, its PLW, the primary metric of each benchmark
+    table = both.stdout[both.stdout.index("Primary scores written to"):]
+    rows = [line for line in table.splitlines() if line.startswith("│ data.limit=48")]
+    bleu = {r["run_id"]: float(r["score"]) for r in csv.DictReader(results.open()) if r["metric"] == "bleu"}
+    assert [line.split("│")[1].strip() for line in rows] == list(names) and "memorization" in table
+    assert [line.split("│")[2].strip() for line in rows] == ["0.1", "0.1"]  # copies of one PLW 0.1 run
+    assert [float(line.split("│")[4]) for line in rows] == pytest.approx([bleu[f"plwlab/{n}"] for n in names], rel=1e-3)
     typo = _evaluate_cli(tmp_path, str(sweep / names[0]), "batchsize=4")
     assert typo.returncode == 1 and typo.stderr.strip() == ("error: unknown config key 'batchsize' (did you mean "
                                                             "'batch_size'?) in batchsize=4; the schema is "

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     ana.add_argument("results", help="CSV with columns model, dataset, rg, plw, benchmark, score (evaluate.py's results.csv "
                      "also has metric: the primary metric per benchmark is used)")
     ana.add_argument("--metric", action="append", default=[], metavar="BENCHMARK=METRIC",
-                     help="use this metric for a benchmark (default: plwlab.analysis.scores.PRIMARY_METRICS), repeatable")
+                     help="use this metric for a benchmark (default: plwlab.evaluation.scoreboard.PRIMARY_METRICS), repeatable")
     ana.add_argument("--out", default=f"{OUTPUT_DIR}/analysis", help="output folder")
     ana.add_argument("--runs", help="folder of training runs (metrics.json) for the run-metric box plots")
     ana.add_argument("--backend", choices=["python", "r"], default="python",

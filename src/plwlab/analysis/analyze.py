@@ -16,6 +16,7 @@ from plwlab.analysis import figures
 from plwlab.analysis.gam import fit_te_gam
 from plwlab.analysis.glmm import GLMMFit, fit_beta_glmm
 from plwlab.analysis.scores import check_scores, primary_scores, relative_scores
+from plwlab.evaluation.scoreboard import MECHANISM_METRICS
 from plwlab.files import spreadsheet_safe
 from plwlab.results import read_table
 from plwlab.rundir import find_runs
@@ -41,7 +42,7 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
 
 
 # Per-run metrics that evaluate.py writes into the results table (the paper's Fig. 2 mechanism panels).
-RESULT_RUN_METRICS = {"memorization_bleu": ("memorization", "bleu"), "generation_length": ("alpaca_eval", "generation_length")}
+RESULT_RUN_METRICS = MECHANISM_METRICS
 
 
 def run_metrics(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.DataFrame | None:

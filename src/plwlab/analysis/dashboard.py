@@ -28,8 +28,8 @@ from typing import Any
 from plwlab.analysis.analyze import RESULT_RUN_METRICS
 from plwlab.analysis.figures import RUN_METRICS
 from plwlab.analysis.report import fit_notes
-from plwlab.analysis.scores import PRIMARY_METRICS
 from plwlab.analysis.tracking import FIGURES, figure_key
+from plwlab.evaluation.scoreboard import PRIMARY_METRICS
 from plwlab.results import FILE_NAME, metric_key, read_table, sweep_names
 from plwlab.rundir import find_runs
 

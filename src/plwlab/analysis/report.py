@@ -17,7 +17,7 @@ TINY_MODEL = "tiny-llama"  # conf/model/tiny.yaml's name: the caveat above its n
 
 
 def score_table(table: Any) -> str:
-    """The primary score of each benchmark (:data:`plwlab.analysis.scores.PRIMARY_METRICS`, what the fits use) as
+    """The primary score of each benchmark (:data:`plwlab.evaluation.scoreboard.PRIMARY_METRICS`, what the fits use) as
     one markdown table: a row per dataset and PLW, a column per benchmark (its metric in the header), then the
     Fig. 2 run metrics (memorization BLEU, AlpacaEval generation length). Diagnostic counts (unparsed verdicts,
     ties, ...) and secondary metrics stay in the results table."""

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from plwlab.evaluation.harness import WMT_TASKS
+from plwlab.evaluation.scoreboard import PRIMARY_METRICS
 
 log = logging.getLogger(__name__)
 WP_EXPONENT = 0.30103  # log10(2), so wp(0.1) = 0.5
@@ -17,14 +17,6 @@ WP_EXPONENT = 0.30103  # log10(2), so wp(0.1) = 0.5
 def wp(plw: np.ndarray | float) -> np.ndarray | float:
     """The paper's transformed PLW, ``PLW ** 0.30103`` (0 -> 0, 0.1 -> 0.5, 1 -> 1)."""
     return np.power(plw, WP_EXPONENT)
-
-
-# The metric the analysis uses for each benchmark of an evaluate.py results table (all higher-is-better).
-PRIMARY_METRICS = {
-    "arc_challenge": "acc_norm", "piqa": "acc_norm", "truthfulqa_mc2": "acc", "winogrande": "acc",
-    "truthfulqa_gen": "bleu_acc", "alpaca_eval": "win_rate", "pandalm": "win_rate",
-    **dict.fromkeys(WMT_TASKS, "bleu"),
-}  # fmt: skip
 
 
 def primary_scores(results: pd.DataFrame, metrics: dict[str, str] | None = None) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 
 from plwlab.config import typed_suite, validate_evaluate
 from plwlab.evaluation.engines import OpenAIEngine, served_name
@@ -32,6 +34,7 @@ from plwlab.evaluation.judges import PairwiseJudge, alpaca_eval_package
 from plwlab.evaluation.memorization import memorization_bleu, training_records
 from plwlab.evaluation.responses import read_instructions, reference_outputs, responses
 from plwlab.evaluation.runs import LoadedRun, load_run
+from plwlab.evaluation.scoreboard import score_table
 from plwlab.evaluation.verdicts import first_position_rate, win_rate, win_tie_lose
 from plwlab.files import atomic_write
 from plwlab.results import COLUMNS, append_results, check_results_path, default_path, metric_key
@@ -276,6 +279,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         rows += run_rows
         failed += [f"{run_dir.name} {failure}" for failure in failures]
     log.info("%d rows for %d runs written to %s", len(rows), len(runs), results)
+    if rows:
+        Console(width=None if sys.stdout.isatty() else 200).print(score_table(rows, f"Primary scores written to {results} (every metric is in the table)"))
     if failed:
         raise RuntimeError(f"{len(failed)} evaluations failed (the others' rows are in {results}): " + "; ".join(failed))
     return rows
