@@ -367,3 +367,20 @@ def test_model_presets_load_and_train_a_tiny_model_of_their_family(preset, tmp_p
     assert metrics["data_format"] == "messages" and metrics["global_steps"] == 2 and metrics["final_train_loss"] > 0
 
 
+
+
+def test_a_finished_run_ends_with_a_short_human_summary(tmp_path):
+    """It ended with one very long JSON line; the JSON stays in metrics.json, the end says where the run is, its
+    final losses and what to run next, each command as typed."""
+    import shlex
+
+    result = run_cli(*QUICK, f"paths.output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    summary = out[out.index("run finished: "):].splitlines()[:5]
+    (run_dir,) = [p.parent for p in tmp_path.rglob("metrics.json")]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert summary[0].endswith(f"run finished: {run_dir}") and summary[4].startswith("  next: ")
+    assert f"final loss {metrics['final_train_loss']:.4g}" in summary[2] and '"lr-AdamW"' not in out
+    evaluate = summary[4].split("next: ", 1)[1].split("    or talk to it: ")[0]
+    assert shlex.split(evaluate) == ["python", "evaluate.py", str(run_dir)]

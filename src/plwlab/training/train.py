@@ -3,10 +3,10 @@ write the run directory (:mod:`plwlab.rundir`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -252,5 +252,28 @@ def _finish(run: RunDir, metrics: dict[str, Any], status: dict[str, Any], callba
         for cb in callbacks:
             if isinstance(cb, RunCheckpoint) and not cb.keep:
                 cb.discard()  # the run is complete: hf_model/ is the result, the training state is no longer needed
-        log.info("run dir %s: %s", run.path, json.dumps(metrics))
+        log.info("%s", finished_summary(run, metrics))
     return metrics
+
+
+def finished_summary(run: RunDir, metrics: dict[str, Any]) -> str:
+    """What a finished run says (its numbers are all in ``metrics.json``): where it is, what it trained, its final
+    losses, stability and drift, and the commands that evaluate it and talk to it."""
+
+    def num(key: str) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None else f"{value:.4g}"
+
+    path = shlex.quote(str(run.path))
+    rg = metrics.get("rg")
+    return "\n".join([
+        f"run finished: {run.path}",
+        f"  {metrics.get('dataset')} (Rg {'n/a' if rg is None else f'{rg:.2f}'}), PLW {metrics.get('plw'):g}: "
+        f"{metrics.get('global_steps')} optimizer steps of {metrics.get('global_batch_size')} sequences in "
+        f"{metrics.get('fit_seconds') or 0:.0f} s",
+        f"  final loss {num('final_train_loss')} (completion {num('train/completion_loss')}, prompt "
+        f"{num('train/prompt_loss')}), val/loss {num('val/loss')}; loss RSD {num('loss_rsd')}; distance from the "
+        f"pretrained weights {num('param_distance')}",
+        f"  metrics: {run.metrics_file}   model: {run.hf_model}",
+        f"  next: python evaluate.py {path}    or talk to it: plwlab generate {path} \"Name three primary colours.\"",
+    ])  # fmt: skip
