@@ -382,5 +382,23 @@ def test_a_finished_run_ends_with_a_short_human_summary(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert summary[0].endswith(f"run finished: {run_dir}") and summary[4].startswith("  next: ")
     assert f"final loss {metrics['final_train_loss']:.4g}" in summary[2] and '"lr-AdamW"' not in out
+    assert "litlogger" not in out  # Lightning's advertisement, dropped where it is logged
     evaluate = summary[4].split("next: ", 1)[1].split("    or talk to it: ")[0]
     assert shlex.split(evaluate) == ["python", "evaluate.py", str(run_dir)]
+
+
+def test_a_pretrained_model_is_trained_in_train_mode(tmp_path):
+    """``from_pretrained`` returns a model in eval mode and Lightning keeps the mode it finds: every SmolLM2 run
+    began with "Found 397 module(s) in eval mode" and trained with dropout off. Loaded for training, a pretrained
+    model is now in train mode, as the HF Trainer put it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from plwlab.training.model import load_model
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "src" / "plwlab" / "assets" / "tiny_tokenizer")
+    tok.save_pretrained(tmp_path / "model")
+    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    loaded = load_model(name="x", name_or_path=str(tmp_path / "model"), tokenizer=str(tmp_path / "model"))
+    assert [name for name, m in loaded.model.named_modules() if not m.training] == []

@@ -190,7 +190,9 @@ def load_model(
     if name_or_path is not None:
         try:
             if weights:
-                model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+                # from_pretrained returns the model in eval mode, and Lightning keeps the mode it finds ("Found 397
+                # module(s) in eval mode", dropout off): train it in train mode, as the HF Trainer does
+                model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).train()
             else:
                 with init_empty_weights(include_buffers=False):
                     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), **kwargs)

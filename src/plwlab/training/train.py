@@ -30,6 +30,17 @@ from plwlab.training.trackers import finish_wandb, log_run_config, log_summary, 
 log = logging.getLogger(__name__)
 
 
+class _LitLoggerTip(logging.Filter):
+    """Lightning logs an advertisement for its cloud logger (litlogger) at every fit, on every run of a sweep; it
+    means nothing for plwlab's runs (their trackers are the logger= group's), so it is dropped where it is logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_LitLoggerTip())
+
+
 def make_strategy(strategy: DictConfig, world_size: int) -> Any:
     """The configured Lightning strategy; FSDP2 (:class:`~plwlab.training.sharding.FSDP2Strategy`) uses all
     ``world_size`` processes for data parallelism."""
