@@ -158,7 +158,8 @@ def test_fsdp_lora_on_two_processes_equals_one_process(tmp_path):
 
 def test_fsdp_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    args = [*COMMON, "data.limit=100", "trainer.max_epochs=2", "callbacks.checkpoint.every_n_steps=5", "logger=wandb"]
+    args = [*COMMON, "data.limit=100", "trainer.max_epochs=2", "callbacks.checkpoint.every_n_steps=5",
+            "logger=[wandb,tensorboard]"]  # fmt: skip
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     # the uninterrupted run is sharded too: 1 and 2 processes differ in float64 summation order, which 48 AdamW
     # steps grow to ~1e-5 (the 6-step equality is test_fsdp_on_two_processes_equals_one_process); resume is exact
@@ -187,6 +188,18 @@ def test_fsdp_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path, monkey
     assert status["wandb_id"] == first["wandb_id"]  # the resumed attempt continues the same W&B run
     runs = sorted((broken / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(status["wandb_id"]) for r in runs)
+    # rank 0 alone logs: one W&B run per attempt (above), its config and summary the run's, one TensorBoard folder
+    # whose values (the resumed attempt's over the killed one's) are metrics.csv's
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_trackers import csv_series
+    from wandb_records import read_run
+
+    last = read_run(runs[-1])
+    assert last.config["world_size"] == 2 and last.summary["final_train_loss"] == pytest.approx(b["final_train_loss"])
+    assert {p.parent for p in broken.glob("**/events.out.tfevents.*")} == {broken / "tensorboard"}
+    events = EventAccumulator(str(broken / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {e.step: e.value for e in events.Scalars("train/loss")} == pytest.approx(csv_series(broken, "train/loss"), rel=1e-9)
 
 
 def test_sweep_of_multi_process_points_runs_each_in_its_own_torchrun_group(tmp_path, monkeypatch):
