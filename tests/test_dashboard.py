@@ -33,7 +33,8 @@ def study(tmp_path_factory):
                           capture_output=True, text=True, env=cli_env(), timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "plwlab dashboard" in done.stdout  # the study says how to see it
-    dash = subprocess.run([sys.executable, "-m", "plwlab.cli", "dashboard", str(out), "--dry-run"], capture_output=True,
+    dash = subprocess.run([sys.executable, "-m", "plwlab.cli", "dashboard", str(out), "--dry-run", "--preview"],
+                          capture_output=True,
                           text=True, env=cli_env(), timeout=300)  # fmt: skip
     assert dash.returncode == 0, dash.stderr[-3000:]
     return out
@@ -85,6 +86,12 @@ def test_every_panel_names_a_key_the_study_logged(study):
     assert {"train/loss", "train/completion_loss", "train/prompt_loss", "loss_rsd", "param_distance", "plw",
             "memorization/bleu", "alpaca_eval/generation_length", "arc_challenge/acc_norm", "pandalm/win_rate",
             "figures/performance_by_wp", "figures/plw_rg_contour", "figures/run_metrics"} <= keys
+
+
+def test_the_preview_draws_each_panel_group(study):
+    view = read_view(study / "dashboard" / "view.json")
+    previews = sorted((study / "dashboard" / "preview").glob("*.png"))
+    assert len(previews) == len(view.sections) == 4 and all(p.read_bytes()[:4] == b"\x89PNG" for p in previews)
 
 
 def test_a_panel_naming_a_metric_no_run_logged_is_caught(study):

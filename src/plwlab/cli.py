@@ -219,8 +219,10 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     entity = args.entity or os.environ.get("WANDB_ENTITY")
     if entity is None and not args.dry_run:
         raise ValueError("saving needs a W&B entity: --entity E (or WANDB_ENTITY), or --dry-run")
-    result = dashboard(args.path, entity or "ENTITY", args.project, args.out, args.dry_run, args.group)
+    result = dashboard(args.path, entity or "ENTITY", args.project, args.out, args.dry_run, args.group, args.preview)
     console.print(f"view ({', '.join(result['sections'])}): {result['view']}\nreport: {result['report']}", markup=False)
+    for path in result.get("preview", []):
+        console.print(f"preview: {path}", markup=False)
     if args.dry_run:
         console.print("dry run: nothing saved to W&B" + ("" if entity else " (entity ENTITY: pass --entity to save)"))
     else:
@@ -314,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     dash.add_argument("--group", help="the sweep's W&B group (default: the training name of the table's runs)")
     dash.add_argument("--out", help="where view.json and report.json go (default: <path>/dashboard)")
     dash.add_argument("--dry-run", action="store_true", help="write the view and report as JSON; save nothing")
+    dash.add_argument("--preview", action="store_true",
+                      help="also draw each panel group as a PNG from the study's files (<out>/preview/)")
     dash.set_defaults(run=cmd_dashboard, overrides=[])
     gen = sub.add_parser("generate", help="talk to a trained run: its answer to an instruction, in its own template")
 

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from plwlab.analysis.analyze import RESULT_RUN_METRICS
 from plwlab.analysis.figures import RUN_METRICS
@@ -36,6 +39,17 @@ from plwlab.rundir import find_runs
 TRAIN_CURVES = {"train/loss": "weighted training loss", "train/completion_loss": "completion loss (NLL)",
                 "train/prompt_loss": "prompt loss (NLL)", "val/loss": "validation completion loss"}  # fmt: skip
 TRAIN_SUMMARY = ("loss_rsd", "param_distance")  # metrics.json keys, in each training run's summary (Fig. 1)
+
+
+@dataclass
+class RunValues:
+    """One run's values as its W&B runs hold them, read from its folder: PLW, dataset, per-step history
+    (``metrics.csv``) and summary (``metrics.json`` + its ``<benchmark>/<metric>`` scores)."""
+
+    plw: float
+    dataset: str
+    history: pd.DataFrame
+    summary: dict[str, Any]
 
 
 @dataclass
@@ -55,6 +69,7 @@ class StudyFacts:
     train_keys: set[str] = field(default_factory=set)  # what the training runs logged (metrics.csv, metrics.json)
     analysis: dict[str, Any] | None = None
     analysis_tables: dict[str, str] = field(default_factory=dict)  # name -> markdown
+    runs: list[RunValues] = field(default_factory=list)  # for --preview
 
     def colors(self) -> dict[str, str]:
         """A colour per W&B run id, by its PLW (viridis over the study's PLW values)."""
@@ -112,6 +127,10 @@ def study_facts(path: str | Path, group: str | None = None, analysis_dir: str | 
         if run.status().get("wandb_id"):
             facts.run_plw[run.status()["wandb_id"]] = plw
         facts.run_plw[run.wandb_eval_id] = plw
+        scores = {metric_key(b, m): v for b, m, v in
+                  table.loc[table["run_id"] == run.run_id, ["benchmark", "metric", "score"]].itertuples(index=False)}  # fmt: skip
+        history = pd.read_csv(run.metrics_csv) if run.metrics_csv.exists() else pd.DataFrame()
+        facts.runs.append(RunValues(plw, run.metrics().get("dataset", "?"), history, {**run.metrics(), **scores}))
     if analysis is not None:
         facts.analysis = json.loads((analysis / "summary.json").read_text())
         for name in ("glmm", "optimal_plw"):
@@ -194,13 +213,53 @@ def build_report(facts: StudyFacts, entity: str, project: str, offline: bool = F
                      blocks=blocks)  # fmt: skip
 
 
+def preview(facts: StudyFacts, out: Path) -> list[Path]:
+    """A PNG per panel group of the view (``<out>/<group>.png``), drawn with matplotlib from the study's own files
+    (``metrics.csv``, ``metrics.json``, the results table): what each W&B section shows, without W&B."""
+    import wandb_workspaces.reports.v2 as wr
+
+    from plwlab.analysis.figures import plt, save
+
+    colors = {p: c for p, c in zip(facts.plws, plt.cm.viridis([0.9 * i / max(len(facts.plws) - 1, 1)
+                                                              for i in range(len(facts.plws))]))}  # fmt: skip
+    written = []
+    for name, panels in _panels(facts, wr).items():
+        if not panels:
+            continue
+        columns = min(len(panels), 4)
+        rows = -(-len(panels) // columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.3 * rows), squeeze=False, layout="constrained")
+        for ax, panel in zip(axes.flat, panels):
+            if type(panel).__name__ == "LinePlot":
+                key = panel.y[0]
+                for run in facts.runs:
+                    if key in run.history.columns:
+                        part = run.history[["step", key]].dropna()
+                        ax.plot(part["step"], part[key], color=colors[run.plw], lw=0.8)
+                ax.set(xlabel="Step", ylabel=key)
+            else:
+                key = panel.y.name
+                points = [(run.plw, run.summary.get(key)) for run in facts.runs if run.summary.get(key) is not None]
+                ax.scatter([p for p, _ in points], [v for _, v in points], c=[colors[p] for p, _ in points], s=18)
+                ax.set(xlabel="plw (config)", ylabel=key)
+            ax.set_title(panel.title, fontsize=9)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.set_visible(False)
+        handles = [plt.Line2D([], [], color=c, marker="o", lw=1, label=f"PLW {p:g}") for p, c in colors.items()]
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), frameon=False)
+        fig.suptitle(f"{name} ({facts.group})")
+        written += save(fig, out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"), formats=("png",))
+    return written
+
+
 def to_json(obj: Any) -> dict[str, Any]:
     """A view's or a report's model, as W&B saves it."""
     return obj._to_model().model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def dashboard(path: str | Path, entity: str, project: str, out: str | Path | None = None, dry_run: bool = False,
-              group: str | None = None) -> dict[str, Any]:  # fmt: skip
+              group: str | None = None, with_preview: bool = False) -> dict[str, Any]:  # fmt: skip
     """Build the view and the report of the study at ``path``; write both as JSON into ``out`` (default:
     ``<study>/dashboard``) and, unless ``dry_run``, save them to W&B. Returns what was written (and the URLs)."""
     if not dry_run and not os.environ.get("WANDB_API_KEY"):
@@ -214,6 +273,8 @@ def dashboard(path: str | Path, entity: str, project: str, out: str | Path | Non
     written["report"].write_text(json.dumps(to_json(report), indent=1) + "\n")
     result: dict[str, Any] = {k: str(v) for k, v in written.items()}
     result["sections"] = [s.name for s in view.sections]
+    if with_preview:
+        result["preview"] = [str(p) for p in preview(facts, out / "preview")]
     if not dry_run:
         result["view_url"] = view.save().url
         result["report_url"] = report.save().url

@@ -29,10 +29,10 @@ RUN_METRIC_UNITS = {"loss_rsd": "RSD (std / mean of the loss)", "param_distance"
 PLW_TICKS = [0, 0.01, 0.1, 0.5, 1]
 
 
-def save(fig: plt.Figure, stem: Path) -> list[Path]:
-    """Write ``stem.png`` and ``stem.pdf``; return both paths."""
+def save(fig: plt.Figure, stem: Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Write ``stem.png`` and ``stem.pdf`` (``formats``); return the paths."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    paths = [stem.with_suffix(f".{f}") for f in formats]
     for path in paths:
         fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
