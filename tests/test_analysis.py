@@ -381,6 +381,19 @@ def test_the_report_of_a_real_model_has_its_scores_and_no_tiny_model_caveat(tmp_
     assert "unparsed_verdicts" not in report  # one primary score per benchmark; diagnostics stay in results.csv
 
 
+def test_the_report_says_when_a_judge_says_little():
+    import pandas as pd
+
+    from plwlab.analysis.report import judge_notes
+
+    rows = [("pandalm", "unparsed_verdicts", 25.0, 30), ("pandalm", "first_position_rate", 100.0, 5),
+            ("alpaca_eval", "unparsed_verdicts", 0.0, 30), ("alpaca_eval", "first_position_rate", 55.0, 30)]
+    notes = judge_notes(pd.DataFrame(rows, columns=["benchmark", "metric", "score", "n"]))
+    assert notes == ["pandalm: 83% of the judge's verdicts could not be parsed; its win rates rest on the few that "
+                     "could.", "pandalm: the judge preferred the output shown first in 100% of its decisive verdicts "
+                     "(position bias): its win rate measures the order coin, not the outputs."]  # fmt: skip
+
+
 def test_the_report_says_which_fits_are_not_clean_or_not_identified():
     from plwlab.analysis.report import fit_notes
 

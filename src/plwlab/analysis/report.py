@@ -70,12 +70,30 @@ def fit_notes(summary: dict[str, Any]) -> list[str]:
     return notes
 
 
+def judge_notes(table: pd.DataFrame) -> list[str]:
+    """A sentence on each judge whose verdicts say little: most of them unparsed, or the decisive ones (nearly) all
+    for the output shown first (position bias: its win rate then measures the order coin)."""
+    notes = []
+    for judge in sorted(set(table.loc[table["metric"] == "unparsed_verdicts", "benchmark"])):
+        rows = table[table["benchmark"] == judge]
+        unparsed = rows[rows["metric"] == "unparsed_verdicts"]
+        share = unparsed["score"].sum() / max(unparsed["n"].sum(), 1)
+        first = rows.loc[rows["metric"] == "first_position_rate", "score"].mean()
+        if share > 0.5:
+            notes.append(f"{judge}: {share:.0%} of the judge's verdicts could not be parsed; its win rates rest on "
+                         "the few that could.")  # fmt: skip
+        if first >= 90:
+            notes.append(f"{judge}: the judge preferred the output shown first in {first:.0f}% of its decisive "
+                         "verdicts (position bias): its win rate measures the order coin, not the outputs.")  # fmt: skip
+    return notes
+
+
 def write_report(out: Path, table: Any, summary: dict[str, Any], seconds: dict[str, float], overrides: list[str]) -> Path:
     """``REPORT.md``: the grid, each dataset's Rg, the primary scores, the GLMM and GAM tables with their notes, and
     the figures."""
     analysis = out / "analysis"
     datasets = table.drop_duplicates("dataset").sort_values("rg")[["dataset", "rg"]]
-    notes = fit_notes(summary)
+    notes = fit_notes(summary) + (judge_notes(table) if "metric" in table.columns else [])
     lines = [
         "# PLW study", "",
         f"{table['run_id'].nunique()} runs: PLW {', '.join(f'{p:g}' for p in sorted(table['plw'].unique()))} x "
@@ -95,7 +113,7 @@ def write_report(out: Path, table: Any, summary: dict[str, Any], seconds: dict[s
     lines += [(analysis / "optimal_plw.md").read_text() if (analysis / "optimal_plw.md").exists()
               else f"GAM skipped: {summary.get('gam_skipped')}"]  # fmt: skip
     if notes:
-        lines += ["", "## What the fits do not say", "", *(f"- {n}" for n in notes)]
+        lines += ["", "## What the fits and judges do not say", "", *(f"- {n}" for n in notes)]
     lines += ["", "## Figures", ""]
     lines += [f"![{p.stem}](analysis/{p.name})" for p in sorted(analysis.glob("*.png"))]
     report = out / "REPORT.md"
