@@ -230,6 +230,8 @@ def test_a_chat_run_is_prompted_through_its_template_and_stops_at_its_end_of_tur
 @pytest.mark.parametrize(("override", "message"), [
     ("loss.segment_weights={assistnt: 1}", "unknown segment 'assistnt'; segments are template, system, user"),
     ("loss.segment_weights={user: -1}", "loss.segment_weights.user must be a finite number >= 0"),
+    ("loss.completion_weight=-0.5", "loss.completion_weight must be a finite number >= 0, got -0.5"),
+    ("loss.completion_weight=nan", "loss.completion_weight must be a finite number >= 0, got nan"),
     ("data.format=chatml", "data.format must be one of"),
     ("data.think_tags=['<think>','</think>']", "data.think_tags must be \\[open, close\\] on chat data"),
 ])  # fmt: skip

@@ -29,11 +29,12 @@ class GradCapture(PLWModule):
 CHAT_WEIGHTS = {"template": 0.0, "system": 0.5, "user": 0.2, "earlier_assistant": 0.3}
 
 
-def one_step(batch_size: int, accumulate: int, plw: float, normalization: str, scope: str = "step", chat: bool = False):
+def one_step(batch_size: int, accumulate: int, plw: float, normalization: str, scope: str = "step", chat: bool = False,
+             completion_weight: float = 1.0):  # fmt: skip
     """One optimizer step on the Alpaca sample, or (``chat``) on the chat sample with :data:`CHAT_WEIGHTS`."""
     loaded = tiny_model("float64", chat_template="chatml" if chat else None)
     module = GradCapture(loaded.model, plw=plw, normalization=normalization, denominator_scope=scope, lr=1e-3,
-                         segment_weights=CHAT_WEIGHTS if chat else None)  # fmt: skip
+                         segment_weights=CHAT_WEIGHTS if chat else None, completion_weight=completion_weight)  # fmt: skip
     data = {"path": str(CHAT_SAMPLE), "format": "messages"} if chat else {"path": str(SAMPLE)}
     dm = InstructionDataModule(loaded.tokenizer, **data, batch_size=batch_size, val_size=0, limit=16, cache_dir=None,
                                global_batch_size=batch_size * accumulate)  # fmt: skip
@@ -47,11 +48,14 @@ def one_step(batch_size: int, accumulate: int, plw: float, normalization: str, s
     return module, first, loaded
 
 
-@pytest.mark.parametrize(("normalization", "chat"), [("weight_sum", False), ("nonzero", False), ("completion", False),
-                                                     ("weight_sum", True), ("nonzero", True)])  # fmt: skip
-def test_grad_accumulation_4x1_equals_1x4(normalization, chat):
-    accumulated, examples, _ = one_step(batch_size=1, accumulate=4, plw=0.1, normalization=normalization, chat=chat)
-    whole, examples_whole, _ = one_step(batch_size=4, accumulate=1, plw=0.1, normalization=normalization, chat=chat)
+@pytest.mark.parametrize(("normalization", "chat", "completion_weight"),
+                         [("weight_sum", False, 1.0), ("nonzero", False, 1.0), ("completion", False, 1.0),
+                          ("weight_sum", True, 1.0), ("nonzero", True, 1.0), ("weight_sum", False, 0.6),
+                          ("completion", False, 0.6)])  # fmt: skip
+def test_grad_accumulation_4x1_equals_1x4(normalization, chat, completion_weight):
+    kwargs = {"plw": 0.1, "normalization": normalization, "chat": chat, "completion_weight": completion_weight}
+    accumulated, examples, _ = one_step(batch_size=1, accumulate=4, **kwargs)
+    whole, examples_whole, _ = one_step(batch_size=4, accumulate=1, **kwargs)
     assert [e.input_ids for e in examples] == [e.input_ids for e in examples_whole]
     assert accumulated.grads.keys() == whole.grads.keys()
     for name, g in whole.grads.items():
@@ -86,6 +90,28 @@ def test_chat_step_loss_weighs_every_segment_by_its_weight():
             denominator += w
     assert {SEGMENTS[s] for e in examples for s in e.segment_ids} >= {"template", "user", "assistant", "earlier_assistant"}
     assert module.last_step_loss == pytest.approx(numerator / denominator, rel=1e-9)
+
+
+@pytest.mark.parametrize("normalization", ["weight_sum", "nonzero", "completion"])
+def test_a_completion_weight_other_than_one_follows_the_token_loop(normalization):
+    """WIT's (λp, λr) = (plw, loss.completion_weight): prompt targets weigh 0.3, completion targets 0.6; the step
+    loss over 4 accumulated micro-batches is Σ w_t ℓ_t / D, summed here token by token in float64, with D = Σ w_t,
+    #{w_t > 0} or the completion count."""
+    module, examples, _ = one_step(batch_size=1, accumulate=4, plw=0.3, normalization=normalization, completion_weight=0.6)
+    fresh = tiny_model("float64")
+    numerator, weight_sum, n_completion, n_targets = 0.0, 0.0, 0, 0
+    for e in examples:
+        ids = torch.tensor([e.input_ids])
+        with torch.no_grad():
+            logprobs = fresh.model(input_ids=ids).logits[0].log_softmax(-1)
+        for t in range(1, len(e.input_ids)):
+            completion = e.segment_ids[t] in COMPLETION_IDS
+            w = 0.6 if completion else 0.3
+            numerator += w * -logprobs[t - 1, e.input_ids[t]].item()
+            weight_sum, n_completion, n_targets = weight_sum + w, n_completion + completion, n_targets + 1
+    denominator = {"weight_sum": weight_sum, "nonzero": n_targets, "completion": n_completion}[normalization]
+    assert module.last_step_loss == pytest.approx(numerator / denominator, rel=1e-9)
+    assert module.segment_weight_dict()["assistant"] == 0.6 and module.segment_weight_dict()["user"] == 0.3
 
 
 def test_micro_batch_scope_averages_micro_batch_losses():

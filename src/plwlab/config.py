@@ -90,6 +90,7 @@ class DataConfig:  # arguments of plwlab.data.datamodule.InstructionDataModule (
 class LossConfig:  # loss arguments of plwlab.training.module.PLWModule
     # per-segment weights over the plw default (plwlab.data.segments), e.g. {template: 0, earlier_assistant: 0.1}
     segment_weights: Any = None
+    completion_weight: float = 1.0  # the completion segments' weight (WIT's λr; plw is its λp)
     normalization: str = "weight_sum"
     denominator_scope: str = "step"
     chunk_tokens: Optional[int] = None  # memory-lean loss: logits computed this many targets at a time
@@ -499,7 +500,7 @@ def validate_train(cfg: DictConfig) -> BatchGeometry:
         raise ConfigError(f"data.think_tags must be [open, close] on chat data (format messages or sharegpt), got "
                           f"{list(cfg.data.think_tags)} with format {cfg.data.format}")  # fmt: skip
     try:
-        weight_table(cfg.plw, cfg.loss.segment_weights)
+        weight_table(cfg.plw, cfg.loss.segment_weights, cfg.loss.completion_weight)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.data.variant not in VARIANTS:

@@ -9,7 +9,8 @@ completion: the prompt (BOS and the Alpaca template included) is ``user``, the c
 ``assistant``.
 
 Weights: ``plw`` stays the one knob. By default every assistant segment weighs 1 and every other one ``plw``
-(Alpaca: exactly the paper's loss). ``loss.segment_weights`` overrides any of them, e.g. ``{template: 0,
+(Alpaca: exactly the paper's loss); ``loss.completion_weight`` sets the completion segments' weight instead of 1
+(WIT's λr beside ``plw`` as its λp). ``loss.segment_weights`` overrides any of them, e.g. ``{template: 0,
 system: 0}`` (no loss on the template or the system prompt), ``{earlier_assistant: ${plw},
 earlier_reasoning: ${plw}}`` (train on the last assistant turn only; earlier ones are context), or
 ``{reasoning: 0.5, earlier_reasoning: 0.5}`` (half weight on thinking).
@@ -28,10 +29,13 @@ COMPLETION_IDS = tuple(SEGMENT_ID[s] for s in COMPLETION_SEGMENTS)
 PROMPT_ID, COMPLETION_ID = SEGMENT_ID["user"], SEGMENT_ID["assistant"]  # Alpaca and prompt/completion pairs
 
 
-def weight_table(plw: float, overrides: Mapping[str, float] | None = None) -> tuple[float, ...]:
-    """The weight of every segment (in :data:`SEGMENTS` order): 1 for completion segments, ``plw`` for the rest,
-    then ``overrides`` (segment name -> weight >= 0). An unknown name or a negative weight raises, naming it."""
-    weights = {s: 1.0 if s in COMPLETION_SEGMENTS else float(plw) for s in SEGMENTS}
+def weight_table(plw: float, overrides: Mapping[str, float] | None = None, completion_weight: float = 1.0) -> tuple[float, ...]:
+    """The weight of every segment (in :data:`SEGMENTS` order): ``completion_weight`` (default 1; WIT's λr) for
+    completion segments, ``plw`` (WIT's λp) for the rest, then ``overrides`` (segment name -> weight >= 0). An unknown
+    name or a negative or non-finite weight raises, naming it."""
+    if not (isinstance(completion_weight, (int, float)) and math.isfinite(completion_weight) and completion_weight >= 0):
+        raise ValueError(f"loss.completion_weight must be a finite number >= 0, got {completion_weight!r}")
+    weights = {s: float(completion_weight) if s in COMPLETION_SEGMENTS else float(plw) for s in SEGMENTS}
     for name, weight in (overrides or {}).items():
         if name not in SEGMENT_ID:
             raise ValueError(f"loss.segment_weights: unknown segment {name!r}; segments are {', '.join(SEGMENTS)}")

@@ -24,8 +24,8 @@ class TrainingDiverged(FloatingPointError):
 
 class PLWModule(L.LightningModule):
     """Fine-tune ``model`` with :func:`plwlab.training.loss.segment_weighted_loss`: every token weighs its segment's weight
-    (:func:`plwlab.data.segments.weight_table`: ``plw`` for prompt segments, 1 for assistant ones, then
-    ``segment_weights``' overrides; on Alpaca data exactly the paper's prompt-weighted loss).
+    (:func:`plwlab.data.segments.weight_table`: ``plw`` for prompt segments, ``completion_weight`` (1) for assistant
+    ones, then ``segment_weights``' overrides; on Alpaca data exactly the paper's prompt-weighted loss).
 
     ``denominator_scope="step"`` (default) makes the loss of each optimizer step exactly
     ``Σ w·ℓ / D`` with the sums and ``D`` taken over *all* its gradient-accumulation micro-batches and all
@@ -47,6 +47,7 @@ class PLWModule(L.LightningModule):
         model: PreTrainedModel,
         plw: float = 0.0,
         segment_weights: dict[str, float] | None = None,
+        completion_weight: float = 1.0,
         normalization: str = "weight_sum",
         denominator_scope: str = "step",
         chunk_tokens: int | None = None,
@@ -64,7 +65,7 @@ class PLWModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "total_steps"])
         self.model = model
         self.plw, self.normalization, self.denominator_scope = float(plw), normalization, denominator_scope
-        self.weights = weight_table(plw, segment_weights)
+        self.weights = weight_table(plw, segment_weights, completion_weight)
         self.val_weights = tuple(float(i in COMPLETION_IDS) for i in range(len(SEGMENTS)))  # completion-only NLL
         self.pretrained_vocab_size = pretrained_vocab_size
         self.chunk_tokens = chunk_tokens
