@@ -42,7 +42,13 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def test_fsdp_on_two_processes_equals_one_process(tmp_path):
-    args = [*COMMON, *CHAT, "trainer.max_steps=6"]
+    """Packed multi-turn chat data with per-segment weights, per-example weights (data.weight_column) and a
+    completion weight other than 1: the general loss over two ranks equals it in one process."""
+    from test_weights import CHAT_SAMPLE, weighted_copy
+
+    data = weighted_copy(CHAT_SAMPLE, tmp_path / "weighted.jsonl")
+    args = [*COMMON, *CHAT, "trainer.max_steps=6", f"data.path={data}", "data.weight_column=w",
+            "loss.completion_weight=0.8"]  # fmt: skip
     single = run_cli(*args, *SINGLE, f"hydra.run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
     sharded = run_cli(*args, *SHARDED, f"hydra.run.dir={tmp_path / 'fsdp'}")
@@ -50,6 +56,7 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path):
     a, b = metrics(tmp_path / "single"), metrics(tmp_path / "fsdp")
     assert b["strategy"] == "FSDP2Strategy" and b["world_size"] == 2 and b["global_batch_size"] == 4
     assert b["data_format"] == "messages" and b["segment_weights"]["earlier_assistant"] == 0.3
+    assert b["segment_weights"]["assistant"] == 0.8 and b["example_weights"]["column"] == "w"
     assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-9)
     norms = [[float(r["train/grad_norm"]) for r in read_metrics_csv(tmp_path / d) if r.get("train/grad_norm")]
              for d in ("single", "fsdp")]  # fmt: skip

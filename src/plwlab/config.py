@@ -84,6 +84,7 @@ class DataConfig:  # arguments of plwlab.data.datamodule.InstructionDataModule (
     variant: str = "as_is"
     target_rg: Optional[float] = None
     cache_dir: Optional[str] = "outputs/data"  # built variants + tokenized data (null: no tokenized cache)
+    weight_column: Optional[str] = None  # a numeric column: each example's weight, multiplying its tokens' weights
 
 
 @dataclass
@@ -503,6 +504,11 @@ def validate_train(cfg: DictConfig) -> BatchGeometry:
         weight_table(cfg.plw, cfg.loss.segment_weights, cfg.loss.completion_weight)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.data.get("weight_column") and (cfg.data.on_invalid != "error" or cfg.data.empty_output != "keep"
+                                          or cfg.data.variant != "as_is"):  # fmt: skip
+        raise ConfigError("data.weight_column needs every row to become one example (data.on_invalid=error, "
+                          f"data.empty_output=keep, data.variant=as_is), got on_invalid={cfg.data.on_invalid}, "
+                          f"empty_output={cfg.data.empty_output}, variant={cfg.data.variant}")  # fmt: skip
     if cfg.data.variant not in VARIANTS:
         raise ConfigError(f"data.variant must be one of {VARIANTS}, got {cfg.data.variant!r}")
     if cfg.data.variant == "rg_target" and not (cfg.data.target_rg or 0) > 0:

@@ -98,11 +98,15 @@ def collate(items: Sequence[list[TokenizedExample]], pad_token_id: int) -> dict[
     (int32): the examples' boundaries over the flattened B·L tokens, the trailing padding of a row an example of
     its own, for varlen kernels (:mod:`plwlab.training.attention`, flash-attention) without a host sync.
     ``token_mask`` is 0 on padding and on the first token of every packed example, so no example is trained to
-    predict the next one's first token.
+    predict the next one's first token. A batch holding an example whose ``weight`` is not 1 (``data.weight_column``)
+    also gets ``example_weights`` (float64, B x L): each token's example weight.
     """
     packed = any(len(row) > 1 for row in items)
     length = max(sum(len(e.input_ids) for e in row) for row in items)
     batch = {k: torch.zeros(len(items), length, dtype=torch.long) for k in ("segment_ids", "token_mask")}
+    weighted = any(e.weight != 1.0 for row in items for e in row)
+    if weighted:  # data.weight_column: every token carries its example's weight
+        batch["example_weights"] = torch.ones(len(items), length, dtype=torch.float64)
     batch["input_ids"] = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     if packed:
         batch["position_ids"] = torch.zeros(len(items), length, dtype=torch.long)
@@ -115,6 +119,8 @@ def collate(items: Sequence[list[TokenizedExample]], pad_token_id: int) -> dict[
             batch["input_ids"][r, start:end] = torch.tensor(e.input_ids)
             batch["segment_ids"][r, start:end] = torch.tensor(e.segment_ids)
             batch["token_mask"][r, start + (k > 0) : end] = 1
+            if weighted:
+                batch["example_weights"][r, start:end] = e.weight
             if packed:
                 batch["position_ids"][r, start:end] = torch.arange(len(e.input_ids))
             start = end

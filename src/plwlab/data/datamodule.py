@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from functools import partial
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from plwlab.data.batching import (
 )  # fmt: skip
 from plwlab.data.examples import load_examples
 from plwlab.data.rg import cached_rg, ratio
-from plwlab.data.sources import DataError
+from plwlab.data.sources import DataError, example_weights, weight_summary
 from plwlab.data.tokenization import cached_tokenize_source, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class InstructionDataModule(L.LightningDataModule):
         variant: str = "as_is",
         target_rg: float | None = None,
         cache_dir: str | None = "outputs/data",
+        weight_column: str | None = None,
         seed: int = 42,
         global_batch_size: int | None = None,
     ) -> None:
@@ -85,7 +87,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.batching = batch_size, eval_batch_size or batch_size, batching
         self.num_workers, self.empty_completion, self.on_invalid = num_workers, empty_completion, on_invalid
         self.variant, self.target_rg, self.cache_dir = variant, target_rg, cache_dir
-        self.empty_output, self.duplicates = empty_output, duplicates
+        self.empty_output, self.duplicates, self.weight_column = empty_output, duplicates, weight_column
         self.global_batch_size = global_batch_size  # sequences per optimizer step: the unit length grouping keeps
         self.manifest: dict[str, Any] | None = None
         self.train_examples: list[Any] = []  # the source examples of the training split (records or conversations)
@@ -108,7 +110,13 @@ class InstructionDataModule(L.LightningDataModule):
         examples, n_empty = cached_tokenize_source(sources, self.tokenizer, self.format, self.max_length,
                                                    self.cache_dir, self.think_tags)  # fmt: skip
         rg = cached_rg(sources, self.tokenizer, self.format, self.cache_dir)
-        data_sha256 = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:16]
+        weights = None
+        if self.weight_column:  # every row became an example (validate_train): the weights line up with them
+            weights = example_weights(self.path, self.split, self.weight_column)[: len(examples)]
+            examples = [replace(e, weight=w) for e, w in zip(examples, weights, strict=True)]
+        identity = sources if weights is None else [sources, weights]  # unweighted data: digests as before
+        data_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        keys = [json.dumps(s if weights is None else [s, e.weight], sort_keys=True) for s, e in zip(sources, examples)]
         if n_empty:
             msg = (
                 f"{n_empty} of {len(examples)} examples lost every completion token to truncation at "
@@ -120,7 +128,6 @@ class InstructionDataModule(L.LightningDataModule):
             if self.empty_completion == "drop":
                 sources = [s for s, e in zip(sources, examples, strict=True) if e.has_completion]
                 examples = [e for e in examples if e.has_completion]
-        keys = [json.dumps(s, sort_keys=True) for s in sources]
         n_duplicates = len(keys) - len(set(keys))
         if n_duplicates:
             log.warning("%d of %d examples repeat an earlier one: %s (data.duplicates=%s); twins never straddle "
@@ -155,6 +162,7 @@ class InstructionDataModule(L.LightningDataModule):
             "data_path": path,  # what this run really read (a built variant's file for a variant)
             "data_sha256": data_sha256,
             "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer),
+            **({"example_weights": weight_summary(self.weight_column, [e.weight for e in train])} if weights else {}),
         }
         log.info("data %s: %s", self.name, self.stats)
 

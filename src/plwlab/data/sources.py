@@ -6,6 +6,7 @@ examples."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,24 @@ def rename_columns(rows: list[Any], columns: Mapping[str, str] | None) -> list[A
         return rows
     return [{**row, **{name: row[column] for name, column in columns.items() if column in row}}
             if isinstance(row, dict) else row for row in rows]  # fmt: skip
+
+
+def example_weights(path: str, split: str, column: str) -> list[float]:
+    """The ``column`` of a source's rows as example weights, one per row: each a finite number >= 0 (a missing,
+    non-numeric, negative or non-finite value is a :class:`DataError` naming its row)."""
+    weights = []
+    for i, row in enumerate(read_rows(path, split)):
+        value = row.get(column) if isinstance(row, dict) else None
+        if value is None:
+            raise DataError(f"{path}: record {i} has no weight column {column!r} (data.weight_column)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise DataError(f"{path}: record {i}: weight column {column!r} must be a finite number >= 0, got {value!r}")
+        weights.append(float(value))
+    return weights
+
+
+def weight_summary(column: str, weights: list[float]) -> dict[str, Any]:
+    """What a run records of its example weights (``metrics.json``, the run config): the column, their count,
+    min, mean and max, and how many are 0 (examples that do not train)."""
+    return {"column": column, "n": len(weights), "min": min(weights), "mean": sum(weights) / len(weights),
+            "max": max(weights), "n_zero": sum(w == 0 for w in weights)}  # fmt: skip

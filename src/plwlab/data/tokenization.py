@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 class TokenizedExample:
     input_ids: list[int]
     segment_ids: list[int]  # plwlab.data.segments: the segment id of each token
+    weight: float = 1.0  # the example's weight (data.weight_column), multiplying every token weight of it
 
     @classmethod
     def from_prompt_length(cls, input_ids: list[int], n_prompt: int) -> TokenizedExample:

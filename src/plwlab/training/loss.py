@@ -173,23 +173,29 @@ def segment_weighted_loss(
     completion_segments: tuple[int, ...],
     normalization: Normalization = "weight_sum",
     denominator: torch.Tensor | float | None = None,
+    example_weights: torch.Tensor | None = None,
 ) -> PLWLoss:
-    r"""The general form of :func:`prompt_weighted_loss`: each target token weighs its segment's weight.
+    r"""The general form of :func:`prompt_weighted_loss`: each target token weighs its segment's weight, times its
+    example's weight.
 
     ``segment_ids`` (B, L) hold an index into ``segment_weights`` per token (chat data: template, system, user,
-    assistant, reasoning; Alpaca: 0 = prompt, 1 = completion). With :math:`s_t` the segment of target t,
+    assistant, reasoning; Alpaca: 0 = prompt, 1 = completion); ``example_weights`` (B, L; default all 1) hold each
+    token's example weight :math:`e_t` (``data.weight_column``). With :math:`s_t` the segment of target t,
 
     .. math::
 
-        w_t = a_t\, W[s_t], \qquad \mathcal{L} = \frac{\sum_t w_t \ell_t}{D}, \qquad D = \begin{cases}
-            \sum_s W[s]\, N_s & \text{"weight\_sum"} \\
-            \sum_{s : W[s] > 0} N_s & \text{"nonzero"} \\
-            \sum_{s \in C} N_s & \text{"completion"}
+        w_t = a_t\, W[s_t]\, e_t, \qquad \mathcal{L} = \frac{\sum_t w_t \ell_t}{D}, \qquad D = \begin{cases}
+            \sum_s W[s]\, E_s = \sum_t w_t & \text{"weight\_sum"} \\
+            \sum_{s : W[s] > 0} \#\{t \in s : e_t > 0\} = \#\{t : w_t > 0\} & \text{"nonzero"} \\
+            \sum_{s \in C} E_s & \text{"completion"}
         \end{cases}
 
-    where :math:`N_s` counts the targets of segment s and C is ``completion_segments`` (the tokens a model is
-    trained to produce; the PLWLoss "completion" sums run over them, the "prompt" sums over the rest).
-    ``prompt_weighted_loss`` is this with W = (PLW, 1) and C = {1}, and gives the same bits as before it existed.
+    where :math:`E_s = \sum_{t \in s} a_t e_t` is segment s's (example-)weighted target count (its plain count
+    :math:`N_s` without example weights) and C is ``completion_segments`` (the tokens a model is trained to produce;
+    the PLWLoss "completion" sums run over them, the "prompt" sums over the rest). "weight_sum" and "completion"
+    are unchanged when every example weight is scaled alike; "nonzero" counts tokens, so it scales with them.
+    ``prompt_weighted_loss`` is this with W = (PLW, 1), C = {1} and no example weights, and gives the same bits as
+    before segments or example weights existed.
     """
     real = token_mask[:, 1:].bool()
     segments = segment_ids[:, 1:].long()
@@ -201,12 +207,14 @@ def segment_weighted_loss(
     nll = nll * real  # padding targets may hold any id; zero them explicitly
     table = torch.tensor(segment_weights, dtype=nll.dtype, device=nll.device)
     weights = table[segments] * real
+    if example_weights is not None:
+        weights = weights * example_weights[:, 1:].to(nll.dtype)
     weighted_sum = (weights * nll).sum()
 
     n_prompt, n_completion = prompt.sum(), completion.sum()
     if denominator is None:
-        counts = torch.stack([(segments == s).logical_and(real).sum() for s in range(len(segment_weights))])
-        denominator = segment_denominator(counts, segment_weights, completion_segments, normalization)
+        weighted, nonzero = segment_counts(segment_ids, token_mask, len(segment_weights), example_weights)
+        denominator = segment_denominator(weighted, segment_weights, completion_segments, normalization, nonzero)
     denominator = torch.as_tensor(denominator, dtype=nll.dtype, device=nll.device)
     detached = nll.detach()
     return PLWLoss(
@@ -220,6 +228,19 @@ def segment_weighted_loss(
     )
 
 
+def segment_counts(segment_ids: torch.Tensor, token_mask: torch.Tensor, n_segments: int,
+                   example_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per segment, over a batch's targets (float64, on its device): the example-weighted count :math:`E_s` and the
+    count of targets whose example weight is not 0 (both the plain count :math:`N_s` without example weights);
+    what :func:`segment_denominator` needs, summable over micro-batches and ranks."""
+    targets = token_mask[:, 1:].flatten().double()
+    index = segment_ids[:, 1:].flatten().long()
+    e = targets if example_weights is None else targets * example_weights[:, 1:].flatten().double()
+    weighted = targets.new_zeros(n_segments).index_add_(0, index, e)
+    nonzero = weighted if example_weights is None else targets.new_zeros(n_segments).index_add_(0, index, (e > 0).double())
+    return weighted, nonzero
+
+
 def completion_mask(segment_ids: torch.Tensor, completion_segments: tuple[int, ...] | None = None) -> torch.Tensor:
     """1 where a token's segment is a completion segment (default: :data:`plwlab.data.segments.COMPLETION_IDS`), else
     0: the ``completion_mask`` of :func:`prompt_weighted_loss` from a batch's ``segment_ids``."""
@@ -228,13 +249,16 @@ def completion_mask(segment_ids: torch.Tensor, completion_segments: tuple[int, .
 
 
 def segment_denominator(counts: torch.Tensor, segment_weights: tuple[float, ...], completion_segments: tuple[int, ...],
-                        normalization: Normalization) -> torch.Tensor:  # fmt: skip
-    """The normalizer D of :func:`segment_weighted_loss` from per-segment target counts (float64)."""
+                        normalization: Normalization, nonzero_counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The normalizer D of :func:`segment_weighted_loss` from per-segment target counts (float64): ``counts`` the
+    example-weighted ones :math:`E_s`, ``nonzero_counts`` those of targets with a non-zero example weight (default:
+    ``counts``; both are the plain counts :math:`N_s` without example weights)."""
     counts = torch.as_tensor(counts, dtype=torch.float64)
+    nonzero_counts = counts if nonzero_counts is None else torch.as_tensor(nonzero_counts, dtype=torch.float64)
     if normalization == "weight_sum":
         d = sum(w * counts[s] for s, w in enumerate(segment_weights))
     elif normalization == "nonzero":
-        d = sum(counts[s] for s, w in enumerate(segment_weights) if w > 0)
+        d = sum(nonzero_counts[s] for s, w in enumerate(segment_weights) if w > 0)
     elif normalization == "completion":
         d = sum(counts[s] for s in completion_segments)
     else:

@@ -13,7 +13,8 @@ from torchmetrics import SumMetric
 from transformers import PreTrainedModel
 
 from plwlab.data.segments import COMPLETION_IDS, SEGMENTS, weight_table
-from plwlab.training.loss import PLWLoss, chunked_next_token_nll, next_token_nll, segment_denominator, segment_weighted_loss
+from plwlab.training.loss import (PLWLoss, chunked_next_token_nll, next_token_nll, segment_counts, segment_denominator,
+                                  segment_weighted_loss)  # fmt: skip
 from plwlab.training.optim import adamw, adamw_impl, cosine_schedule
 from plwlab.training.sharding import FSDP2Strategy, is_sharded, shard_model
 
@@ -73,8 +74,9 @@ class PLWModule(L.LightningModule):
         self.compute_dtype: str | None = None  # dtype the model computed its outputs in (seen in the first step)
         model.plw_chunked_nll = MethodType(_chunked_nll, model)
         # Running sums since the last optimizer step: [Σwℓ, Σ micro-batch losses, n micro-batches, prompt NLL,
-        # n prompt, completion NLL, n completion, then the targets of each segment]
-        self._step_sums = torch.zeros(7 + len(SEGMENTS), dtype=torch.float64)
+        # n prompt, completion NLL, n completion, then each segment's (example-)weighted target count, then each
+        # segment's count of targets with a non-zero example weight]
+        self._step_sums = torch.zeros(7 + 2 * len(SEGMENTS), dtype=torch.float64)
         self.last_step_loss: float | None = None
         self.val_sums = torch.nn.ModuleList(SumMetric() for _ in range(4))
 
@@ -109,17 +111,18 @@ class PLWModule(L.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor], weights: tuple[float, ...], normalization: str,
               denominator: float | None = None) -> PLWLoss:  # fmt: skip
         return segment_weighted_loss(self(batch), batch["segment_ids"], batch["token_mask"], weights, COMPLETION_IDS,
-                                     normalization, denominator)  # fmt: skip
+                                     normalization, denominator, batch.get("example_weights"))  # fmt: skip
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         step_scope = self.denominator_scope == "step"
         out = self._loss(batch, self.weights, self.normalization, denominator=1.0 if step_scope else None)
-        targets = batch["token_mask"][:, 1:].flatten().double()  # counted by scatter, not boolean indexing
-        counts = targets.new_zeros(len(SEGMENTS)).index_add_(0, batch["segment_ids"][:, 1:].flatten(), targets)
+        # counted by scatter, not boolean indexing: E_s and the non-zero-weight counts of segment_denominator
+        weighted, nonzero = segment_counts(batch["segment_ids"], batch["token_mask"], len(SEGMENTS),
+                                           batch.get("example_weights"))  # fmt: skip
         sums = torch.cat([torch.stack([
             out.weighted_sum.detach(), out.loss.detach(), torch.ones_like(out.denominator),
             out.prompt_nll, out.n_prompt, out.completion_nll, out.n_completion,
-        ]).double(), counts])  # fmt: skip
+        ]).double(), weighted, nonzero])  # fmt: skip
         if self._step_sums.device != sums.device:
             self._step_sums = self._step_sums.to(sums.device)
         self._step_sums += sums  # on the device: no host sync per micro-batch, one per optimizer step
@@ -130,7 +133,9 @@ class PLWModule(L.LightningModule):
         self._step_sums.zero_()
         weighted, loss_sum, n_micro, p_nll, n_p, c_nll, n_c = sums[:7].tolist()
         if self.denominator_scope == "step":
-            denominator = segment_denominator(sums[7:], self.weights, COMPLETION_IDS, self.normalization).item()
+            weighted_counts, nonzero_counts = sums[7 : 7 + len(SEGMENTS)], sums[7 + len(SEGMENTS) :]
+            denominator = segment_denominator(weighted_counts, self.weights, COMPLETION_IDS, self.normalization,
+                                              nonzero_counts).item()  # fmt: skip
             scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / denominator
             for p in self.parameters():
                 if p.grad is not None:

@@ -66,7 +66,8 @@ def run_config(cfg: DictConfig, geometry: BatchGeometry, stats: dict[str, Any], 
         "accumulate_grad_batches": geometry.accumulation, "devices": geometry.devices, "num_nodes": geometry.nodes,
         "world_size": geometry.world_size, "seed": cfg.seed, "total_steps": total_steps,
         "max_steps": cfg.trainer.get("max_steps") or -1, "max_epochs": cfg.trainer.get("max_epochs"),
-        "lr": cfg.optim.lr,
+        "lr": cfg.optim.lr, "completion_weight": cfg.loss.completion_weight,
+        "weight_column": cfg.data.get("weight_column"),
     }  # fmt: skip
 
 

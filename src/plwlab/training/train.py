@@ -216,6 +216,7 @@ def _train(cfg: DictConfig, run: RunDir, geometry: BatchGeometry, plan: RunPlan,
         n_train=datamodule.stats["n_train"],
         n_empty_completion=datamodule.stats["n_empty_completion"],
         n_duplicates=datamodule.stats["n_duplicates"],
+        example_weights=datamodule.stats.get("example_weights"),  # data.weight_column: column, n, min, mean, max
         tokenizer_sha256=datamodule.stats["tokenizer_sha256"],
         base_weights_sha256=loaded.weights_sha256,
         input_history=status["input_history"],  # per attempt: from which step, on which data, tokenizer, weights
