@@ -42,13 +42,14 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def test_fsdp_on_two_processes_equals_one_process(tmp_path):
-    """Packed multi-turn chat data with per-segment weights, per-example weights (data.weight_column) and a
-    completion weight other than 1: the general loss over two ranks equals it in one process."""
+    """Packed multi-turn chat data with per-segment weights, per-example weights (data.weight_column), a
+    completion weight other than 1 and the share normalization (each step's counts read ahead on every rank): the
+    general loss over two ranks equals it in one process."""
     from test_weights import CHAT_SAMPLE, weighted_copy
 
     data = weighted_copy(CHAT_SAMPLE, tmp_path / "weighted.jsonl")
     args = [*COMMON, *CHAT, "trainer.max_steps=6", f"data.path={data}", "data.weight_column=w",
-            "loss.completion_weight=0.8"]  # fmt: skip
+            "loss.completion_weight=0.8", "loss.normalization=share"]  # fmt: skip
     single = run_cli(*args, *SINGLE, f"hydra.run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr[-3000:]
     sharded = run_cli(*args, *SHARDED, f"hydra.run.dir={tmp_path / 'fsdp'}")

@@ -39,10 +39,10 @@ def weighted_copy(source, path, fmt="alpaca"):
 
 
 def one_step(data: dict, batch_size: int, accumulate: int, normalization: str, plw: float = 0.1, batching="padded",
-             chat: bool = False):  # fmt: skip
+             chat: bool = False, completion_weight: float = 1.0):  # fmt: skip
     """One optimizer step on ``data`` (InstructionDataModule arguments); the module and the step's examples."""
     loaded = tiny_model("float64", chat_template="chatml" if chat else None)
-    module = GradCapture(loaded.model, plw=plw, normalization=normalization, lr=1e-3)
+    module = GradCapture(loaded.model, plw=plw, normalization=normalization, lr=1e-3, completion_weight=completion_weight)
     dm = InstructionDataModule(loaded.tokenizer, **data, batch_size=batch_size, val_size=0, limit=16, cache_dir=None,
                                global_batch_size=batch_size * accumulate, batching=batching)  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
@@ -53,26 +53,34 @@ def one_step(data: dict, batch_size: int, accumulate: int, normalization: str, p
     return module, [e for i in indices for e in dm.train_set[i]]
 
 
-def token_loop(examples, plw: float, normalization: str, chat: bool = False) -> float:
-    """Σ w_t ℓ_t / D over the examples' targets, w_t = W[s_t] e_t, summed token by token in float64."""
+def token_loop(examples, plw: float, normalization: str, chat: bool = False, completion_weight: float = 1.0) -> float:
+    """The step loss over the examples' targets, summed token by token in float64: Σ w_t ℓ_t / D with
+    w_t = W[s_t] e_t, or ("share") Σ_s W[s] ℓ̄_s / Σ_s W[s] over the segments present, ℓ̄_s the e-weighted mean
+    NLL of segment s."""
     model = tiny_model("float64", chat_template="chatml" if chat else None).model
-    table = weight_table(plw)
-    numerator = weighted = 0.0
-    nonzero = completion = 0.0
+    table = weight_table(plw, completion_weight=completion_weight)
+    numerator = weighted = nonzero = completion = 0.0
+    segment_sum, segment_count = [0.0] * len(table), [0.0] * len(table)
     for e in examples:
         with torch.no_grad():
             logprobs = model(input_ids=torch.tensor([e.input_ids])).logits[0].log_softmax(-1)
         for t in range(1, len(e.input_ids)):
-            w = table[e.segment_ids[t]] * e.weight
-            numerator += w * -logprobs[t - 1, e.input_ids[t]].item()
+            s, nll = e.segment_ids[t], -logprobs[t - 1, e.input_ids[t]].item()
+            w = table[s] * e.weight
+            numerator += w * nll
             weighted += w
             nonzero += w > 0
-            completion += e.weight if e.segment_ids[t] in COMPLETION_IDS else 0.0
+            completion += e.weight if s in COMPLETION_IDS else 0.0
+            segment_sum[s] += e.weight * nll
+            segment_count[s] += e.weight
+    if normalization == "share":
+        present = [s for s in range(len(table)) if segment_count[s] > 0]
+        return sum(table[s] * segment_sum[s] / segment_count[s] for s in present) / sum(table[s] for s in present)
     return numerator / {"weight_sum": weighted, "nonzero": nonzero, "completion": completion}[normalization]
 
 
 @pytest.mark.parametrize("fmt", ["alpaca", "prompt_completion", "messages"])
-@pytest.mark.parametrize("normalization", ["weight_sum", "nonzero", "completion"])
+@pytest.mark.parametrize("normalization", ["weight_sum", "nonzero", "completion", "share"])
 def test_the_step_loss_follows_the_token_loop(tmp_path, fmt, normalization):
     chat = fmt == "messages"
     path = weighted_copy(CHAT_SAMPLE if chat else SAMPLE, tmp_path / ("d.jsonl" if chat else "d.json"), fmt)
@@ -81,7 +89,7 @@ def test_the_step_loss_follows_the_token_loop(tmp_path, fmt, normalization):
     assert module.last_step_loss == pytest.approx(token_loop(examples, 0.1, normalization, chat), rel=1e-9)
 
 
-@pytest.mark.parametrize("normalization", ["weight_sum", "nonzero", "completion"])
+@pytest.mark.parametrize("normalization", ["weight_sum", "nonzero", "completion", "share"])
 def test_accumulation_and_packing_do_not_change_the_step(tmp_path, normalization):
     data = {"path": str(weighted_copy(SAMPLE, tmp_path / "d.json")), "weight_column": "w"}
     accumulated, examples = one_step(data, 1, 4, normalization)
@@ -92,6 +100,62 @@ def test_accumulation_and_packing_do_not_change_the_step(tmp_path, normalization
     assert accumulated.last_step_loss == pytest.approx(whole.last_step_loss, rel=1e-12)
     packed, packed_examples = one_step(data, 2, 1, normalization, batching="packed")
     assert packed.last_step_loss == pytest.approx(token_loop(packed_examples, 0.1, normalization), rel=1e-9)
+
+
+@pytest.mark.parametrize("plw", [0.0, 0.3, 1.0])
+def test_share_makes_plw_the_prompts_share_of_the_loss(plw):
+    """normalization=share with completion_weight = 1 - PLW: the step loss is PLW x the prompt's mean NLL +
+    (1 - PLW) x the completion's, whatever their lengths (PLW 0: the Alpaca loss)."""
+    module, examples = one_step({"path": str(SAMPLE)}, 1, 4, "share", plw=plw, completion_weight=1 - plw)
+    model = tiny_model("float64").model
+    sums, counts = [0.0, 0.0], [0, 0]
+    for e in examples:
+        with torch.no_grad():
+            logprobs = model(input_ids=torch.tensor([e.input_ids])).logits[0].log_softmax(-1)
+        for t in range(1, len(e.input_ids)):
+            c = e.segment_ids[t] in COMPLETION_IDS
+            sums[c] += -logprobs[t - 1, e.input_ids[t]].item()
+            counts[c] += 1
+    prompt, completion = sums[0] / counts[0], sums[1] / counts[1]
+    assert module.last_step_loss == pytest.approx(plw * prompt + (1 - plw) * completion, rel=1e-9)
+
+
+class ShareCheck(GradCapture):
+    """Records, per optimizer step, the counts read ahead of it and the counts of the micro-batches it really got."""
+
+    def on_train_start(self):
+        self.ahead, self.seen, self.current = [], [], None
+
+    def training_step(self, batch, batch_idx):
+        from plwlab.training.loss import segment_counts
+
+        weighted, _ = segment_counts(batch["segment_ids"], batch["token_mask"], 7, batch.get("example_weights"))
+        self.current = weighted if self.current is None else self.current + weighted
+        return super().training_step(batch, batch_idx)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.ahead.append(list(self._share_counts))
+        self.seen.append(self.current.tolist())
+        self.current = None
+        super().on_before_optimizer_step(optimizer)
+
+
+@pytest.mark.parametrize("batching", ["length_grouped", "packed"])
+def test_every_steps_counts_are_read_ahead_exactly(tmp_path, batching):
+    """Over 3 epochs of 2 accumulated micro-batches (and a last step filled by repetition), the counts the share
+    normalization reads ahead of each step are those of the micro-batches the step then trains on."""
+    loaded = tiny_model("float64")
+    module = ShareCheck(loaded.model, plw=0.2, normalization="share", lr=1e-3)
+    dm = InstructionDataModule(loaded.tokenizer, str(weighted_copy(SAMPLE, tmp_path / "d.json")), weight_column="w",
+                               batch_size=2, val_size=0, limit=18, cache_dir=None, global_batch_size=4,
+                               batching=batching)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, dm)
+    assert len(module.seen) == trainer.global_step == 3 * dm.batches_per_epoch(1) // 2 >= 6
+    for ahead, seen in zip(module.ahead, module.seen):
+        assert ahead == pytest.approx(seen, rel=1e-12)
 
 
 def test_unit_weights_give_the_unweighted_run(tmp_path):

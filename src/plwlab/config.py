@@ -29,7 +29,7 @@ from plwlab.files import is_folder_name, safe_dirname
 
 # the choices of the config values below; the code that acts on them reads them from here
 BATCHING = ("padded", "length_grouped", "packed")  # data.batching (plwlab.data.batching)
-NORMALIZATIONS = ("weight_sum", "nonzero", "completion")  # loss.normalization (plwlab.training.loss)
+NORMALIZATIONS = ("weight_sum", "nonzero", "completion", "share")  # loss.normalization (plwlab.training.loss)
 # loss.denominator_scope: over which tokens D is taken, the whole optimizer step (all micro-batches and ranks) or
 # each micro-batch
 DENOMINATOR_SCOPES = ("step", "micro_batch")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from plwlab.data.segments import PROMPT_ID
+from plwlab.data.segments import PROMPT_ID, SEGMENTS
 from plwlab.data.tokenization import TokenizedExample
 
 
@@ -87,6 +87,16 @@ class TokenizedDataset(Dataset):
 
     def n_tokens(self, i: int) -> int:
         return sum(len(e.input_ids) for e in self[i])
+
+
+def item_segment_counts(item: Sequence[TokenizedExample]) -> list[float]:
+    """Each segment's (example-)weighted count of prediction targets in a dataset item (one example or a packed
+    row): every token but the first of each example, as :func:`collate`'s ``token_mask`` marks them."""
+    counts = [0.0] * len(SEGMENTS)
+    for e in item:
+        for s in e.segment_ids[1:]:
+            counts[s] += e.weight
+    return counts
 
 
 def collate(items: Sequence[list[TokenizedExample]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -15,10 +15,12 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from plwlab.data.batching import (
-    GlobalBatchSampler, ResumableDataLoader, TokenizedDataset, collate, even_shard, pack_examples, split_indices,
+    GlobalBatchSampler, ResumableDataLoader, TokenizedDataset, collate, even_shard, item_segment_counts, pack_examples,
+    split_indices,
 )  # fmt: skip
 from plwlab.data.examples import load_examples
 from plwlab.data.rg import cached_rg, ratio
+from plwlab.data.segments import SEGMENTS
 from plwlab.data.sources import DataError, example_weights, weight_summary
 from plwlab.data.tokenization import cached_tokenize_source, tokenizer_fingerprint
 
@@ -94,6 +96,8 @@ class InstructionDataModule(L.LightningDataModule):
         self.train_set: TokenizedDataset | None = None
         self.val_set: TokenizedDataset | None = None
         self.stats: dict[str, float] = {}
+        self._order: tuple[Any, list[int]] = (None, [])  # (epoch, world) -> the sampler's order (step_counts)
+        self._item_counts: list[list[float]] | None = None  # each train item's segment counts (step_counts)
 
     def load(self) -> tuple[list[Any], str]:
         """The examples this data module trains on and the path they were read from (:func:`load_examples`)."""
@@ -190,6 +194,21 @@ class InstructionDataModule(L.LightningDataModule):
         step = self._step_batch(world)
         group = 50 * step if self.batching == "length_grouped" else 0
         return GlobalBatchSampler(lengths, self.batch_size, world, rank, self.seed, group_size=group, step_batch=step)
+
+    def step_counts(self, epoch: int, step: int, world: int = 1) -> list[float]:
+        """The (example-)weighted target count of each segment (:data:`plwlab.data.segments.SEGMENTS`) over the
+        sequences of optimizer step ``step`` of ``epoch``, on all ``world`` ranks together: what the "share"
+        normalization divides each segment by, known before the step's first micro-batch (the sampler's order is
+        seeded, and a step holds the same sequences whatever the micro-batch, accumulation and world size)."""
+        if self._order[0] != (epoch, world):
+            sampler = self.train_sampler(world, 0)
+            sampler.set_epoch(epoch)
+            self._order = ((epoch, world), sampler.global_order())
+        if self._item_counts is None:
+            self._item_counts = [item_segment_counts(self.train_set[i]) for i in range(len(self.train_set))]
+        size = self._step_batch(world)
+        items = self._order[1][step * size : (step + 1) * size]
+        return [sum(self._item_counts[i][s] for i in items) for s in range(len(SEGMENTS))]
 
     def batches_per_epoch(self, world: int) -> int:
         """Micro-batches each of ``world`` ranks draws per epoch (the last optimizer step is filled by repetition)."""

@@ -5,6 +5,7 @@ weighing PLW and completion 1), on per-token NLLs from :func:`next_token_nll` (f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from plwlab.config import NORMALIZATIONS
 from plwlab.data.segments import COMPLETION_IDS
 
-Normalization = Literal["weight_sum", "nonzero", "completion"]
+Normalization = Literal["weight_sum", "nonzero", "completion", "share"]
 
 
 class PLWLoss(NamedTuple):
@@ -174,6 +175,7 @@ def segment_weighted_loss(
     normalization: Normalization = "weight_sum",
     denominator: torch.Tensor | float | None = None,
     example_weights: torch.Tensor | None = None,
+    share_counts: Sequence[float] | None = None,
 ) -> PLWLoss:
     r"""The general form of :func:`prompt_weighted_loss`: each target token weighs its segment's weight, times its
     example's weight.
@@ -194,9 +196,28 @@ def segment_weighted_loss(
     :math:`N_s` without example weights) and C is ``completion_segments`` (the tokens a model is trained to produce;
     the PLWLoss "completion" sums run over them, the "prompt" sums over the rest). "weight_sum" and "completion"
     are unchanged when every example weight is scaled alike; "nonzero" counts tokens, so it scales with them.
+
+    ``normalization="share"`` makes the weights set each segment's *share* of the loss instead of a per-token weight
+    (the form in which PLW is the prompt's share, whatever the prompt and completion lengths):
+
+    .. math::
+
+        \mathcal{L} = \frac{\sum_{s : E_s > 0} W[s]\, \bar\ell_s}{\sum_{s : E_s > 0} W[s]}, \qquad
+        \bar\ell_s = \frac{\sum_{t \in s} a_t e_t \ell_t}{E_s},
+
+    i.e. per-token weights :math:`w_t = W[s_t]\, e_t / (E_{s_t} Z)` with :math:`Z = \sum_{s : E_s > 0} W[s]` and
+    D = 1. On Alpaca data the prompt's share is PLW / (PLW + λr): with ``completion_weight`` λr = 1 - PLW it is PLW
+    itself; PLW 0 is the Alpaca loss again. The counts :math:`E_s` are ``share_counts`` when given (those of the whole
+    optimizer step: :class:`plwlab.training.module.PLWModule` passes them), else this batch's.
+
     ``prompt_weighted_loss`` is this with W = (PLW, 1), C = {1} and no example weights, and gives the same bits as
     before segments or example weights existed.
     """
+    if normalization == "share":
+        counts = share_counts if share_counts is not None else segment_counts(
+            segment_ids, token_mask, len(segment_weights), example_weights)[0].tolist()  # fmt: skip
+        segment_weights = share_weights(segment_weights, counts)
+        denominator = 1.0 if denominator is None else denominator
     real = token_mask[:, 1:].bool()
     segments = segment_ids[:, 1:].long()
     completion = torch.zeros_like(real)
@@ -228,6 +249,13 @@ def segment_weighted_loss(
     )
 
 
+def share_weights(segment_weights: Sequence[float], counts: Sequence[float]) -> tuple[float, ...]:
+    """The per-token segment weights of the "share" normalization: ``W[s] / (E_s Z)`` with ``Z`` the sum of the
+    weights of the segments present (``E_s > 0``); 0 for an absent segment."""
+    z = sum(w for w, c in zip(segment_weights, counts) if c > 0)
+    return tuple(w / (c * z) if c > 0 and z > 0 else 0.0 for w, c in zip(segment_weights, counts))
+
+
 def segment_counts(segment_ids: torch.Tensor, token_mask: torch.Tensor, n_segments: int,
                    example_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per segment, over a batch's targets (float64, on its device): the example-weighted count :math:`E_s` and the
@@ -255,7 +283,9 @@ def segment_denominator(counts: torch.Tensor, segment_weights: tuple[float, ...]
     ``counts``; both are the plain counts :math:`N_s` without example weights)."""
     counts = torch.as_tensor(counts, dtype=torch.float64)
     nonzero_counts = counts if nonzero_counts is None else torch.as_tensor(nonzero_counts, dtype=torch.float64)
-    if normalization == "weight_sum":
+    if normalization == "share":  # its weights carry the normalization (share_weights)
+        d = 1.0
+    elif normalization == "weight_sum":
         d = sum(w * counts[s] for s, w in enumerate(segment_weights))
     elif normalization == "nonzero":
         d = sum(nonzero_counts[s] for s, w in enumerate(segment_weights) if w > 0)

@@ -78,6 +78,7 @@ class PLWModule(L.LightningModule):
         # segment's count of targets with a non-zero example weight]
         self._step_sums = torch.zeros(7 + 2 * len(SEGMENTS), dtype=torch.float64)
         self.last_step_loss: float | None = None
+        self._share_counts: list[float] | None = None  # normalization="share": this optimizer step's segment counts
         self.val_sums = torch.nn.ModuleList(SumMetric() for _ in range(4))
 
     def segment_weight_dict(self) -> dict[str, float]:
@@ -109,13 +110,28 @@ class PLWModule(L.LightningModule):
         return nll
 
     def _loss(self, batch: dict[str, torch.Tensor], weights: tuple[float, ...], normalization: str,
-              denominator: float | None = None) -> PLWLoss:  # fmt: skip
+              denominator: float | None = None, share_counts: list[float] | None = None) -> PLWLoss:  # fmt: skip
         return segment_weighted_loss(self(batch), batch["segment_ids"], batch["token_mask"], weights, COMPLETION_IDS,
-                                     normalization, denominator, batch.get("example_weights"))  # fmt: skip
+                                     normalization, denominator, batch.get("example_weights"), share_counts)  # fmt: skip
+
+    def step_share_counts(self) -> list[float]:
+        """The (example-)weighted target count of each segment over the current optimizer step, all micro-batches
+        and ranks (``normalization="share"`` needs them before the step's first backward): read from the
+        datamodule, which knows every step's sequences (:meth:`InstructionDataModule.step_counts`)."""
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "step_counts"):
+            raise ValueError("loss.normalization=share needs plwlab's InstructionDataModule (it reads each optimizer "
+                             "step's token counts ahead of the step)")  # fmt: skip
+        per_epoch = datamodule.batches_per_epoch(self.trainer.world_size) // self.trainer.accumulate_grad_batches
+        epoch = self.trainer.current_epoch
+        return datamodule.step_counts(epoch, self.global_step - epoch * per_epoch, self.trainer.world_size)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         step_scope = self.denominator_scope == "step"
-        out = self._loss(batch, self.weights, self.normalization, denominator=1.0 if step_scope else None)
+        if step_scope and self.normalization == "share" and self._share_counts is None:
+            self._share_counts = self.step_share_counts()
+        out = self._loss(batch, self.weights, self.normalization, denominator=1.0 if step_scope else None,
+                         share_counts=self._share_counts if step_scope else None)  # fmt: skip
         # counted by scatter, not boolean indexing: E_s and the non-zero-weight counts of segment_denominator
         weighted, nonzero = segment_counts(batch["segment_ids"], batch["token_mask"], len(SEGMENTS),
                                            batch.get("example_weights"))  # fmt: skip
@@ -131,6 +147,7 @@ class PLWModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         sums = self.trainer.strategy.reduce(self._step_sums.clone(), reduce_op="sum").double().cpu()
         self._step_sums.zero_()
+        self._share_counts = None  # the next step reads its own
         weighted, loss_sum, n_micro, p_nll, n_p, c_nll, n_c = sums[:7].tolist()
         if self.denominator_scope == "step":
             weighted_counts, nonzero_counts = sums[7 : 7 + len(SEGMENTS)], sums[7 + len(SEGMENTS) :]
