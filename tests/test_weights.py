@@ -203,3 +203,16 @@ def test_the_run_records_its_weights_and_trains_on_them(tmp_path):
                                  "callbacks.progress=null"], tmp_path / "plain"))  # fmt: skip
     assert metrics["data_sha256"] != plain["data_sha256"]  # the weights are part of what the run read
     assert metrics["final_train_loss"] != plain["final_train_loss"]
+
+
+def test_wits_grid_is_a_hydra_sweep_of_distinct_runs(tmp_path):
+    """WIT's (λp, λr) grid as one command: 2 x 2 points, each its own run directory, planned before any trains."""
+    from test_train import run_cli
+
+    plan = run_cli("-m", "plw=0,0.5", "loss.completion_weight=0.5,1", "loss.normalization=nonzero", "plan_only=true",
+                   f"paths.output_dir={tmp_path}")  # fmt: skip
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "Sweep plan: 4 runs" in plan.stdout and "4 new" in plan.stdout, plan.stdout[-2000:]
+    for plw in ("0", "0.5"):
+        for cw in ("0.5", "1"):
+            assert f"plw={plw} loss.completion_weight={cw} " in plan.stdout
