@@ -120,7 +120,6 @@ class InstructionDataModule(L.LightningDataModule):
             examples = [replace(e, weight=w) for e, w in zip(examples, weights, strict=True)]
         identity = sources if weights is None else [sources, weights]  # unweighted data: digests as before
         data_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-        keys = [json.dumps(s if weights is None else [s, e.weight], sort_keys=True) for s, e in zip(sources, examples)]
         if n_empty:
             msg = (
                 f"{n_empty} of {len(examples)} examples lost every completion token to truncation at "
@@ -132,6 +131,7 @@ class InstructionDataModule(L.LightningDataModule):
             if self.empty_completion == "drop":
                 sources = [s for s, e in zip(sources, examples, strict=True) if e.has_completion]
                 examples = [e for e in examples if e.has_completion]
+        keys = [json.dumps(s if weights is None else [s, e.weight], sort_keys=True) for s, e in zip(sources, examples)]
         n_duplicates = len(keys) - len(set(keys))
         if n_duplicates:
             log.warning("%d of %d examples repeat an earlier one: %s (data.duplicates=%s); twins never straddle "
