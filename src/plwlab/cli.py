@@ -30,7 +30,7 @@ from rich.table import Table
 
 from plwlab import CONF_DIR
 
-WANDB_MODES = ("off", "offline", "online")  # as plwlab.analysis.tracking's (not imported: it imports pandas)
+WANDB_MODES = ("off", "offline", "online")  # plwlab study / analyze --wandb: wandb.init's modes, or no W&B run
 
 OUTPUT_DIR = os.environ.get("PLWLAB_OUTPUT_DIR", "outputs")  # as paths.output_dir in conf/paths/default.yaml
 # Each command imports what it needs when it runs: ``plwlab recommend --rg`` must not pay for torch or Lightning.
@@ -320,7 +320,6 @@ def main(argv: list[str] | None = None) -> None:
                       help="also draw each panel group as a PNG from the study's files (<out>/preview/)")
     dash.set_defaults(run=cmd_dashboard, overrides=[])
     gen = sub.add_parser("generate", help="talk to a trained run: its answer to an instruction, in its own template")
-
     gen.add_argument("run_dir", metavar="run", help="a run directory (train.py's) or its hf_model folder")
     gen.add_argument("instruction", nargs="?", help="the instruction (omit with -i)")
     gen.add_argument("--input", default="", help="the Alpaca input field (context for the instruction)")
