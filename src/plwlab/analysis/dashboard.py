@@ -71,14 +71,18 @@ class StudyFacts:
     analysis_tables: dict[str, str] = field(default_factory=dict)  # name -> markdown
     runs: list[RunValues] = field(default_factory=list)  # for --preview
 
-    def colors(self) -> dict[str, str]:
-        """A colour per W&B run id, by its PLW (viridis over the study's PLW values)."""
+    def plw_colors(self) -> dict[float, str]:
+        """A colour per PLW value of the study (viridis, dark = low)."""
         from matplotlib import colormaps
         from matplotlib.colors import to_hex
 
         cmap = colormaps["viridis"]
-        steps = {p: cmap(0.9 * i / max(len(self.plws) - 1, 1)) for i, p in enumerate(self.plws)}
-        return {run_id: to_hex(steps[plw]) for run_id, plw in self.run_plw.items()}
+        return {p: to_hex(cmap(0.9 * i / max(len(self.plws) - 1, 1))) for i, p in enumerate(self.plws)}
+
+    def colors(self) -> dict[str, str]:
+        """A colour per W&B run id, by its PLW (:meth:`plw_colors`)."""
+        steps = self.plw_colors()
+        return {run_id: steps[plw] for run_id, plw in self.run_plw.items()}
 
 
 def locate(path: str | Path) -> tuple[Path, Path, Path | None]:
@@ -119,18 +123,17 @@ def study_facts(path: str | Path, group: str | None = None, analysis_dir: str | 
     for run in find_runs(runs_dir, "metrics.json"):
         if run.name != group:
             continue
-        plw = float(run.metrics()["plw"])
-        facts.train_keys |= {k for k, v in run.metrics().items() if v is not None}  # None: not in the summary
-        if run.metrics_csv.exists():
-            with run.metrics_csv.open() as f:
-                facts.train_keys |= set(f.readline().strip().split(","))
-        if run.status().get("wandb_id"):
-            facts.run_plw[run.status()["wandb_id"]] = plw
+        metrics, wandb_id = run.metrics(), run.status().get("wandb_id")
+        plw = float(metrics["plw"])
+        history = pd.read_csv(run.metrics_csv) if run.metrics_csv.exists() else pd.DataFrame()
+        # what the run's W&B run holds: its metrics.csv columns, and the metrics.json values it has (None: none)
+        facts.train_keys |= set(history.columns) | {k for k, v in metrics.items() if v is not None}
+        if wandb_id:
+            facts.run_plw[wandb_id] = plw
         facts.run_plw[run.wandb_eval_id] = plw
         scores = {metric_key(b, m): v for b, m, v in
                   table.loc[table["run_id"] == run.run_id, ["benchmark", "metric", "score"]].itertuples(index=False)}  # fmt: skip
-        history = pd.read_csv(run.metrics_csv) if run.metrics_csv.exists() else pd.DataFrame()
-        facts.runs.append(RunValues(plw, run.metrics().get("dataset", "?"), history, {**run.metrics(), **scores}))
+        facts.runs.append(RunValues(plw, metrics.get("dataset", "?"), history, {**metrics, **scores}))
     if analysis is not None:
         facts.analysis = json.loads((analysis / "summary.json").read_text())
         for name in ("glmm", "optimal_plw"):
@@ -220,8 +223,7 @@ def preview(facts: StudyFacts, out: Path) -> list[Path]:
 
     from plwlab.analysis.figures import plt, save
 
-    colors = {p: c for p, c in zip(facts.plws, plt.cm.viridis([0.9 * i / max(len(facts.plws) - 1, 1)
-                                                              for i in range(len(facts.plws))]))}  # fmt: skip
+    colors = facts.plw_colors()  # as the view colours the runs
     written = []
     for name, panels in _panels(facts, wr).items():
         if not panels:

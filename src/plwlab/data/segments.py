@@ -29,17 +29,22 @@ COMPLETION_IDS = tuple(SEGMENT_ID[s] for s in COMPLETION_SEGMENTS)
 PROMPT_ID, COMPLETION_ID = SEGMENT_ID["user"], SEGMENT_ID["assistant"]  # Alpaca and prompt/completion pairs
 
 
+def is_weight(value: object) -> bool:
+    """Whether ``value`` can weigh a loss term: a finite number >= 0."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
 def weight_table(plw: float, overrides: Mapping[str, float] | None = None, completion_weight: float = 1.0) -> tuple[float, ...]:
     """The weight of every segment (in :data:`SEGMENTS` order): ``completion_weight`` (default 1; WIT's λr) for
     completion segments, ``plw`` (WIT's λp) for the rest, then ``overrides`` (segment name -> weight >= 0). An unknown
     name or a negative or non-finite weight raises, naming it."""
-    if not (isinstance(completion_weight, (int, float)) and math.isfinite(completion_weight) and completion_weight >= 0):
+    if not is_weight(completion_weight):
         raise ValueError(f"loss.completion_weight must be a finite number >= 0, got {completion_weight!r}")
     weights = {s: float(completion_weight) if s in COMPLETION_SEGMENTS else float(plw) for s in SEGMENTS}
     for name, weight in (overrides or {}).items():
         if name not in SEGMENT_ID:
             raise ValueError(f"loss.segment_weights: unknown segment {name!r}; segments are {', '.join(SEGMENTS)}")
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        if not is_weight(weight):
             raise ValueError(f"loss.segment_weights.{name} must be a finite number >= 0, got {weight!r}")
         weights[name] = float(weight)
     return tuple(weights[s] for s in SEGMENTS)

@@ -6,10 +6,11 @@ examples."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from plwlab.data.segments import is_weight
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt")
@@ -83,7 +84,7 @@ def example_weights(path: str, split: str, column: str) -> list[float]:
         value = row.get(column) if isinstance(row, dict) else None
         if value is None:
             raise DataError(f"{path}: record {i} has no weight column {column!r} (data.weight_column)")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not is_weight(value):  # a JSON true is not a weight
             raise DataError(f"{path}: record {i}: weight column {column!r} must be a finite number >= 0, got {value!r}")
         weights.append(float(value))
     return weights

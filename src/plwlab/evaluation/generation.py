@@ -17,7 +17,8 @@ def encode(tokenizer: Any, texts: Sequence[str], add_bos: bool) -> list[list[int
     return [bos + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The id generation pads with: the tokenizer's pad token, else EOS."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -36,7 +37,7 @@ def generate(
     """
     encoded = [list(p) for p in prompts] if prompts and not isinstance(prompts[0], str) else encode(tokenizer, prompts, add_bos)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     stops = list(stop_ids or [tokenizer.eos_token_id])
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in encoded]
@@ -85,7 +86,7 @@ def continuation_logprobs(model: Any, tokenizer: Any, prompt: str, continuations
     rows = [context + t for t in tails]
     width = max(map(len, rows))
     device = next(model.parameters()).device
-    ids = torch.tensor([r + [_pad_id(tokenizer)] * (width - len(r)) for r in rows], device=device)
+    ids = torch.tensor([r + [pad_id(tokenizer)] * (width - len(r)) for r in rows], device=device)
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
     logprobs = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
     scores = []

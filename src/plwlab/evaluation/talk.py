@@ -19,7 +19,7 @@ from transformers import TextStreamer
 
 from plwlab.data.alpaca import user_text
 from plwlab.data.chat import end_of_turn_ids, render_chat
-from plwlab.evaluation.generation import encode
+from plwlab.evaluation.generation import encode, pad_id
 from plwlab.evaluation.runs import LoadedRun, instruction_prompt, is_chat_run
 
 
@@ -44,9 +44,8 @@ def reply(run: LoadedRun, prompt: str, max_new_tokens: int = 256, sampling: dict
     tokenizer = run.tokenizer
     ids = torch.tensor([encode(tokenizer, [prompt], add_bos=not chat)[0]], device=next(run.model.parameters()).device)
     stops = end_of_turn_ids(tokenizer) if chat else [tokenizer.eos_token_id]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generated = run.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                   do_sample=bool(sampling), pad_token_id=pad, eos_token_id=stops,
+                                   do_sample=bool(sampling), pad_token_id=pad_id(tokenizer), eos_token_id=stops,
                                    streamer=_Streamer(tokenizer, out) if out is not None else None,
                                    **(sampling or {}))  # fmt: skip
     tokens = generated[0, ids.shape[1] :].tolist()
