@@ -107,7 +107,7 @@ def test_a_panel_naming_a_metric_no_run_logged_is_caught(study):
 def test_the_view_colours_every_run_by_plw_and_the_report_has_a_section_per_dataset(study):
     view, report = read_view(study / "dashboard" / "view.json"), read_report(study / "dashboard" / "report.json")
     runs = offline_runs(study)
-    run_ids = {r.path.name.split("-", 3)[-1]: r for r in runs if r.job_type in ("train", "eval")}
+    run_ids = {r.run_id: r for r in runs if r.job_type in ("train", "eval")}
     colors = {run: s.color for run, s in view.runset_settings.run_settings.items()}
     assert set(colors) == set(run_ids) and len(colors) == 18  # 9 training runs, 9 evaluations
     by_plw = {}

@@ -270,7 +270,8 @@ def test_wandb_eval_run_holds_the_run_config_scores_and_generations(tmp_path, ru
     rows = evaluate(compose_eval(overrides))
     evaluate(compose_eval(overrides))  # evaluated again: the same W&B run continues
     runs = offline_runs(run_dir / "eval" / "wandb")
-    assert len(runs) == before + 2 and all(r.path.name.endswith(RunDir(run_dir).wandb_eval_id) for r in runs)
+    # (two evaluations in one second: wandb names the second folder <...>-1; the run record holds the id)
+    assert len(runs) == before + 2 and {r.run_id for r in runs} == {RunDir(run_dir).wandb_eval_id}
     run = runs[-1]
     meta = RunDir(run_dir).export_meta()
     assert run.job_type == "eval" and run.config["run_id"] == RunDir(run_dir).run_id

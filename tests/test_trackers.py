@@ -141,5 +141,5 @@ def test_a_resumed_run_continues_its_tracker_runs(tmp_path, mlflow_server):
     events.Reload()
     assert {e.step: e.value for e in events.Scalars("train/loss")} == pytest.approx(expected, rel=1e-6)
     runs = offline_runs(run_dir / "wandb")
-    assert len(runs) == 2 and {r.path.name.rsplit("-", 1)[1] for r in runs} == {status["wandb_id"]}
+    assert len(runs) == 2 and {r.run_id for r in runs} == {status["wandb_id"]}
     assert os.path.exists(run_dir / "metrics.json")

@@ -50,10 +50,11 @@ def records(path: Path) -> list[pb.Record]:
 
 @dataclass
 class OfflineRun:
-    """What one offline run holds: its run record's group and job type, its config, summary, history rows and
+    """What one offline run holds: its run record's id, group and job type, its config, summary, history rows and
     the files of the tables and images it logged."""
 
     path: Path
+    run_id: str = ""
     group: str = ""
     job_type: str = ""
     config: dict[str, Any] = field(default_factory=dict)
@@ -95,7 +96,7 @@ def read_run(run_dir: Path) -> OfflineRun:
     for r in records(file):
         kind = r.WhichOneof("record_type")
         if kind == "run":
-            run.group, run.job_type = r.run.run_group, r.run.job_type
+            run.run_id, run.group, run.job_type = r.run.run_id, r.run.run_group, r.run.job_type
             for item in r.run.config.update:
                 run.config[_key(item)] = json.loads(item.value_json)
         elif kind == "config":
